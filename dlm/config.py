@@ -1,0 +1,388 @@
+"""Typed configuration: dataclass schema, YAML files that extend a base, dotted overrides.
+
+A config file only says what differs from the defaults below. ``extends: base.yaml`` pulls in
+another file first (paths relative to the extending file). Command-line overrides use dotted
+keys (``model.num_layers=4``); values are parsed as YAML scalars. Every field has a docstring
+(``doc=`` in its metadata); unknown keys and wrong types are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import pathlib
+import typing
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message says what and how to fix it."""
+
+
+def _field(default: Any, doc: str):
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+class Schedule(str, enum.Enum):
+    """Noise schedule families alpha(t) (probability that a token is still clean at time t)."""
+
+    LINEAR = "linear"
+    COSINE = "cosine"
+    POLYNOMIAL = "polynomial"
+    LOGLINEAR = "loglinear"
+
+
+class Process(str, enum.Enum):
+    """Corruption kernels."""
+
+    ABSORBING = "absorbing"
+
+
+class TimeMode(str, enum.Enum):
+    """Continuous-time NELBO, or the discrete-time NELBO over `num_steps` steps."""
+
+    CONTINUOUS = "continuous"
+    DISCRETE = "discrete"
+
+
+class Source(str, enum.Enum):
+    """Where training text comes from."""
+
+    BUILTIN = "builtin"
+    FILES = "files"
+    HF = "hf"
+    TFDS = "tfds"
+    MARKOV = "markov"
+
+
+class TokenizerKind(str, enum.Enum):
+    BYTE = "byte"
+    BPE = "bpe"
+    PRETRAINED = "pretrained"
+
+
+class Remat(str, enum.Enum):
+    """Rematerialisation policy of each transformer block."""
+
+    NONE = "none"
+    FULL = "full"
+    DOTS = "dots"
+
+
+class DType(str, enum.Enum):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
+class TimeGrid(str, enum.Enum):
+    """Time grid of the ancestral sampler (MD4: cosine grid works better with a linear schedule)."""
+
+    UNIFORM = "uniform"
+    COSINE = "cosine"
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    d_model: int = _field(128, "Residual stream width.")
+    num_layers: int = _field(4, "Number of transformer blocks (stacked with nnx.scan).")
+    num_heads: int = _field(4, "Attention heads; d_model must be divisible by it.")
+    mlp_dim: int = _field(0, "SwiGLU hidden width; 0 means 8/3 * d_model rounded up to a multiple of 32.")
+    noise_conditioning: bool = _field(False, "Condition every block on the per-token noise level t (adaLN).")
+    remat: Remat = _field(Remat.NONE, "Rematerialise blocks in the backward pass: none, full or dots.")
+    dtype: DType = _field(DType.FLOAT32, "Compute dtype of matmuls (parameters stay float32).")
+    rope_theta: float = _field(10000.0, "RoPE base frequency.")
+    embed_init_std: float = _field(1.0, "Std of the token-embedding init (N(0, 1) trains much faster than small inits).")
+    attention: str = _field("einsum", "Attention kernel: einsum (plain XLA matmuls, fastest on CPU), or xla / cudnn (jax.nn.dot_product_attention).")
+
+
+@dataclasses.dataclass
+class DiffusionConfig:
+    schedule: Schedule = _field(Schedule.LINEAR, "alpha(t) family: linear, cosine, polynomial, loglinear.")
+    exponent: float = _field(2.0, "k of the polynomial schedule alpha = 1 - t^k.")
+    loglinear_eps: float = _field(1e-3, "eps of the log-linear schedule alpha = 1 - (1 - eps) t.")
+    process: Process = _field(Process.ABSORBING, "Corruption kernel (the mask id is vocab_size).")
+    time: TimeMode = _field(TimeMode.CONTINUOUS, "continuous-time NELBO or discrete-time with num_steps.")
+    num_steps: int = _field(1000, "T of the discrete-time NELBO.")
+    antithetic: bool = _field(True, "Antithetic (stratified) time draws across the batch: t_i = (u + i/B) mod 1.")
+    t_min: float = _field(1e-5, "Smallest time drawn (keeps the weight finite; its bias is below float precision).")
+
+
+@dataclasses.dataclass
+class MarkovConfig:
+    num_states: int = _field(8, "K, the alphabet size of the chain.")
+    concentration: float = _field(0.5, "Each transition row ~ Dirichlet(concentration).")
+    seed: int = _field(0, "Seed of the transition matrix.")
+    num_train: int = _field(0, "Training sequences; 0 draws fresh sequences for every batch (infinite data).")
+    num_validation: int = _field(2048, "Validation sequences.")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: Source = _field(Source.BUILTIN, "builtin (Python stdlib sources), files, hf, tfds or markov.")
+    paths: list = _field([], "Local text or JSONL files (source=files); *.jsonl/*.json are read as JSON lines.")
+    validation_paths: list = _field([], "Local validation files; empty means a deterministic split of `paths`.")
+    text_field: str = _field("text", "Field holding the text in JSONL, HF and TFDS records.")
+    hf_name: str = _field("", "HF datasets name (source=hf), e.g. 'wikitext'.")
+    hf_config: str = _field("", "HF datasets config name, e.g. 'wikitext-2-raw-v1'.")
+    tfds_name: str = _field("", "TFDS dataset name (source=tfds), read with tfds.data_source (no TensorFlow).")
+    train_split: str = _field("train", "Split for training (hf, tfds).")
+    validation_split: str = _field("validation", "Split for validation (hf, tfds); empty means hold out from train.")
+    validation_mod: int = _field(50, "Held-out split: a document goes to validation when md5(name) % validation_mod == 0.")
+    max_documents: int = _field(0, "Read at most this many documents per split (0 = all).")
+    tokenizer: TokenizerKind = _field(TokenizerKind.BYTE, "byte (256 bytes + EOS), bpe (trained here), pretrained.")
+    bpe_vocab_size: int = _field(4096, "Vocabulary size of the locally trained BPE tokenizer.")
+    pretrained_tokenizer: str = _field("", "HF tokenizer name (tokenizer=pretrained), e.g. 'gpt2'.")
+    seq_len: int = _field(256, "Tokens per packed row (the model context).")
+    markov: MarkovConfig = _field(None, "Synthetic Markov source (source=markov).")
+
+    def __post_init__(self):
+        if self.markov is None:
+            self.markov = MarkovConfig()
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = _field(1000, "Optimizer steps.")
+    batch_size: int = _field(32, "Global batch size (rows of seq_len tokens).")
+    lr: float = _field(3e-3, "Peak learning rate.")
+    warmup_steps: int = _field(50, "Linear warmup steps.")
+    min_lr_ratio: float = _field(0.1, "Cosine decay ends at lr * min_lr_ratio.")
+    weight_decay: float = _field(0.01, "AdamW weight decay.")
+    b1: float = _field(0.9, "Adam beta1.")
+    b2: float = _field(0.99, "Adam beta2.")
+    grad_clip: float = _field(1.0, "Global gradient-norm clip (0 disables).")
+    ema_decay: float = _field(0.999, "EMA decay (with warm-up min(decay, (1+n)/(10+n))); 0 disables EMA.")
+    seed: int = _field(0, "Seed of parameters, data order and diffusion noise.")
+    log_every: int = _field(10, "Steps between metric records.")
+    eval_every: int = _field(500, "Steps between validation NELBO evaluations (0 = only at the end).")
+    eval_windows: int = _field(256, "Validation windows per evaluation.")
+    eval_t_samples: int = _field(4, "Stratified time draws per validation window.")
+    eval_use_ema: bool = _field(True, "Evaluate the EMA parameters (what sampling uses).")
+    checkpoint_every: int = _field(500, "Steps between checkpoints (a checkpoint is also written at the end).")
+    keep_checkpoints: int = _field(3, "Checkpoints kept.")
+    async_checkpointing: bool = _field(True, "Write checkpoints in the background.")
+    progress: bool = _field(True, "Show a tqdm progress bar.")
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = _field(-1, "Data-parallel axis size (-1 = the devices left over).")
+    fsdp: int = _field(1, "Fully-sharded data-parallel axis size.")
+    tensor: int = _field(1, "Tensor-parallel axis size.")
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    steps: int = _field(128, "Steps of the time grid.")
+    grid: TimeGrid = _field(TimeGrid.UNIFORM, "Time grid: uniform or cosine.")
+    temperature: float = _field(1.0, "Softmax temperature (0 = argmax).")
+    float64: bool = _field(True, "Draw Gumbel noise in float64 (float32 noise lowers sample entropy).")
+    num_samples: int = _field(4, "Samples to draw.")
+    length: int = _field(0, "Generated sequence length (0 = seq_len).")
+    use_ema: bool = _field(True, "Sample with the EMA parameters.")
+    seed: int = _field(0, "Sampling seed.")
+
+
+@dataclasses.dataclass
+class Config:
+    workdir: str = _field("runs/default", "Directory for the resolved config, checkpoints, metrics and samples.")
+    model: ModelConfig = _field(None, "Denoiser architecture.")
+    diffusion: DiffusionConfig = _field(None, "Noise schedule, process and objective.")
+    data: DataConfig = _field(None, "Data source, tokenizer and packing.")
+    train: TrainConfig = _field(None, "Optimisation, evaluation and checkpointing.")
+    mesh: MeshConfig = _field(None, "Device mesh (data, fsdp, tensor).")
+    sampling: SamplingConfig = _field(None, "Sampler defaults.")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None:
+                setattr(self, f.name, typing.get_type_hints(Config)[f.name]())
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp) -> str:
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str):
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            choices = [m.value for m in tp]
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key}={value!r} is not a valid choice; use one of {', '.join(choices)}.{hint}") from None
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    if tp is list and isinstance(value, list):
+        return value
+    if tp is list and isinstance(value, str):
+        return [value]
+    raise ConfigError(f"{key} must be {_type_name(tp)}, got {type(value).__name__} {value!r}.")
+
+
+def _apply(obj, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys are {', '.join(prefix + n for n in names)}."
+            raise ConfigError(f"Unknown config key {key!r}{hint}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key} is a section; give it as a mapping of keys, not {v!r}.")
+            _apply(getattr(obj, k), v, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, tp, key))
+
+
+def _read_yaml(path: pathlib.Path, seen=()) -> dict:
+    if not path.exists():
+        raise ConfigError(f"Config file {str(path)!r} does not exist; pass an existing YAML file to --config.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Config file {str(path)!r} is not valid YAML ({e}).") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {str(path)!r} must hold a mapping of keys.")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise ConfigError(f"Config file {str(path)!r} extends itself through {str(base_path)!r}.")
+    return _merge(_read_yaml(base_path, seen + (base_path,)), data)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['model.num_layers=2', 'train.lr=1e-3'] -> nested dict of YAML-parsed values."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override {item!r} must look like section.key=value, e.g. model.num_layers=2.")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override {item!r} sets a key under {p!r}, which is not a section.")
+        node[parts[-1]] = value
+    return nested
+
+
+def _fix_scientific(d):
+    """YAML 1.1 (PyYAML) reads '3e-3' as a string; turn such strings back into floats."""
+    if isinstance(d, dict):
+        return {k: _fix_scientific(v) for k, v in d.items()}
+    if isinstance(d, str):
+        try:
+            if "e" in d.lower() and not d.isalpha():
+                return float(d)
+        except ValueError:
+            pass
+    return d
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks; each failure is one sentence naming the key."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if m.d_model % m.num_heads:
+        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.num_heads={m.num_heads}.")
+    if (m.d_model // m.num_heads) % 2:
+        raise ConfigError(f"model.d_model / model.num_heads = {m.d_model // m.num_heads} must be even for RoPE.")
+    for key, val in [("model.num_layers", m.num_layers), ("data.seq_len", d.seq_len), ("train.batch_size", t.batch_size),
+                     ("train.steps", t.steps), ("sampling.steps", cfg.sampling.steps), ("diffusion.num_steps", cfg.diffusion.num_steps)]:
+        if val < 1:
+            raise ConfigError(f"{key}={val} must be at least 1.")
+    if m.attention not in ("xla", "cudnn", "einsum"):
+        raise ConfigError(f"model.attention={m.attention!r} is not valid; use xla, cudnn or einsum.")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1).")
+    if cfg.sampling.temperature < 0:
+        raise ConfigError(f"sampling.temperature={cfg.sampling.temperature} must be >= 0.")
+    if d.source == Source.FILES and not d.paths:
+        raise ConfigError("data.source=files needs data.paths, a list of local text or JSONL files.")
+    if d.source == Source.HF and not d.hf_name:
+        raise ConfigError("data.source=hf needs data.hf_name, e.g. data.hf_name=wikitext.")
+    if d.source == Source.TFDS and not d.tfds_name:
+        raise ConfigError("data.source=tfds needs data.tfds_name, e.g. data.tfds_name=lm1b.")
+    if d.tokenizer == TokenizerKind.PRETRAINED and not d.pretrained_tokenizer:
+        raise ConfigError("data.tokenizer=pretrained needs data.pretrained_tokenizer, e.g. gpt2.")
+    if d.source == Source.MARKOV and d.tokenizer != TokenizerKind.BYTE:
+        raise ConfigError("data.source=markov has its own alphabet; leave data.tokenizer at byte.")
+    if cfg.sampling.length > d.seq_len:
+        raise ConfigError(f"sampling.length={cfg.sampling.length} exceeds the model context data.seq_len={d.seq_len}.")
+    return cfg
+
+
+def from_dict(values: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, _fix_scientific(values))
+    return validate(cfg)
+
+
+def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Load a YAML config (following `extends:`), apply dotted overrides, validate."""
+    values = _read_yaml(pathlib.Path(path).resolve()) if path else {}
+    return from_dict(_merge(values, parse_overrides(list(overrides))))
+
+
+def to_dict(cfg) -> dict:
+    def conv(v):
+        if isinstance(v, enum.Enum):
+            return v.value
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        return v
+
+    return conv(cfg)
+
+
+def save_config(cfg: Config, path: str | pathlib.Path) -> None:
+    pathlib.Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every field: the schema as a table."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, prefix + f.name + ".")
+        else:
+            rows.append((prefix + f.name, repr(to_dict(getattr(inst, f.name)) if not isinstance(getattr(inst, f.name), enum.Enum) else getattr(inst, f.name).value), f.metadata.get("doc", "")))
+    return rows
+

@@ -1,0 +1,121 @@
+"""Text sources: documents (strings) for a train and a validation split.
+
+- builtin: the running interpreter's standard-library `.py` files (no test folders, no
+  site-packages); a file goes to validation when md5(relative path) % validation_mod == 0.
+- files: local text / JSONL files through HF `datasets` local loaders.
+- hf: an HF `datasets` name (needs the hub or a local cache).
+- tfds: a TFDS data source (`tfds.data_source`, no TensorFlow), prepared beforehand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import sysconfig
+
+from dlm.config import ConfigError, DataConfig, Source
+
+EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+def _held_out(name: str, mod: int) -> bool:
+    return int(hashlib.md5(name.encode()).hexdigest(), 16) % mod == 0
+
+
+def builtin_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    train, val = [], []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if EXCLUDED_DIRS.intersection(rel.parts[:-1]):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        (val if _held_out(str(rel), cfg.validation_mod) else train).append(text)
+    return train, val
+
+
+def _load_local(paths: list[str], field: str) -> list[str]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    docs = []
+    for p in paths:
+        path = pathlib.Path(p)
+        if not path.is_file():
+            raise ConfigError(f"Data file {p!r} does not exist; fix data.paths.")
+        if path.suffix in (".jsonl", ".json"):
+            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+            if field not in ds.column_names:
+                raise ConfigError(f"{p!r} has no field {field!r} (fields: {', '.join(ds.column_names)}); set data.text_field.")
+            docs += [t for t in ds[field] if t]
+        else:
+            ds = datasets.load_dataset("text", data_files=str(path), split="train", sample_by="document")
+            docs += [t for t in ds["text"] if t]
+    return docs
+
+
+def _split_held_out(docs: list[str], mod: int) -> tuple[list[str], list[str]]:
+    train, val = [], []
+    for i, d in enumerate(docs):
+        (val if _held_out(f"{i}:{d[:64]}", mod) else train).append(d)
+    return train, val
+
+
+def _hf_split(cfg: DataConfig, split: str) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split=split)
+    except Exception as e:
+        raise ConfigError(f"Could not load HF dataset {cfg.hf_name!r} split {split!r} ({type(e).__name__}: {e}).") from None
+    if cfg.text_field not in ds.column_names:
+        raise ConfigError(f"HF dataset {cfg.hf_name!r} has no field {cfg.text_field!r}; set data.text_field.")
+    n = len(ds) if not cfg.max_documents else min(cfg.max_documents, len(ds))
+    return [t for t in ds.select(range(n))[cfg.text_field] if t]
+
+
+def _tfds_split(cfg: DataConfig, split: str) -> list[str]:
+    import tensorflow_datasets as tfds
+
+    try:
+        src = tfds.data_source(cfg.tfds_name, split=split, download=False)
+    except Exception as e:
+        raise ConfigError(f"Could not open TFDS data source {cfg.tfds_name!r} split {split!r} ({type(e).__name__}); prepare it first.") from None
+    n = len(src) if not cfg.max_documents else min(cfg.max_documents, len(src))
+    out = []
+    for i in range(n):
+        v = src[i][cfg.text_field]
+        out.append(v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v))
+    return out
+
+
+def load_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """(train documents, validation documents)."""
+    if cfg.source == Source.BUILTIN:
+        train, val = builtin_documents(cfg)
+    elif cfg.source == Source.FILES:
+        docs = _load_local(cfg.paths, cfg.text_field)
+        if cfg.validation_paths:
+            train, val = docs, _load_local(cfg.validation_paths, cfg.text_field)
+        else:
+            train, val = _split_held_out(docs, cfg.validation_mod)
+    elif cfg.source == Source.HF:
+        train = _hf_split(cfg, cfg.train_split)
+        val = _hf_split(cfg, cfg.validation_split) if cfg.validation_split else None
+        if val is None:
+            train, val = _split_held_out(train, cfg.validation_mod)
+    elif cfg.source == Source.TFDS:
+        train = _tfds_split(cfg, cfg.train_split)
+        val = _tfds_split(cfg, cfg.validation_split) if cfg.validation_split else None
+        if val is None:
+            train, val = _split_held_out(train, cfg.validation_mod)
+    else:
+        raise ValueError(f"{cfg.source} is not a text source")
+    if cfg.max_documents:
+        train, val = train[: cfg.max_documents], val[: cfg.max_documents]
+    if not train or not val:
+        raise ConfigError(f"Data source {cfg.source.value!r} gave {len(train)} training and {len(val)} validation documents; both must be non-empty.")
+    return train, val

@@ -1,0 +1,97 @@
+"""Sources with a known entropy rate.
+
+A first-order Markov chain over K symbols with transition rows ~ Dirichlet(c), started from its
+stationary distribution pi. The exact entropy of a length-L sequence, per token, is
+    H_L / L = (H(pi) + (L - 1) * H_rate) / L,   H_rate = sum_i pi_i H(P[i, :]).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+from dlm.config import MarkovConfig
+
+
+class MarkovChain:
+    def __init__(self, transition: np.ndarray):
+        self.P = np.asarray(transition, np.float64)
+        self.K = self.P.shape[0]
+        w, v = np.linalg.eig(self.P.T)
+        pi = np.real(v[:, np.argmin(np.abs(w - 1.0))])
+        self.pi = pi / pi.sum()
+        self.cdf = np.cumsum(self.P, axis=1)
+        self.pi_cdf = np.cumsum(self.pi)
+
+    @classmethod
+    def random(cls, cfg: MarkovConfig) -> "MarkovChain":
+        rng = np.random.default_rng(cfg.seed)
+        P = rng.dirichlet(np.full(cfg.num_states, cfg.concentration), size=cfg.num_states)
+        P = np.maximum(P, 1e-12)
+        return cls(P / P.sum(1, keepdims=True))
+
+    @staticmethod
+    def _h(p):
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    @property
+    def entropy_rate(self) -> float:
+        return float(sum(self.pi[i] * self._h(self.P[i]) for i in range(self.K)))
+
+    def entropy_per_token(self, length: int) -> float:
+        """Exact entropy (nats/token) of a stationary length-`length` sequence."""
+        return (self._h(self.pi) + (length - 1) * self.entropy_rate) / length
+
+    def sample_uniforms(self, u: np.ndarray) -> np.ndarray:
+        """Inverse-CDF sampling from uniforms u [N, L] -> states [N, L]."""
+        N, L = u.shape
+        x = np.empty((N, L), np.int32)
+        x[:, 0] = np.minimum(np.searchsorted(self.pi_cdf, u[:, 0], side="right"), self.K - 1)
+        for i in range(1, L):
+            c = self.cdf[x[:, i - 1]]
+            x[:, i] = np.minimum((u[:, i : i + 1] >= c).sum(1), self.K - 1)
+        return x
+
+    def sample_rows(self, seed: int, rows: np.ndarray, length: int) -> np.ndarray:
+        """Row r is a function of (seed, r) alone, so any slicing of rows gives the same data."""
+        u = np.stack([np.random.Generator(np.random.PCG64([seed, int(r)])).random(length) for r in rows])
+        return self.sample_uniforms(u)
+
+    def log_prob(self, x: np.ndarray) -> np.ndarray:
+        """Exact log-probability of each sequence x [N, L] (nats)."""
+        x = np.asarray(x)
+        lp = np.log(self.pi[x[:, 0]])
+        return lp + np.log(self.P[x[:, :-1], x[:, 1:]]).sum(1)
+
+
+class MarkovTokenizer:
+    """Symbols 0..K-1 shown as letters; there is no EOS (vocab = K), mask = K."""
+
+    kind = "markov"
+    eos_id = -1
+
+    def __init__(self, num_states: int):
+        self.vocab_size = num_states
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray([ord(c) - 97 for c in text], np.int32)
+
+    def decode(self, ids) -> str:
+        return "".join(chr(97 + int(i)) if i < self.vocab_size else "_" for i in np.asarray(ids).tolist())
+
+    def token_bytes(self) -> np.ndarray:
+        return np.ones(self.vocab_size, np.int64)
+
+    def save(self, workdir: pathlib.Path) -> None:
+        (workdir / "tokenizer.json").write_text(json.dumps({"kind": "markov", "num_states": self.vocab_size}))
+
+    @classmethod
+    def load(cls, workdir: pathlib.Path) -> "MarkovTokenizer":
+        return cls(json.loads((workdir / "tokenizer.json").read_text())["num_states"])

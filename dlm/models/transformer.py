@@ -1,0 +1,167 @@
+"""Bidirectional transformer denoiser (Flax NNX).
+
+RoPE, RMSNorm, SwiGLU, optional per-token noise conditioning (adaLN shift/scale), blocks
+created with nnx.vmap and run with nnx.scan (compile time flat in depth), optional remat.
+Parameters are float32 and carry logical axis names (embed, heads, kv, mlp, vocab, layers,
+cond); matmuls run in `dtype`; logits are float32.
+
+    model(tokens [B, L], *, positions=None, attention=FULL, noise=None) -> logits [B, L, V]
+
+`noise` is the per-token time t [B, L] (only read when noise_conditioning is on).
+The mask token is id V and is never predicted (SUBS).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dlm.config import ModelConfig, Remat
+from dlm.models.attention import FULL, AttentionSpec, dot_product_attention
+
+COND_DIM = 128
+PAD_MULTIPLE = 128  # vocab tables are padded so that any tensor-parallel size divides them
+
+
+def mlp_width(cfg: ModelConfig) -> int:
+    return cfg.mlp_dim or int(math.ceil(8 * cfg.d_model / 3 / 32) * 32)
+
+
+def _pad(n: int) -> int:
+    return int(math.ceil(n / PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def _param(rngs, shape, std, names):
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), out_sharding=names)
+
+
+def rope_tables(positions, head_dim: int, theta: float):
+    """positions [B, L] -> (cos, sin) [B, L, 1, head_dim/2]."""
+    freqs = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    ang = positions.astype(jnp.float32)[..., None] * freqs
+    return jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def rms_norm(x, scale, eps=1e-6):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale).astype(x.dtype)
+
+
+def timestep_embedding(t, dim: int = COND_DIM):
+    """Sinusoidal embedding of 1000 * t: [...] -> [..., dim]."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    ang = 1000.0 * t.astype(jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(ang), jnp.sin(ang)], axis=-1)
+
+
+def _dense(x, w, dt):
+    """x [..., d_in] @ w [d_in, ...] as one 2-D matmul (XLA:CPU runs 2-D dots far faster than batched ones)."""
+    w2 = w.reshape(w.shape[0], -1).astype(dt)
+    return (x.reshape(-1, x.shape[-1]) @ w2).reshape(*x.shape[:-1], *w.shape[1:])
+
+
+class Block(nnx.Module):
+    """Pre-norm block: x + Attn(norm(x)), then x + SwiGLU(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, H = cfg.d_model, cfg.num_heads
+        hd, ff = d // H, mlp_width(cfg)
+        out_std = 1.0 / math.sqrt(2 * cfg.num_layers)
+        self.attn_scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
+        self.wq = _param(rngs, (d, H, hd), d**-0.5, ("embed", "heads", "kv"))
+        self.wk = _param(rngs, (d, H, hd), d**-0.5, ("embed", "heads", "kv"))
+        self.wv = _param(rngs, (d, H, hd), d**-0.5, ("embed", "heads", "kv"))
+        self.wo = _param(rngs, (H, hd, d), d**-0.5 * out_std, ("heads", "kv", "embed"))
+        self.mlp_scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
+        self.w_gate = _param(rngs, (d, ff), d**-0.5, ("embed", "mlp"))
+        self.w_up = _param(rngs, (d, ff), d**-0.5, ("embed", "mlp"))
+        self.w_down = _param(rngs, (ff, d), ff**-0.5 * out_std, ("mlp", "embed"))
+        if cfg.noise_conditioning:
+            self.ada = nnx.Param(jnp.zeros((COND_DIM, 4, d), jnp.float32), out_sharding=("cond", None, "embed"))
+        else:
+            self.ada = None
+        self.dtype = jnp.dtype(cfg.dtype.value)
+        self.attention_impl = cfg.attention
+
+    def __call__(self, x, cos, sin, mask, cond):
+        dt = self.dtype
+        if self.ada is not None:
+            shift1, scale1, shift2, scale2 = jnp.moveaxis(_dense(cond, self.ada[...], dt), -2, 0)
+        h = rms_norm(x, self.attn_scale[...]).astype(dt)
+        if self.ada is not None:
+            h = h * (1 + scale1) + shift1
+        q = apply_rope(_dense(h, self.wq[...], dt), cos, sin)
+        k = apply_rope(_dense(h, self.wk[...], dt), cos, sin)
+        a = dot_product_attention(q, k, _dense(h, self.wv[...], dt), mask, self.attention_impl)
+        x = x + _dense(a.reshape(*a.shape[:2], -1), self.wo[...].reshape(-1, x.shape[-1]), dt).astype(x.dtype)
+        h = rms_norm(x, self.mlp_scale[...]).astype(dt)
+        if self.ada is not None:
+            h = h * (1 + scale2) + shift2
+        h = jax.nn.silu(_dense(h, self.w_gate[...], dt)) * _dense(h, self.w_up[...], dt)
+        return x + _dense(h, self.w_down[...], dt).astype(x.dtype)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        d = cfg.d_model
+        self.embed = _param(rngs, (_pad(vocab_size + 1), d), cfg.embed_init_std, ("vocab", "embed"))
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs):
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
+        self.head = _param(rngs, (d, _pad(vocab_size)), d**-0.5, ("embed", "vocab"))
+        if cfg.noise_conditioning:
+            self.t_in = _param(rngs, (COND_DIM, COND_DIM), COND_DIM**-0.5, ("cond", None))
+            self.t_out = _param(rngs, (COND_DIM, COND_DIM), COND_DIM**-0.5, (None, "cond"))
+        else:
+            self.t_in = self.t_out = None
+
+    def __call__(self, tokens, *, positions=None, attention: AttentionSpec = FULL, noise=None):
+        cfg = self.cfg
+        B, L = tokens.shape
+        dt = jnp.dtype(cfg.dtype.value)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(L), (B, L))
+        x = jnp.take(self.embed[...], tokens, axis=0)  # [B, L, d] float32 residual stream
+        cos, sin = rope_tables(positions, cfg.d_model // cfg.num_heads, cfg.rope_theta)
+        mask = attention.mask(L, L)
+        cond = None
+        if self.t_in is not None:
+            if noise is None:
+                raise ValueError("This model is noise-conditioned: pass noise=t (per-token times [B, L]).")
+            e = timestep_embedding(jnp.broadcast_to(noise, (B, L)))
+            cond = _dense(jax.nn.silu(_dense(e, self.t_in[...], jnp.float32)), self.t_out[...], jnp.float32).astype(dt)
+
+        def body(block, x):
+            return block(x, cos, sin, mask, cond)
+
+        if cfg.remat == Remat.FULL:
+            body = nnx.remat(body, policy=jax.checkpoint_policies.nothing_saveable)
+        elif cfg.remat == Remat.DOTS:
+            body = nnx.remat(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
+                        transform_metadata={nnx.PARTITION_NAME: "layers"})
+        x = scan(self.blocks, x)
+        h = rms_norm(x, self.final_scale[...]).astype(dt)
+        logits = _dense(h, self.head[...], dt).astype(jnp.float32)
+        return logits[..., : self.vocab_size]
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,106 @@
+"""TrainState and the pure, jitted train step.
+
+The model lives as (graphdef, params): the step merges them inside jit, so the loop passes
+only arrays and donates the whole state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dlm.config import Config, TrainConfig
+from dlm.diffusion.losses import diffusion_loss
+from dlm.models.transformer import Transformer
+from dlm.parallel.mesh import batch_sharding, mesh_context, replicated
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 []
+    params: Any  # nnx.State of the denoiser
+    opt_state: Any
+    ema: Any  # nnx.State (same tree as params) or None
+    rng: jax.Array  # uint32 [2] key data
+
+
+def learning_rate(cfg: TrainConfig):
+    """lr * (n + 1) / warmup during warmup (step 0 already learns), then cosine decay to lr * min_lr_ratio."""
+    warm = max(cfg.warmup_steps, 1)
+    cosine = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps - warm, 1), alpha=cfg.min_lr_ratio)
+    return lambda n: jnp.where(n < warm, cfg.lr * (n + 1) / warm, cosine(n - warm))
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW (no decay on vectors: norms) with gradient clipping."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(optax.adamw(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def model_graphdef(cfg: Config, vocab_size: int):
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, vocab_size, rngs=nnx.Rngs(0))))[0]
+
+
+def init_state(cfg: Config, vocab_size: int, tx) -> TrainState:
+    """Build a fresh state (call inside jit under the mesh so every array is born sharded)."""
+    model = Transformer(cfg.model, vocab_size, rngs=nnx.Rngs(params=cfg.train.seed))
+    params = nnx.state(model)
+    ema = jax.tree.map(jnp.copy, params) if cfg.train.ema_decay > 0 else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=ema,
+                      rng=jax.random.key_data(jax.random.key(cfg.train.seed + 1)))
+
+
+def create_train_state(cfg: Config, vocab_size: int, mesh, *, abstract: bool = False):
+    """(graphdef, state or its abstract ShapeDtypeStructs with shardings, state shardings).
+
+    The init is compiled with the mesh and rules in scope and its output shardings read back,
+    so the state is created sharded, never first on one device.
+    """
+    tx = make_optimizer(cfg.train)
+    with mesh_context(mesh):
+        graphdef = model_graphdef(cfg, vocab_size)
+        compiled = jax.jit(lambda: init_state(cfg, vocab_size, tx)).lower().compile()
+        shardings = compiled.output_shardings
+        if abstract:
+            shapes = jax.eval_shape(lambda: init_state(cfg, vocab_size, tx))
+            state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+        else:
+            state = compiled()
+    return graphdef, state, shardings
+
+
+def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
+    """Jitted (state, batch [B, L]) -> (state, metrics), state donated."""
+    tx = make_optimizer(cfg.train)
+    lr_fn = learning_rate(cfg.train)
+    cond = cfg.model.noise_conditioning
+    ema_decay = cfg.train.ema_decay
+
+    def step(state: TrainState, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params)
+            return diffusion_loss(lambda xt, t: model(xt, noise=t), batch, key, cfg.diffusion, vocab_size, cond)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema is not None:
+            n = state.step.astype(jnp.float32)
+            d = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
+            ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), lr=lr_fn(state.step))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rng=state.rng), metrics
+
+    with mesh_context(mesh):
+        return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+                       out_shardings=(shardings, replicated(mesh)), donate_argnums=0)

@@ -1,0 +1,126 @@
+"""The training loop: data -> jitted step -> metrics -> evaluation -> checkpoints.
+
+Resumes automatically from the newest checkpoint in the workdir (state, data iterator, rng, step),
+so a resumed run sees exactly the batches and noise an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from dlm.config import Config, ConfigError, save_config
+from dlm.data.pipeline import load_data, train_iterator, unigram_entropy_bits, validation_windows
+from dlm.diffusion.losses import LN2
+from dlm.eval.likelihood import evaluate, make_eval_fn
+from dlm.parallel.mesh import check_batch, global_batch, make_mesh
+from dlm.train.checkpoint import Checkpointer
+from dlm.train.metrics import MetricWriter
+from dlm.train.state import create_train_state, make_train_step
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        tqdm.write(msg)
+
+
+class Trainer:
+    """Owns the run: mesh, data, state, step function, checkpoints and metric writers."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.workdir = pathlib.Path(cfg.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.mesh = make_mesh(cfg.mesh)
+        check_batch(cfg.train.batch_size, self.mesh)
+        if jax.process_index() == 0:
+            save_config(cfg, self.workdir / "config.yaml")
+        self.data = load_data(cfg.data, self.workdir, cfg.train.seed)
+        self.vocab_size = self.data.vocab_size
+        self.val_rows = validation_windows(self.data, cfg.train.eval_windows)
+        self.unigram_bits = unigram_entropy_bits(self.data.val_rows, self.vocab_size) / self.data.bytes_per_token
+        self.graphdef, self.state, self.shardings = create_train_state(cfg, self.vocab_size, self.mesh)
+        self.iterator = train_iterator(self.data, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed,
+                                       jax.process_index(), jax.process_count())
+        self.checkpointer = Checkpointer(self.workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpointing)
+        self.start_step = 0
+        if self.checkpointer.latest_step() is not None:
+            self.state = self.checkpointer.restore(self._abstract_state(), self.iterator)
+            self.start_step = int(self.state.step)
+            _log(f"Resumed from {self.checkpointer.directory}/{self.start_step}")
+        self.step_fn = make_train_step(cfg, self.graphdef, self.vocab_size, self.mesh, self.shardings)
+        self.eval_fn = make_eval_fn(self.graphdef, cfg.diffusion, self.vocab_size, cfg.model.noise_conditioning,
+                                    cfg.train.eval_t_samples, self.mesh)
+        self.writer = MetricWriter(self.workdir)
+
+    def _abstract_state(self):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, self.shardings)
+
+    def unit(self) -> str:
+        return "bits/token" if self.data.markov is not None else "bits/byte"
+
+    def evaluate(self) -> dict:
+        cfg = self.cfg.train
+        params = self.state.ema if (cfg.eval_use_ema and self.state.ema is not None) else self.state.params
+        mean, err = evaluate(self.eval_fn, params, self.val_rows, cfg.batch_size, seed=cfg.seed + 7, mesh=self.mesh)
+        bits = mean / LN2 / self.data.bytes_per_token
+        return {"nelbo": mean, "nelbo_stderr": err, "bits": bits, "bits_stderr": err / LN2 / self.data.bytes_per_token,
+                "perplexity": math.exp(mean), "unigram_bits": self.unigram_bits}
+
+    def report(self, ev: dict, step: int) -> None:
+        _log(f"step {step}: validation NELBO {ev['bits']:.3f} ± {ev['bits_stderr']:.3f} {self.unit()} "
+             f"(unigram entropy {ev['unigram_bits']:.3f}, {ev['unigram_bits'] - ev['bits']:.3f} below it), "
+             f"{ev['nelbo']:.4f} nats/token, perplexity {ev['perplexity']:.3f}")
+
+    def run(self) -> dict:
+        cfg = self.cfg.train
+        tokens_per_step = cfg.batch_size * self.cfg.data.seq_len
+        _log(self.data.description)
+        _log(f"Validation unigram entropy: {self.unigram_bits:.3f} {self.unit()}")
+        bar = tqdm(total=cfg.steps, initial=self.start_step, disable=not cfg.progress or jax.process_index() != 0,
+                   dynamic_ncols=True, desc="train")
+        losses, first, t0, t_log = [], self.start_step, time.time(), time.time()
+        step = self.start_step
+        while step < cfg.steps:
+            batch = global_batch(next(self.iterator), self.mesh)
+            self.state, metrics = self.step_fn(self.state, batch)
+            step += 1
+            losses.append(metrics["loss"])
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                host = jax.device_get(metrics)
+                vals = [float(x) for x in jax.device_get(losses)]
+                now = time.time()
+                tps = len(vals) * tokens_per_step / max(now - t_log, 1e-9)
+                t_log = now
+                self.writer.write(step, dict(host, losses=vals, first_step=first, tokens_per_second=tps))
+                bar.set_postfix(loss=f"{vals[-1]:.3f}", tok_s=f"{tps:,.0f}")
+                bar.update(step - bar.n)
+                losses, first = [], step
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                ev = self.evaluate()
+                self.writer.write(step, ev, prefix="eval")
+                self.report(ev, step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                self.checkpointer.save(step, self.state, self.iterator)
+        bar.close()
+        ev = self.evaluate()
+        self.writer.write(step, ev, prefix="eval")
+        self.report(ev, step)
+        if self.checkpointer.latest_step() != step:
+            self.checkpointer.save(step, self.state, self.iterator)
+        self.checkpointer.close()
+        self.writer.close()
+        elapsed = time.time() - t0
+        return dict(ev, step=step, seconds=elapsed, workdir=str(self.workdir))
+
+
+def train(cfg: Config) -> dict:
+    """Train (or resume) the run described by `cfg`; returns the final validation metrics."""
+    if cfg.train.steps < 1:
+        raise ConfigError("train.steps must be at least 1.")
+    return Trainer(cfg).run()

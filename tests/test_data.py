@@ -1,0 +1,121 @@
+import json
+
+import numpy as np
+import pytest
+
+from dlm.config import ConfigError, DataConfig, MarkovConfig, Source, TokenizerKind
+from dlm.data.pipeline import load_data, pack, train_iterator
+from dlm.data.synthetic import MarkovChain
+from dlm.data.tokenizers import ByteTokenizer, train_bpe
+
+
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    text = "def f(x):\n    return 'é' + x  # ✓"
+    ids = tok.encode(text)
+    assert ids.max() < 256 and tok.decode(ids) == text
+    assert tok.mask_id == 257 and tok.vocab_size == 257
+
+
+def test_pack_separates_documents_with_eos():
+    rows = pack([[1, 2, 3], [4, 5]], eos_id=9, seq_len=3)
+    assert rows.tolist() == [[1, 2, 3], [9, 4, 5]]  # the final EOS is dropped with the remainder
+
+
+def test_bpe_trains_and_round_trips(tmp_path):
+    docs = ["def foo(bar):\n    return bar + 1\n"] * 50 + ["class Baz:\n    pass\n"] * 50
+    tok = train_bpe(docs, 300)
+    ids = tok.encode(docs[0])
+    assert len(ids) < len(docs[0]) and tok.decode(ids) == docs[0]
+    assert tok.eos_id < tok.vocab_size and tok.mask_id == tok.vocab_size
+
+
+def _rows_data(n=40, L=8):
+    from dlm.data.pipeline import Data
+
+    rows = np.arange(n * L, dtype=np.int32).reshape(n, L)
+    return Data(ByteTokenizer(), rows, rows[:2], 1.0)
+
+
+def test_iterator_is_deterministic_and_resumable():
+    data = _rows_data()
+    a = train_iterator(data, 8, 4, seed=3)
+    first = [next(a) for _ in range(5)]
+    state = a.get_state()
+    rest = [next(a) for _ in range(5)]
+    b = train_iterator(data, 8, 4, seed=3)
+    b.set_state(state)
+    assert all((x == y).all() for x, y in zip(rest, [next(b) for _ in range(5)]))
+    c = train_iterator(data, 8, 4, seed=3)
+    assert all((x == y).all() for x, y in zip(first, [next(c) for _ in range(5)]))
+
+
+def test_process_slices_make_the_same_global_batch():
+    data = _rows_data()
+    whole = train_iterator(data, 8, 4, seed=0)
+    parts = [train_iterator(data, 8, 4, seed=0, process_index=p, process_count=2) for p in range(2)]
+    for _ in range(12):  # crosses an epoch (40 rows / 4)
+        assert (next(whole) == np.concatenate([next(p) for p in parts])).all()
+
+
+def test_epochs_are_reshuffled_and_cover_all_rows():
+    data = _rows_data(n=8, L=2)
+    it = train_iterator(data, 2, 4, seed=0)
+    e1 = np.concatenate([next(it), next(it)])[:, 0]
+    e2 = np.concatenate([next(it), next(it)])[:, 0]
+    assert sorted(e1.tolist()) == sorted(e2.tolist()) == list(range(0, 16, 2))
+
+
+def test_too_little_data_for_one_batch():
+    with pytest.raises(ConfigError, match="fewer than one batch"):
+        next(train_iterator(_rows_data(n=3), 8, 4, seed=0))
+
+
+def test_markov_entropy_closed_form_matches_monte_carlo():
+    chain = MarkovChain.random(MarkovConfig(num_states=5, concentration=0.5, seed=2))
+    L = 16
+    x = chain.sample_rows(0, np.arange(20000), L)
+    nll = -chain.log_prob(x) / L
+    assert abs(nll.mean() - chain.entropy_per_token(L)) < 4 * nll.std() / np.sqrt(len(nll))
+    # stationary start: the first symbol follows pi
+    freq = np.bincount(x[:, 0], minlength=5) / len(x)
+    assert np.abs(freq - chain.pi).max() < 0.02
+
+
+def test_markov_rows_do_not_depend_on_slicing():
+    chain = MarkovChain.random(MarkovConfig())
+    a = chain.sample_rows(7, np.arange(10), 12)
+    b = chain.sample_rows(7, np.arange(5, 10), 12)
+    assert (a[5:] == b).all()
+
+
+def test_local_text_and_jsonl_files(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world\n" * 200)
+    with (tmp_path / "b.jsonl").open("w") as f:
+        for i in range(200):
+            f.write(json.dumps({"content": f"line {i} " * 5}) + "\n")
+    cfg = DataConfig(source=Source.FILES, paths=[str(tmp_path / "b.jsonl")], text_field="content", seq_len=16,
+                     validation_paths=[str(tmp_path / "a.txt")])
+    data = load_data(cfg)
+    assert data.train_rows.shape[1] == 16 and len(data.val_rows) > 0
+    assert "line 0" in data.tokenizer.decode(data.train_rows.reshape(-1))
+    bad = DataConfig(source=Source.FILES, paths=[str(tmp_path / "b.jsonl")], text_field="text", seq_len=16)
+    with pytest.raises(ConfigError, match="no field 'text'"):
+        load_data(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_data(DataConfig(source=Source.FILES, paths=[str(tmp_path / "nope.txt")]))
+
+
+def test_builtin_corpus_split_is_deterministic():
+    a = load_data(DataConfig(seq_len=128, max_documents=40))
+    b = load_data(DataConfig(seq_len=128, max_documents=40))
+    assert (a.val_rows == b.val_rows).all() and a.bytes_per_token == 1.0
+
+
+def test_bpe_pipeline_saves_the_tokenizer(tmp_path):
+    cfg = DataConfig(tokenizer=TokenizerKind.BPE, bpe_vocab_size=512, seq_len=64, max_documents=30)
+    data = load_data(cfg, tmp_path)
+    assert (tmp_path / "tokenizer.hf.json").exists()
+    assert data.bytes_per_token > 1.5  # BPE tokens cover several bytes
+    again = load_data(cfg, tmp_path)
+    assert (again.val_rows == data.val_rows).all()
