@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 
@@ -15,17 +16,50 @@ def _fail(e: Exception) -> None:
     sys.exit(2)
 
 
+def _distributed_args(parser) -> None:
+    g = parser.add_argument_group("multi-host (jax.distributed); flags override JAX_COORDINATOR_ADDRESS, "
+                                  "JAX_NUM_PROCESSES, JAX_PROCESS_ID")
+    g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+    g.add_argument("--distributed", action="store_true", help="initialise jax.distributed from the cluster environment "
+                   "(SLURM, Open MPI, TPU) when no address is given")
+
+
+def init_distributed(args) -> None:
+    """Start jax.distributed when a coordinator is named (flag or environment) or --distributed is set."""
+    address = args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num = args.num_processes if args.num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
+    pid = args.process_id if args.process_id is not None else os.environ.get("JAX_PROCESS_ID")
+    if not (address or args.distributed):
+        return
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives; accelerators ignore it
+    if address and (num is None or pid is None):
+        raise ConfigError("A coordinator address needs the process count and this process's id "
+                          "(--num-processes and --process-id, or JAX_NUM_PROCESSES and JAX_PROCESS_ID).")
+    kwargs = {} if not address else {"coordinator_address": address, "num_processes": int(num), "process_id": int(pid)}
+    jax.distributed.initialize(**kwargs)
+
+
 def train_main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Train a discrete diffusion LM.",
                                      epilog="Overrides: dotted keys, e.g. model.num_layers=2 train.steps=50 workdir=runs/x")
     parser.add_argument("--config", required=True, help="YAML config file (may `extends:` another).")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    _distributed_args(parser)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from dlm.train.trainer import train
+        init_distributed(args)
+        from dlm.train.trainer import TrainingError, train
 
-        train(cfg)
+        try:
+            train(cfg)
+        except TrainingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
     except ConfigError as e:
         _fail(e)
 

@@ -74,6 +74,13 @@ class Remat(str, enum.Enum):
     DOTS = "dots"
 
 
+class NonFinitePolicy(str, enum.Enum):
+    """What a non-finite loss or gradient does: skip the update (and count it), or stop the run."""
+
+    SKIP = "skip"
+    STOP = "stop"
+
+
 class DType(str, enum.Enum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
@@ -167,6 +174,8 @@ class TrainConfig:
     keep_checkpoints: int = _field(3, "Checkpoints kept.")
     async_checkpointing: bool = _field(True, "Write checkpoints in the background.")
     progress: bool = _field(True, "Show a tqdm progress bar.")
+    nonfinite: NonFinitePolicy = _field(NonFinitePolicy.SKIP, "Non-finite loss or gradient: skip the update and count it, or stop with an error (the last good checkpoint stays).")
+    inject_nonfinite_at: list = _field([], "Fault injection for testing: steps whose loss is made NaN.")
 
 
 @dataclasses.dataclass

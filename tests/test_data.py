@@ -119,3 +119,42 @@ def test_bpe_pipeline_saves_the_tokenizer(tmp_path):
     assert data.bytes_per_token > 1.5  # BPE tokens cover several bytes
     again = load_data(cfg, tmp_path)
     assert (again.val_rows == data.val_rows).all()
+
+
+def _files_cfg(paths, **kw):
+    return DataConfig(source=Source.FILES, paths=[str(p) for p in paths], seq_len=16, **kw)
+
+
+def test_bad_input_files_name_the_file(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("some text " * 200)
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigError, match="empty.txt' is empty"):
+        load_data(_files_cfg([good, empty]))
+    folder = tmp_path / "folder.txt"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="folder.txt' is not a regular file"):
+        load_data(_files_cfg([good, folder]))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(ConfigError, match="broken.jsonl' is not valid JSON lines"):
+        load_data(_files_cfg([broken]))
+
+
+def test_jsonl_line_without_the_text_field(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"text": f"doc {i} " * 20}) + "\n" for i in range(30)) + json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ConfigError, match="Line 31 of .*d.jsonl' has no text in field 'text'"):
+        load_data(_files_cfg([f]))
+
+
+def test_non_utf8_bytes(tmp_path):
+    f = tmp_path / "latin1.txt"
+    raw = ("café naïve " * 300).encode("latin-1")
+    f.write_bytes(raw)
+    data = load_data(_files_cfg([f], validation_paths=[str(f)]))  # the byte tokenizer takes any bytes
+    stream = data.val_rows.reshape(-1)
+    assert bytes(stream[stream < 256].astype(np.uint8).tolist()) == raw[: len(stream[stream < 256])]
+    with pytest.raises(ConfigError, match="latin1.txt' is not valid UTF-8"):
+        load_data(_files_cfg([f], tokenizer=TokenizerKind.BPE, bpe_vocab_size=300))

@@ -56,8 +56,10 @@ def unigram_entropy_bits(rows: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def load_data(cfg: DataConfig, workdir: pathlib.Path | None = None, seed: int = 0) -> Data:
-    """Build the tokenizer (or reload the one saved in `workdir`) and pack both splits."""
+def load_data(cfg: DataConfig, workdir: pathlib.Path | None = None, seed: int = 0, save_tokenizer: bool = True) -> Data:
+    """Build the tokenizer (or reload the one saved in `workdir`) and pack both splits.
+
+    Only one process should write the tokenizer (`save_tokenizer`)."""
     if cfg.source == Source.MARKOV:
         chain = MarkovChain.random(cfg.markov)
         tok = MarkovTokenizer(cfg.markov.num_states)
@@ -67,7 +69,7 @@ def load_data(cfg: DataConfig, workdir: pathlib.Path | None = None, seed: int = 
             train = chain.sample_rows(seed, np.arange(cfg.markov.num_train), cfg.seq_len)
         desc = (f"Markov source: K={chain.K}, entropy {chain.entropy_per_token(cfg.seq_len):.4f} nats/token "
                 f"at length {cfg.seq_len}")
-        if workdir is not None:
+        if workdir is not None and save_tokenizer:
             tok.save(workdir)
         return Data(tok, train, val, 1.0, chain, desc)
 
@@ -75,13 +77,13 @@ def load_data(cfg: DataConfig, workdir: pathlib.Path | None = None, seed: int = 
     tok = load_tokenizer(workdir) if workdir is not None else None
     if tok is None:
         tok = build_tokenizer(cfg, train_docs)
-        if workdir is not None:
+        if workdir is not None and save_tokenizer:
             tok.save(workdir)
     train = pack(tok.encode_batch(train_docs), tok.eos_id, cfg.seq_len)
     val = pack(tok.encode_batch(val_docs), tok.eos_id, cfg.seq_len)
     if len(val) == 0:
         raise ConfigError(f"The validation split holds fewer than data.seq_len={cfg.seq_len} tokens; use more validation text or a shorter seq_len.")
-    nbytes = sum(len(d.encode("utf-8")) + 1 for d in val_docs)
+    nbytes = sum(len(d.encode("utf-8", errors="surrogateescape")) + 1 for d in val_docs)
     ntok = sum(len(x) + 1 for x in tok.encode_batch(val_docs))
     desc = (f"{cfg.source.value} corpus: {len(train_docs)} train docs ({train.size / 1e6:.2f}M tokens, {len(train)} rows), "
             f"{len(val_docs)} validation docs ({val.size / 1e3:.1f}k tokens), vocab {tok.vocab_size}")

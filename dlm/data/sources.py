@@ -2,7 +2,8 @@
 
 - builtin: the running interpreter's standard-library `.py` files (no test folders, no
   site-packages); a file goes to validation when md5(relative path) % validation_mod == 0.
-- files: local text / JSONL files through HF `datasets` local loaders.
+- files: local text files (one document each) and JSONL files (one document a line, through the
+  HF `datasets` JSON loader).
 - hf: an HF `datasets` name (needs the hub or a local cache).
 - tfds: a TFDS data source (`tfds.data_source`, no TensorFlow), prepared beforehand.
 """
@@ -13,7 +14,7 @@ import hashlib
 import pathlib
 import sysconfig
 
-from dlm.config import ConfigError, DataConfig, Source
+from dlm.config import ConfigError, DataConfig, Source, TokenizerKind
 
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
@@ -37,23 +38,53 @@ def builtin_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
     return train, val
 
 
-def _load_local(paths: list[str], field: str) -> list[str]:
+def _check_file(path: pathlib.Path) -> None:
+    if not path.exists():
+        raise ConfigError(f"Data file {str(path)!r} does not exist; fix data.paths.")
+    if not path.is_file():
+        raise ConfigError(f"Data path {str(path)!r} is not a regular file; list files, not folders, in data.paths.")
+    try:
+        with path.open("rb") as f:
+            head = f.read(1)
+    except OSError as e:
+        raise ConfigError(f"Data file {str(path)!r} cannot be read ({e.strerror}); check its permissions.") from None
+    if not head:
+        raise ConfigError(f"Data file {str(path)!r} is empty; remove it from data.paths or give it text.")
+
+
+def _load_local(paths: list[str], field: str, byte_level: bool) -> list[str]:
+    """Documents of local files: a text file is one document, a JSONL line is one document.
+
+    Text that is not UTF-8 is kept byte for byte (surrogate escapes) for the byte tokenizer and
+    rejected for the others, which only take text."""
     import datasets
 
     datasets.disable_progress_bars()
     docs = []
+    errors = "surrogateescape" if byte_level else "strict"
     for p in paths:
         path = pathlib.Path(p)
-        if not path.is_file():
-            raise ConfigError(f"Data file {p!r} does not exist; fix data.paths.")
+        _check_file(path)
         if path.suffix in (".jsonl", ".json"):
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+            try:
+                ds = datasets.load_dataset("json", data_files=str(path), split="train", keep_in_memory=True)
+            except Exception as e:
+                raise ConfigError(f"Data file {p!r} is not valid JSON lines ({type(e).__name__}); fix or remove it.") from None
             if field not in ds.column_names:
                 raise ConfigError(f"{p!r} has no field {field!r} (fields: {', '.join(ds.column_names)}); set data.text_field.")
-            docs += [t for t in ds[field] if t]
+            values = ds[field]
+            missing = [i for i, t in enumerate(values) if not isinstance(t, str)]
+            if missing:
+                raise ConfigError(f"Line {missing[0] + 1} of {p!r} has no text in field {field!r}; fix that record or set data.text_field.")
+            docs += [t for t in values if t]
         else:
-            ds = datasets.load_dataset("text", data_files=str(path), split="train", sample_by="document")
-            docs += [t for t in ds["text"] if t]
+            raw = path.read_bytes()
+            try:
+                text = raw.decode("utf-8", errors=errors)
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"Data file {p!r} is not valid UTF-8 (byte {e.start}); convert it, or use data.tokenizer=byte, "
+                                  "which reads any bytes.") from None
+            docs.append(text)
     return docs
 
 
@@ -97,9 +128,10 @@ def load_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
     if cfg.source == Source.BUILTIN:
         train, val = builtin_documents(cfg)
     elif cfg.source == Source.FILES:
-        docs = _load_local(cfg.paths, cfg.text_field)
+        byte_level = cfg.tokenizer == TokenizerKind.BYTE
+        docs = _load_local(cfg.paths, cfg.text_field, byte_level)
         if cfg.validation_paths:
-            train, val = docs, _load_local(cfg.validation_paths, cfg.text_field)
+            train, val = docs, _load_local(cfg.validation_paths, cfg.text_field, byte_level)
         else:
             train, val = _split_held_out(docs, cfg.validation_mod)
     elif cfg.source == Source.HF:

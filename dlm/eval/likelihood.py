@@ -52,9 +52,8 @@ def evaluate(eval_fn, params, rows: np.ndarray, batch_size: int, seed: int = 0, 
     vals = []
     for i in range(0, len(padded), batch_size):
         batch = padded[i : i + batch_size]
-        if mesh is not None:
-            with mesh_context(mesh):
-                batch = jax.device_put(batch, batch_sharding(mesh))
+        if mesh is not None:  # every process holds all rows: each takes its own shards
+            batch = jax.make_array_from_callback(batch.shape, batch_sharding(mesh), lambda idx, b=batch: b[idx])
         vals.append(np.asarray(eval_fn(params, batch, jax.random.fold_in(key, i))))
     per = np.concatenate(vals)[:n].astype(np.float64)
     return float(per.mean()), float(per.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0

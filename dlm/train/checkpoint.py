@@ -1,16 +1,20 @@
-"""Orbax checkpoints of the train state and the data-iterator state.
+"""Orbax checkpoints of the train state and the data-iterator position.
 
 Layout: <workdir>/checkpoints/<step>/{state, data}. Orbax writes each checkpoint into a
-temporary folder and renames it when complete, so a kill mid-save leaves the previous ones
-restorable. Restores take an abstract target whose shardings come from the *current* mesh, so a
-checkpoint restores onto any mesh.
+temporary folder and renames it when complete, so a kill mid-save leaves the older ones
+restorable. The data item is the iterator's global batch index (the same for any process
+count), written as JSON. Restores take an abstract target whose shardings come from the
+*current* mesh, so a checkpoint restores onto any mesh and any number of processes. A
+checkpoint that fails to restore (a truncated or deleted file) is reported in one line, moved
+to <workdir>/damaged/, and the next older one is used.
 """
 
 from __future__ import annotations
 
 import pathlib
+import shutil
 
-import grain
+import jax
 import orbax.checkpoint as ocp
 
 from dlm.config import ConfigError
@@ -18,7 +22,8 @@ from dlm.config import ConfigError
 
 class Checkpointer:
     def __init__(self, workdir: str | pathlib.Path, keep: int = 3, async_save: bool = True, create: bool = True):
-        self.directory = pathlib.Path(workdir).resolve() / "checkpoints"
+        self.workdir = pathlib.Path(workdir).resolve()
+        self.directory = self.workdir / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=create)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
@@ -28,24 +33,60 @@ class Checkpointer:
     def save(self, step: int, state, data_iterator=None) -> None:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items["data"] = ocp.args.JsonSave({"next_index": int(data_iterator.get_state()["next_index"])})
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, abstract_state, data_iterator=None, step: int | None = None):
-        """Restore the state (and the iterator in place) at `step` (default: the newest)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise ConfigError(f"No checkpoint found in {str(self.directory)!r}; train first or point --workdir at a trained run.")
+    def _restore_step(self, step: int, abstract_state, data_iterator):
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            items["data"] = ocp.args.JsonRestore()
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except ValueError as e:
             if "MISSING" not in str(e) and "mismatch" not in str(e).lower():
                 raise
             raise ConfigError(f"Checkpoint {step} in {str(self.directory)!r} does not match the model and optimizer of the "
                               "config (its parameter tree differs); restore it with the config it was trained with.") from None
+        if data_iterator is not None:
+            state = dict(data_iterator.get_state())
+            state["next_index"] = int(out["data"]["next_index"])
+            data_iterator.set_state(state)
+        return out["state"]
+
+    def restore(self, abstract_state, data_iterator=None, step: int | None = None, log=print):
+        """Restore the state (and position the iterator) at `step`, default the newest that is intact."""
+        if step is not None:
+            return self._restore_step(step, abstract_state, data_iterator)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            raise ConfigError(f"No checkpoint found in {str(self.directory)!r}; train first or point --workdir at a trained run.")
+        for i, s in enumerate(steps):
+            try:
+                return self._restore_step(s, abstract_state, data_iterator)
+            except ConfigError:
+                raise
+            except Exception as e:  # a damaged checkpoint: any read or decode failure
+                reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                nxt = f"restoring checkpoint {steps[i + 1]} instead" if i + 1 < len(steps) else "no older checkpoint is left"
+                log(f"Checkpoint {s} in {self.directory} is damaged ({type(e).__name__}: {reason}); {nxt}.")
+                self._set_aside(s)
+        raise ConfigError(f"Every checkpoint in {str(self.directory)!r} is damaged; they were moved to {str(self.workdir / 'damaged')!r}.")
+
+    def _set_aside(self, step: int) -> None:
+        """Move a damaged checkpoint out of the manager's folder (kept for inspection, never deleted)."""
+        if jax.process_index() == 0:
+            dest = self.workdir / "damaged"
+            dest.mkdir(exist_ok=True)
+            target = dest / str(step)
+            n = 1
+            while target.exists():
+                target, n = dest / f"{step}.{n}", n + 1
+            shutil.move(str(self.directory / str(step)), str(target))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"dlm-set-aside-{step}")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

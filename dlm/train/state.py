@@ -27,6 +27,7 @@ class TrainState:
     opt_state: Any
     ema: Any  # nnx.State (same tree as params) or None
     rng: jax.Array  # uint32 [2] key data
+    nonfinite: jax.Array  # int32 []: updates skipped because the loss or gradient was not finite
 
 
 def learning_rate(cfg: TrainConfig):
@@ -54,7 +55,7 @@ def init_state(cfg: Config, vocab_size: int, tx) -> TrainState:
     params = nnx.state(model)
     ema = jax.tree.map(jnp.copy, params) if cfg.train.ema_decay > 0 else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=ema,
-                      rng=jax.random.key_data(jax.random.key(cfg.train.seed + 1)))
+                      rng=jax.random.key_data(jax.random.key(cfg.train.seed + 1)), nonfinite=jnp.zeros((), jnp.int32))
 
 
 def create_train_state(cfg: Config, vocab_size: int, mesh, *, abstract: bool = False):
@@ -82,15 +83,19 @@ def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
     lr_fn = learning_rate(cfg.train)
     cond = cfg.model.noise_conditioning
     ema_decay = cfg.train.ema_decay
+    inject = jnp.asarray(sorted(cfg.train.inject_nonfinite_at) or [-1], jnp.int32)
 
     def step(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params)
-            return diffusion_loss(lambda xt, t: model(xt, noise=t), batch, key, cfg.diffusion, vocab_size, cond)
+            loss, metrics = diffusion_loss(lambda xt, t: model(xt, noise=t), batch, key, cfg.diffusion, vocab_size, cond)
+            poison = jnp.where(jnp.any(inject == state.step), jnp.nan, 1.0)
+            return loss * poison, metrics
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema
@@ -98,8 +103,14 @@ def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
             n = state.step.astype(jnp.float32)
             d = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
             ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), lr=lr_fn(state.step))
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rng=state.rng), metrics
+        # A non-finite loss or gradient leaves parameters, optimizer and EMA untouched; the step
+        # still advances (the batch is consumed) and the fault is counted, all inside jit.
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        count = state.nonfinite + (~ok).astype(jnp.int32)
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr_fn(state.step), nonfinite=count)
+        return TrainState(step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                          ema=keep(ema, state.ema), rng=state.rng, nonfinite=count), metrics
 
     with mesh_context(mesh):
         return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),

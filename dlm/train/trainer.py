@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import pathlib
+import signal
 import time
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from dlm.config import Config, ConfigError, save_config
+from dlm.config import Config, ConfigError, NonFinitePolicy, save_config
 from dlm.data.pipeline import load_data, train_iterator, unigram_entropy_bits, validation_windows
 from dlm.diffusion.losses import LN2
 from dlm.eval.likelihood import evaluate, make_eval_fn
@@ -29,6 +30,41 @@ def _log(msg: str) -> None:
         tqdm.write(msg)
 
 
+class TrainingError(RuntimeError):
+    """Training stopped on a fault (the message says which, and which checkpoint is intact)."""
+
+
+class Preemption:
+    """SIGTERM / SIGINT set a flag; the loop finishes the step, checkpoints and exits cleanly."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def requested(self, sync: bool) -> bool:
+        """True if any process was signalled; `sync` agrees on it across processes (a collective)."""
+        flag = self.signum is not None
+        if jax.process_count() > 1 and sync:
+            from jax.experimental import multihost_utils
+
+            flag = bool(multihost_utils.process_allgather(np.array([flag])).any())
+        return flag
+
+
 class Trainer:
     """Owns the run: mesh, data, state, step function, checkpoints and metric writers."""
 
@@ -40,7 +76,7 @@ class Trainer:
         check_batch(cfg.train.batch_size, self.mesh)
         if jax.process_index() == 0:
             save_config(cfg, self.workdir / "config.yaml")
-        self.data = load_data(cfg.data, self.workdir, cfg.train.seed)
+        self.data = load_data(cfg.data, self.workdir, cfg.train.seed, save_tokenizer=jax.process_index() == 0)
         self.vocab_size = self.data.vocab_size
         self.val_rows = validation_windows(self.data, cfg.train.eval_windows)
         self.unigram_bits = unigram_entropy_bits(self.data.val_rows, self.vocab_size) / self.data.bytes_per_token
@@ -50,7 +86,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpointing)
         self.start_step = 0
         if self.checkpointer.latest_step() is not None:
-            self.state = self.checkpointer.restore(self._abstract_state(), self.iterator)
+            self.state = self.checkpointer.restore(self._abstract_state(), self.iterator, log=_log)
             self.start_step = int(self.state.step)
             _log(f"Resumed from {self.checkpointer.directory}/{self.start_step}")
         self.step_fn = make_train_step(cfg, self.graphdef, self.vocab_size, self.mesh, self.shardings)
@@ -77,6 +113,16 @@ class Trainer:
              f"(unigram entropy {ev['unigram_bits']:.3f}, {ev['unigram_bits'] - ev['bits']:.3f} below it), "
              f"{ev['nelbo']:.4f} nats/token, perplexity {ev['perplexity']:.3f}")
 
+    def _check_faults(self, count: int, step: int) -> None:
+        if count > self.nonfinite_seen:
+            new, self.nonfinite_seen = count - self.nonfinite_seen, count
+            if self.cfg.train.nonfinite == NonFinitePolicy.STOP:
+                self.checkpointer.close()  # let an async save of a good state commit
+                last = self.checkpointer.latest_step()
+                where = f"checkpoint {last} in {self.checkpointer.directory} is intact" if last is not None else "no checkpoint was written"
+                raise TrainingError(f"Non-finite loss or gradient at or before step {step}; training stopped and {where}.")
+            _log(f"Skipped {new} update(s) with a non-finite loss or gradient (total {count}) by step {step}.")
+
     def run(self) -> dict:
         cfg = self.cfg.train
         tokens_per_step = cfg.batch_size * self.cfg.data.seq_len
@@ -86,27 +132,47 @@ class Trainer:
                    dynamic_ncols=True, desc="train")
         losses, first, t0, t_log = [], self.start_step, time.time(), time.time()
         step = self.start_step
-        while step < cfg.steps:
-            batch = global_batch(next(self.iterator), self.mesh)
-            self.state, metrics = self.step_fn(self.state, batch)
-            step += 1
-            losses.append(metrics["loss"])
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                host = jax.device_get(metrics)
-                vals = [float(x) for x in jax.device_get(losses)]
-                now = time.time()
-                tps = len(vals) * tokens_per_step / max(now - t_log, 1e-9)
-                t_log = now
-                self.writer.write(step, dict(host, losses=vals, first_step=first, tokens_per_second=tps))
-                bar.set_postfix(loss=f"{vals[-1]:.3f}", tok_s=f"{tps:,.0f}")
-                bar.update(step - bar.n)
-                losses, first = [], step
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                ev = self.evaluate()
-                self.writer.write(step, ev, prefix="eval")
-                self.report(ev, step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                self.checkpointer.save(step, self.state, self.iterator)
+        self.nonfinite_seen = int(self.state.nonfinite)
+        multi = jax.process_count() > 1
+        with Preemption() as preempt:
+            while step < cfg.steps:
+                batch = global_batch(next(self.iterator), self.mesh)
+                self.state, metrics = self.step_fn(self.state, batch)
+                step += 1
+                losses.append(metrics["loss"])
+                log_now = step % cfg.log_every == 0 or step == cfg.steps
+                if log_now:
+                    host = jax.device_get(metrics)
+                    vals = [float(x) for x in jax.device_get(losses)]
+                    now = time.time()
+                    tps = len(vals) * tokens_per_step / max(now - t_log, 1e-9)
+                    t_log = now
+                    self.writer.write(step, dict(host, losses=vals, first_step=first, tokens_per_second=tps))
+                    bar.set_postfix(loss=f"{vals[-1]:.3f}", tok_s=f"{tps:,.0f}")
+                    bar.update(step - bar.n)
+                    losses, first = [], step
+                    self._check_faults(int(host["nonfinite"]), step)
+                save_now = step % cfg.checkpoint_every == 0 or step == cfg.steps
+                if save_now and not log_now:
+                    self._check_faults(int(self.state.nonfinite), step)  # never checkpoint past a fault under 'stop'
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                    ev = self.evaluate()
+                    self.writer.write(step, ev, prefix="eval")
+                    self.report(ev, step)
+                if save_now:
+                    self.checkpointer.save(step, self.state, self.iterator)
+                if preempt.requested(sync=log_now or not multi):
+                    if losses:
+                        vals = [float(x) for x in jax.device_get(losses)]
+                        self.writer.write(step, dict(losses=vals, first_step=first, loss=vals[-1]))
+                    if self.checkpointer.latest_step() != step:
+                        self.checkpointer.save(step, self.state, self.iterator)
+                    self.checkpointer.close()
+                    self.writer.close()
+                    bar.close()
+                    name = signal.Signals(preempt.signum).name if preempt.signum else "another process"
+                    _log(f"Stopped by {name} at step {step}; checkpoint saved to {self.checkpointer.directory / str(step)}.")
+                    return {"step": step, "preempted": True, "seconds": time.time() - t0, "workdir": str(self.workdir)}
         bar.close()
         ev = self.evaluate()
         self.writer.write(step, ev, prefix="eval")
@@ -116,7 +182,7 @@ class Trainer:
         self.checkpointer.close()
         self.writer.close()
         elapsed = time.time() - t0
-        return dict(ev, step=step, seconds=elapsed, workdir=str(self.workdir))
+        return dict(ev, step=step, seconds=elapsed, workdir=str(self.workdir), nonfinite=int(self.state.nonfinite))
 
 
 def train(cfg: Config) -> dict:
