@@ -41,7 +41,10 @@ def main():
         "gap_percent": 100.0 * (nelbo - entropy) / entropy, "gap_stderrs": (nelbo - entropy) / err,
         "validation_sequences": cfg.data.markov.num_validation, "t_samples": cfg.train.eval_t_samples,
         "steps": result["step"], "seconds": seconds, "peak_rss_bytes": peak_rss_bytes(),
+        "prime_l": cfg.diffusion.prime.l, "process": cfg.diffusion.process.value,
     }
+    if "prime_joint_objective" in result:  # MDM-Prime's training objective: not a bound, reported apart
+        record["prime_joint_objective"] = result["prime_joint_objective"]
     write_json(args.out, record)
     print(f"entropy {entropy:.4f}  NELBO {nelbo:.4f} ± {err:.4f} nats/token  ({record['gap_percent']:+.2f}%, "
           f"{record['gap_stderrs']:+.1f} s.e.)  in {seconds:.0f}s")

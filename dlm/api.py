@@ -13,7 +13,7 @@ from dlm.models.transformer import Transformer
 from dlm.parallel.mesh import make_mesh, mesh_context
 from dlm.sampling.api import generate
 from dlm.train.checkpoint import Checkpointer
-from dlm.train.state import create_train_state
+from dlm.train.state import create_train_state, make_model
 
 __all__ = ["load_config", "build_model", "nelbo", "generate", "restore", "load_tokenizer"]
 
@@ -34,13 +34,20 @@ def build_model(cfg: Config, vocab_size: int | None = None, *, mesh=None, seed: 
     mesh = mesh or make_mesh(cfg.mesh)
     V = vocab_size or default_vocab_size(cfg)
     with mesh_context(mesh):
-        return nnx.jit(lambda: Transformer(cfg.model, V, rngs=nnx.Rngs(params=cfg.train.seed if seed is None else seed)))()
+        return nnx.jit(lambda: make_model(cfg, V, cfg.train.seed if seed is None else seed))()
 
 
 def nelbo(model: Transformer, batch, diffusion: DiffusionConfig, rng):
-    """Monte-Carlo NELBO (nats/token) of a batch [B, L] of clean tokens -> (loss, metrics)."""
-    return diffusion_loss(lambda xt, t: model(xt, noise=t), batch, rng, diffusion, model.vocab_size,
-                          model.cfg.noise_conditioning)
+    """Monte-Carlo NELBO (nats/token) of a batch [B, L] of clean tokens -> (loss, metrics).
+
+    For a Prime model (diffusion.prime.l > 1) the loss is the one it trains on and
+    metrics['nelbo'] is the valid bound."""
+    apply_fn = lambda xt, t: model(xt, noise=t)
+    if diffusion.prime.l > 1:
+        from dlm.diffusion.prime import Codec, prime_loss
+
+        return prime_loss(apply_fn, batch, rng, diffusion, Codec(model.vocab_size, diffusion.prime.l), model.cfg.noise_conditioning)
+    return diffusion_loss(apply_fn, batch, rng, diffusion, model.vocab_size, model.cfg.noise_conditioning)
 
 
 def restore(workdir: str | pathlib.Path, *, use_ema: bool = True, mesh=None, step: int | None = None):

@@ -104,5 +104,6 @@ def sample_main(argv=None) -> None:
             text = tok.decode(row)
             print(f"--- sample {i} (NFE {out['nfe']}, {out['seconds']:.2f}s for the batch)\n{text}")
             f.write(json.dumps({"text": text, "tokens": row.tolist(), "nfe": out["nfe"], "steps": out["steps"],
+                                "idle_step_ratio": out["idle_step_ratio"],
                                 "seconds": per, "batch_seconds": out["seconds"], "prompt": args.prompt}) + "\n")
     print(f"Wrote {len(out['tokens'])} samples to {path}")

@@ -107,6 +107,19 @@ class ModelConfig:
     attention: str = _field("einsum", "Attention kernel: einsum (plain XLA matmuls, fastest on CPU), or xla / cudnn (jax.nn.dot_product_attention).")
 
 
+class PrimeObjective(str, enum.Enum):
+    """What a Prime model trains on: the valid NELBO (bound) or the published joint objective."""
+
+    BOUND = "bound"
+    JOINT = "joint"
+
+
+@dataclasses.dataclass
+class PrimeConfig:
+    l: int = _field(1, "Sub-tokens per token (MDM-Prime); 1 is plain masked diffusion. b = ceil(V^(1/l)).")
+    objective: PrimeObjective = _field(PrimeObjective.BOUND, "Train on the valid NELBO (bound) or the published joint objective (joint); the bound is always reported as the NELBO.")
+
+
 @dataclasses.dataclass
 class DiffusionConfig:
     schedule: Schedule = _field(Schedule.LINEAR, "alpha(t) family: linear, cosine, polynomial, loglinear.")
@@ -117,6 +130,11 @@ class DiffusionConfig:
     num_steps: int = _field(1000, "T of the discrete-time NELBO.")
     antithetic: bool = _field(True, "Antithetic (stratified) time draws across the batch: t_i = (u + i/B) mod 1.")
     t_min: float = _field(1e-5, "Smallest time drawn (keeps the weight finite; its bias is below float precision).")
+    prime: PrimeConfig = _field(None, "Partial masking (MDM-Prime).")
+
+    def __post_init__(self):
+        if self.prime is None:
+            self.prime = PrimeConfig()
 
 
 @dataclasses.dataclass
@@ -350,6 +368,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("data.tokenizer=pretrained needs data.pretrained_tokenizer, e.g. gpt2.")
     if d.source == Source.MARKOV and d.tokenizer != TokenizerKind.BYTE:
         raise ConfigError("data.source=markov has its own alphabet; leave data.tokenizer at byte.")
+    if cfg.diffusion.prime.l < 1:
+        raise ConfigError(f"diffusion.prime.l={cfg.diffusion.prime.l} must be at least 1.")
+    if m.d_model % cfg.diffusion.prime.l:
+        raise ConfigError(f"model.d_model={m.d_model} must be divisible by diffusion.prime.l={cfg.diffusion.prime.l} "
+                          "(the l sub-token embeddings are concatenated into one token embedding).")
     if cfg.sampling.length > d.seq_len:
         raise ConfigError(f"sampling.length={cfg.sampling.length} exceeds the model context data.seq_len={d.seq_len}.")
     return cfg

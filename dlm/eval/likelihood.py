@@ -19,20 +19,30 @@ from dlm.parallel.mesh import batch_sharding, mesh_context, replicated
 
 
 def make_eval_fn(graphdef, diffusion: DiffusionConfig, mask_id: int, cond: bool, t_samples: int, mesh=None):
-    """Jitted (params, rows [B, L], key) -> per-row NELBO [B] (nats/token) averaged over K draws."""
+    """Jitted (params, rows [B, L], key) -> per-row (NELBO [B], Prime joint objective [B]) in nats/token,
+    averaged over K draws. `mask_id` is the vocabulary size; the joint objective is 0 without Prime."""
+    codec = None
+    if diffusion.prime.l > 1:
+        from dlm.diffusion.prime import Codec, prime_nelbo_per_sequence
+
+        codec = Codec(mask_id, diffusion.prime.l)
 
     def fn(params, rows, key):
         model = nnx.merge(graphdef, params)
+        apply_fn = lambda xt, tt: model(xt, noise=tt)
         B = rows.shape[0]
         k_u, k_m = jax.random.split(key)
         u = jax.random.uniform(k_u, (B,))
-        total = jnp.zeros((B,), jnp.float32)
+        total, joint = jnp.zeros((B,), jnp.float32), jnp.zeros((B,), jnp.float32)
         for k in range(t_samples):
             t = jnp.clip(jnp.mod(u + k / t_samples, 1.0), diffusion.t_min, 1.0)
-            per, _ = nelbo_per_sequence(lambda xt, tt: model(xt, noise=tt), rows, t, jax.random.fold_in(k_m, k),
-                                        diffusion, mask_id, cond)
+            if codec is None:
+                per, _ = nelbo_per_sequence(apply_fn, rows, t, jax.random.fold_in(k_m, k), diffusion, mask_id, cond)
+            else:
+                per, j, _ = prime_nelbo_per_sequence(apply_fn, rows, t, jax.random.fold_in(k_m, k), diffusion, codec, cond)
+                joint = joint + j
             total = total + per
-        return total / t_samples
+        return total / t_samples, joint / t_samples
 
     if mesh is None:
         return jax.jit(fn)
@@ -40,8 +50,9 @@ def make_eval_fn(graphdef, diffusion: DiffusionConfig, mask_id: int, cond: bool,
         return jax.jit(fn, in_shardings=(None, batch_sharding(mesh), replicated(mesh)), out_shardings=replicated(mesh))
 
 
-def evaluate(eval_fn, params, rows: np.ndarray, batch_size: int, seed: int = 0, mesh=None) -> tuple[float, float]:
-    """(mean, standard error) of the per-window NELBO in nats/token over `rows` [N, L].
+def evaluate(eval_fn, params, rows: np.ndarray, batch_size: int, seed: int = 0, mesh=None) -> dict:
+    """{nelbo, nelbo_stderr, joint}: mean and standard error of the per-window NELBO (nats/token)
+    over `rows` [N, L], and the mean Prime joint objective.
 
     The seed is fixed, so repeated evaluations of different parameters see the same t and masks
     (a paired comparison)."""
@@ -49,11 +60,15 @@ def evaluate(eval_fn, params, rows: np.ndarray, batch_size: int, seed: int = 0, 
     pad = (-n) % batch_size
     padded = np.concatenate([rows, np.repeat(rows[:1], pad, 0)]) if pad else rows
     key = jax.random.key(seed)
-    vals = []
+    vals, joints = [], []
     for i in range(0, len(padded), batch_size):
         batch = padded[i : i + batch_size]
         if mesh is not None:  # every process holds all rows: each takes its own shards
             batch = jax.make_array_from_callback(batch.shape, batch_sharding(mesh), lambda idx, b=batch: b[idx])
-        vals.append(np.asarray(eval_fn(params, batch, jax.random.fold_in(key, i))))
+        v, j = eval_fn(params, batch, jax.random.fold_in(key, i))
+        vals.append(np.asarray(v))
+        joints.append(np.asarray(j))
     per = np.concatenate(vals)[:n].astype(np.float64)
-    return float(per.mean()), float(per.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    joint = np.concatenate(joints)[:n].astype(np.float64)
+    err = float(per.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return {"nelbo": float(per.mean()), "nelbo_stderr": err, "joint": float(joint.mean())}

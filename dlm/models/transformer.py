@@ -112,11 +112,22 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, *, rngs: nnx.Rngs):
+    """`subtokens` = l > 1 makes it an MDM-Prime denoiser: the input is [B, L, l] sub-tokens in
+    {0..b-1} plus the mask b, embedded by one shared (b+1) x (d/l) table and concatenated; the
+    output is still the joint over the V tokens."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, *, rngs: nnx.Rngs, subtokens: int = 1):
         self.cfg = cfg
         self.vocab_size = vocab_size
+        self.subtokens = subtokens
         d = cfg.d_model
-        self.embed = _param(rngs, (_pad(vocab_size + 1), d), cfg.embed_init_std, ("vocab", "embed"))
+        if subtokens > 1:
+            from dlm.diffusion.prime import base_for
+
+            rows = base_for(vocab_size, subtokens) + 1
+            self.embed = _param(rngs, (_pad(rows), d // subtokens), cfg.embed_init_std, ("vocab", None))
+        else:
+            self.embed = _param(rngs, (_pad(vocab_size + 1), d), cfg.embed_init_std, ("vocab", "embed"))
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -134,11 +145,12 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens, *, positions=None, attention: AttentionSpec = FULL, noise=None):
         cfg = self.cfg
-        B, L = tokens.shape
+        B, L = tokens.shape[:2]
         dt = jnp.dtype(cfg.dtype.value)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(L), (B, L))
-        x = jnp.take(self.embed[...], tokens, axis=0)  # [B, L, d] float32 residual stream
+        x = jnp.take(self.embed[...], tokens, axis=0)  # [B, L, d] (Prime: [B, L, l, d/l]) float32 residual stream
+        x = x.reshape(B, L, cfg.d_model)
         cos, sin = rope_tables(positions, cfg.d_model // cfg.num_heads, cfg.rope_theta)
         mask = attention.mask(L, L)
         cond = None

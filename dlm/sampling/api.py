@@ -77,6 +77,42 @@ def ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_s
     return x, nfe
 
 
+def prime_ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, codec, noise_conditioning: bool):
+    """Digit-level ancestral sampling for MDM-Prime.
+
+    x [B, L] tokens (fixed positions hold prompt tokens). Each step draws x_hat from the carried-over
+    joint p(x | y_t) and every still-masked sub-token takes x_hat's digit with probability
+    (alpha_s - alpha_t) / (1 - alpha_t). The forward pass is reused while y does not change.
+    Returns (tokens, nfe, idle_steps)."""
+    from dlm.diffusion.prime import carry_over
+
+    B, L = x.shape
+    steps = alphas.shape[0] - 1
+    m = codec.mask_id
+    y = jnp.where(fixed[..., None], codec.encode(x), m)
+
+    def forward(y, i):
+        t = jnp.full((B, L), 1.0 - alphas[i], jnp.float32) if noise_conditioning else None
+        return carry_over(apply_fn(y, t).astype(jnp.float32), y, codec)
+
+    def body(carry):
+        i, y, logits, changed, nfe, idle, key = carry
+        key, k_cat, k_rev = jax.random.split(key, 3)
+        recompute = changed | noise_conditioning
+        logits = jax.lax.cond(recompute, lambda: forward(y, i), lambda: logits)
+        nfe = nfe + recompute.astype(jnp.int32)
+        a_t, a_s = alphas[i], alphas[i + 1]
+        p_reveal = jnp.where(i + 1 == steps, 1.0, (a_s - a_t) / (1.0 - a_t))
+        digits = codec.encode(categorical(k_cat, logits, cfg.temperature, cfg.float64))  # [B, L, l]
+        reveal = (y == m) & (jax.random.uniform(k_rev, y.shape, alphas.dtype) < p_reveal)
+        changed = reveal.any()
+        return i + 1, jnp.where(reveal, digits, y), logits, changed, nfe, idle + (~changed).astype(jnp.int32), key
+
+    init = (jnp.int32(0), y, jnp.zeros((B, L, codec.vocab_size), jnp.float32), jnp.bool_(True), jnp.int32(0), jnp.int32(0), key)
+    _, y, _, _, nfe, idle, _ = jax.lax.while_loop(lambda c: c[0] < steps, body, init)
+    return codec.decode(y), nfe, idle
+
+
 def prepare_prompts(prompt, num_samples: int, length: int, mask_id: int, vocab_size: int):
     """prompt: None, a 1-D list of ids (a prefix), or an [L] / [B, L] infill spec with mask_id at the
     positions to generate. Returns (x [B, L] int32, fixed [B, L] bool)."""
@@ -100,7 +136,9 @@ def prepare_prompts(prompt, num_samples: int, length: int, mask_id: int, vocab_s
 
 def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, *, diffusion: DiffusionConfig | None = None,
              num_samples: int | None = None, length: int | None = None, mesh=None, key=None) -> dict:
-    """Sample from a denoiser. Returns {'tokens' [B, L] np.int32, 'nfe', 'steps', 'seconds'}.
+    """Sample from a denoiser. Returns {'tokens' [B, L] np.int32, 'nfe', 'steps', 'idle_step_ratio', 'seconds'}.
+
+    A Prime model (model.subtokens > 1) is sampled digit by digit (prime_ancestral_loop).
 
     `model` is a Transformer (possibly with sharded parameters); `mesh`, when given, shards the
     batch over (data, fsdp).
@@ -126,11 +164,18 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
 
     leaves, treedef = jax.tree.flatten(params)
 
+    prime_l = getattr(model, "subtokens", 1)
+
     def run(leaves, x, fixed, key, alphas):
         # The module is rebuilt from plain arrays where it is used, so that NNX sees Variables
         # created at the trace level of the loop body, not at the level of this jit.
         apply_fn = lambda xt, t: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(xt, noise=t)
-        return ancestral_loop(apply_fn, x, fixed, key, alphas, cfg, V, cond)
+        if prime_l > 1:
+            from dlm.diffusion.prime import Codec
+
+            return prime_ancestral_loop(apply_fn, x, fixed, key, alphas, cfg, Codec(V, prime_l), cond)
+        tokens, nfe = ancestral_loop(apply_fn, x, fixed, key, alphas, cfg, V, cond)
+        return tokens, nfe, cfg.steps - nfe
 
     start = time.time()
     with jax.enable_x64(cfg.float64):
@@ -138,8 +183,9 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
         if mesh is not None:
             with mesh_context(mesh):
                 x, fixed = jax.device_put(x, batch_sharding(mesh)), jax.device_put(fixed, batch_sharding(mesh))
-                tokens, nfe = jax.jit(run)(leaves, x, fixed, key, alphas)
+                tokens, nfe, idle = jax.jit(run)(leaves, x, fixed, key, alphas)
         else:
-            tokens, nfe = jax.jit(run)(leaves, jnp.asarray(x), jnp.asarray(fixed), key, alphas)
+            tokens, nfe, idle = jax.jit(run)(leaves, jnp.asarray(x), jnp.asarray(fixed), key, alphas)
         tokens = np.asarray(jax.device_get(tokens))[:B]
-    return {"tokens": tokens, "nfe": int(nfe), "steps": cfg.steps, "seconds": time.time() - start}
+    return {"tokens": tokens, "nfe": int(nfe), "steps": cfg.steps, "idle_step_ratio": int(idle) / cfg.steps,
+            "seconds": time.time() - start}

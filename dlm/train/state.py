@@ -45,14 +45,28 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
+def make_model(cfg: Config, vocab_size: int, seed: int):
+    return Transformer(cfg.model, vocab_size, rngs=nnx.Rngs(params=seed), subtokens=cfg.diffusion.prime.l)
+
+
 def model_graphdef(cfg: Config, vocab_size: int):
-    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, vocab_size, rngs=nnx.Rngs(0))))[0]
+    return nnx.split(nnx.eval_shape(lambda: make_model(cfg, vocab_size, 0)))[0]
+
+
+def loss_fn_for(cfg: Config, vocab_size: int):
+    """(apply_fn, x0, key) -> (loss, metrics): the MDLM NELBO, or the Prime loss when l > 1."""
+    cond = cfg.model.noise_conditioning
+    if cfg.diffusion.prime.l > 1:
+        from dlm.diffusion.prime import Codec, prime_loss
+
+        codec = Codec(vocab_size, cfg.diffusion.prime.l)
+        return lambda apply_fn, x0, key: prime_loss(apply_fn, x0, key, cfg.diffusion, codec, cond)
+    return lambda apply_fn, x0, key: diffusion_loss(apply_fn, x0, key, cfg.diffusion, vocab_size, cond)
 
 
 def init_state(cfg: Config, vocab_size: int, tx) -> TrainState:
     """Build a fresh state (call inside jit under the mesh so every array is born sharded)."""
-    model = Transformer(cfg.model, vocab_size, rngs=nnx.Rngs(params=cfg.train.seed))
-    params = nnx.state(model)
+    params = nnx.state(make_model(cfg, vocab_size, cfg.train.seed))
     ema = jax.tree.map(jnp.copy, params) if cfg.train.ema_decay > 0 else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=ema,
                       rng=jax.random.key_data(jax.random.key(cfg.train.seed + 1)), nonfinite=jnp.zeros((), jnp.int32))
@@ -81,8 +95,8 @@ def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
     """Jitted (state, batch [B, L]) -> (state, metrics), state donated."""
     tx = make_optimizer(cfg.train)
     lr_fn = learning_rate(cfg.train)
-    cond = cfg.model.noise_conditioning
     ema_decay = cfg.train.ema_decay
+    objective = loss_fn_for(cfg, vocab_size)
     inject = jnp.asarray(sorted(cfg.train.inject_nonfinite_at) or [-1], jnp.int32)
 
     def step(state: TrainState, batch):
@@ -90,7 +104,7 @@ def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params)
-            loss, metrics = diffusion_loss(lambda xt, t: model(xt, noise=t), batch, key, cfg.diffusion, vocab_size, cond)
+            loss, metrics = objective(lambda xt, t: model(xt, noise=t), batch, key)
             poison = jnp.where(jnp.any(inject == state.step), jnp.nan, 1.0)
             return loss * poison, metrics
 

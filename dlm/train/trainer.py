@@ -103,15 +103,21 @@ class Trainer:
     def evaluate(self) -> dict:
         cfg = self.cfg.train
         params = self.state.ema if (cfg.eval_use_ema and self.state.ema is not None) else self.state.params
-        mean, err = evaluate(self.eval_fn, params, self.val_rows, cfg.batch_size, seed=cfg.seed + 7, mesh=self.mesh)
+        r = evaluate(self.eval_fn, params, self.val_rows, cfg.batch_size, seed=cfg.seed + 7, mesh=self.mesh)
+        mean, err = r["nelbo"], r["nelbo_stderr"]
         bits = mean / LN2 / self.data.bytes_per_token
-        return {"nelbo": mean, "nelbo_stderr": err, "bits": bits, "bits_stderr": err / LN2 / self.data.bytes_per_token,
-                "perplexity": math.exp(mean), "unigram_bits": self.unigram_bits}
+        out = {"nelbo": mean, "nelbo_stderr": err, "bits": bits, "bits_stderr": err / LN2 / self.data.bytes_per_token,
+               "perplexity": math.exp(mean), "unigram_bits": self.unigram_bits}
+        if self.cfg.diffusion.prime.l > 1:
+            out["prime_joint_objective"] = r["joint"]  # an objective value, not a likelihood bound
+        return out
 
     def report(self, ev: dict, step: int) -> None:
         _log(f"step {step}: validation NELBO {ev['bits']:.3f} ± {ev['bits_stderr']:.3f} {self.unit()} "
              f"(unigram entropy {ev['unigram_bits']:.3f}, {ev['unigram_bits'] - ev['bits']:.3f} below it), "
-             f"{ev['nelbo']:.4f} nats/token, perplexity {ev['perplexity']:.3f}")
+             f"{ev['nelbo']:.4f} nats/token, perplexity {ev['perplexity']:.3f}"
+             + (f"; Prime joint objective {ev['prime_joint_objective']:.4f} nats/token (not a bound)"
+                if "prime_joint_objective" in ev else ""))
 
     def _check_faults(self, count: int, step: int) -> None:
         if count > self.nonfinite_seen:
