@@ -39,12 +39,13 @@ def main():
     for l in [int(v) for v in args.ls.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             over = [f"workdir={tmp}", f"diffusion.prime.l={l}", "train.eval_every=0", "train.progress=false", *args.overrides]
-            if steps is None:  # calibrate the step count on the first (baseline) model
-                cfg = load_config(args.config, over + ["train.steps=12"])
-                tr = Trainer(cfg)
-                t0 = time.time()
-                tr.run()
-                per_step = (time.time() - t0) / 12
+            if steps is None:  # calibrate the step count on the baseline: its steady-state tokens/s
+                cfg = load_config(args.config, over + ["train.steps=30", "train.log_every=10"])
+                Trainer(cfg).run()
+                from dlm.train.metrics import read_metrics
+
+                tps = sorted(r["tokens_per_second"] for r in read_metrics(cfg.workdir)[1:])  # the first includes compilation
+                per_step = cfg.train.batch_size * cfg.data.seq_len / tps[len(tps) // 2]
                 steps = max(int(args.budget_minutes * 60 / per_step), 20)
             cfg = load_config(args.config, over + [f"train.steps={steps}", f"workdir={tmp}/run"])
             t0 = time.time()
