@@ -13,18 +13,22 @@ import jax
 import jax.numpy as jnp
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class AttentionSpec:
-    """Which keys each query sees. `kind` 'full' is bidirectional attention over the sequence;
-    'causal' is left-to-right."""
+    """Which keys each query sees. 'full' is bidirectional attention over the sequence, 'causal'
+    left-to-right, 'explicit' a boolean array [B, 1, Lq, Lk] built from hyperschedule roles
+    (dlm.diffusion.hyperschedules.attention_mask)."""
 
     kind: str = "full"
+    array: object = None
 
     def mask(self, q_len: int, k_len: int):
         if self.kind == "full":
             return None
         if self.kind == "causal":
             return jnp.tril(jnp.ones((q_len, k_len), bool), k_len - q_len)[None, None]
+        if self.kind == "explicit":
+            return self.array
         raise ValueError(f"unknown attention kind {self.kind!r}")
 
 

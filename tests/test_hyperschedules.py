@@ -1,0 +1,92 @@
+"""Hyperschedules: the autoregressive one is a causal LM, the flat one is MDLM, and no settled
+query ever sees an active key."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import dlm
+from dlm.config import ConfigError, DiffusionConfig, TimeMode, load_config
+from dlm.diffusion import hyperschedules as hs
+from dlm.diffusion.losses import nelbo_terms, time_and_weight
+from dlm.diffusion.processes import absorbing_corrupt
+from dlm.diffusion.schedules import make_schedule
+from dlm.models.attention import AttentionSpec
+from dlm.parallel.mesh import make_mesh
+
+V = 257
+
+
+def _model(root):
+    cfg = load_config(root / "configs/test.yaml", ["data.seq_len=16"])
+    return dlm.build_model(cfg, mesh=make_mesh(devices=jax.devices()[:1]), seed=1), cfg
+
+
+def test_tables_are_monotone_and_span_noise_to_clean():
+    for h in [hs.Hyperschedule(hs.Kind.FLAT, 8, steps=5), hs.Hyperschedule(hs.Kind.AUTOREGRESSIVE, 8),
+              hs.Hyperschedule(hs.Kind.BLOCK, 8, width=4, steps=3), hs.Hyperschedule(hs.Kind.SLIDE, 8, width=2)]:
+        tau = h.table()
+        assert (tau[0] == 1).all() and (tau[-1] == 0).all() and (np.diff(tau, axis=0) <= 0).all()
+    with pytest.raises(ConfigError, match="must divide the sequence length"):
+        hs.Hyperschedule(hs.Kind.BLOCK, 10, width=4)
+
+
+def test_autoregressive_loss_summed_over_steps_is_the_causal_lm_cross_entropy(root):
+    model, cfg = _model(root)
+    L = 16
+    x0 = jax.random.randint(jax.random.key(0), (2, L), 0, 256)
+    h = hs.Hyperschedule(hs.Kind.AUTOREGRESSIVE, L)
+    tau = jnp.asarray(h.table(), jnp.float32)
+    alpha = make_schedule(cfg.diffusion).alpha
+    total = jnp.zeros((2,))
+    for n in range(h.num_steps):
+        role = jnp.broadcast_to(hs.roles(tau[n], tau[n + 1]), (2, L))
+        xt = hs.corrupt_step(jax.random.key(n), x0, alpha(tau[n]), role, V)
+        mask = hs.attention_mask(role, h.block_width)[:, None]
+        logits = model(xt, attention=AttentionSpec("explicit", mask))
+        total = total + hs.step_terms(logits, x0, xt, alpha(tau[n]), alpha(tau[n + 1]), role, V).sum(-1)
+    # reference: a causal LM that reads x_<n and a mask token at n, computed position by position
+    ref = jnp.zeros((2,))
+    for n in range(L):
+        inp = jnp.concatenate([x0[:, :n], jnp.full((2, 1), V)], axis=1)
+        logits = model(inp, attention=AttentionSpec("causal"))
+        ref = ref - jax.nn.log_softmax(logits[:, -1])[jnp.arange(2), x0[:, n]]
+    np.testing.assert_allclose(np.asarray(total), np.asarray(ref), rtol=1e-5)
+
+
+def test_flat_step_loss_equals_the_discrete_time_mdlm_nelbo(root):
+    model, cfg = _model(root)
+    L, N = 16, 8
+    x0 = jax.random.randint(jax.random.key(0), (4, L), 0, 256)
+    h = hs.Hyperschedule(hs.Kind.FLAT, L, steps=N)
+    tau = jnp.asarray(h.table(), jnp.float32)
+    dcfg = DiffusionConfig(time=TimeMode.DISCRETE, num_steps=N)
+    sched = make_schedule(dcfg)
+    for n in range(N):
+        key = jax.random.key(100 + n)
+        role = jnp.broadcast_to(hs.roles(tau[n], tau[n + 1]), (4, L))
+        assert (role == hs.ACTIVE).all()
+        xt = hs.corrupt_step(key, x0, sched.alpha(tau[n]), role, V)
+        ours = hs.step_terms(model(xt), x0, xt, sched.alpha(tau[n]), sched.alpha(tau[n + 1]), role, V).sum()
+        t, w = time_and_weight(jnp.full((4,), tau[n, 0] - 0.5 / N), sched, dcfg)  # snaps up to tau[n]
+        xt_ref = absorbing_corrupt(key, x0, sched.alpha(t)[:, None], V)
+        np.testing.assert_array_equal(np.asarray(xt), np.asarray(xt_ref))
+        mdlm = nelbo_terms(model(xt_ref), x0, xt_ref, w, V).sum() / N  # w carries the factor T
+        np.testing.assert_allclose(float(ours), float(mdlm), rtol=1e-5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.sampled_from(list(hs.Kind)), st.integers(1, 5), st.data())
+def test_no_settled_query_attends_to_an_active_key(blocks, width, kind, steps, data):
+    L = blocks * width
+    h = hs.Hyperschedule(kind, L, width=width, steps=steps)
+    tau = h.table()
+    n = data.draw(st.integers(0, h.num_steps - 1))
+    role = hs.roles(jnp.asarray(tau[n]), jnp.asarray(tau[n + 1]))
+    m = np.asarray(hs.attention_mask(role, h.block_width))
+    r = np.asarray(role)
+    assert not m[np.ix_(r == hs.SETTLED, r == hs.ACTIVE)].any()
+    assert not m[:, r == hs.FUTURE].any() and not m[r == hs.FUTURE].any()
+    assert m[np.ix_(r == hs.ACTIVE, r != hs.FUTURE)].all()
