@@ -43,6 +43,15 @@ class Process(str, enum.Enum):
     ABSORBING = "absorbing"
 
 
+class HyperscheduleKind(str, enum.Enum):
+    """Per-position noise schedule: flat (MDLM), autoregressive, block(w), slide(w)."""
+
+    FLAT = "flat"
+    AUTOREGRESSIVE = "autoregressive"
+    BLOCK = "block"
+    SLIDE = "slide"
+
+
 class TimeMode(str, enum.Enum):
     """Continuous-time NELBO, or the discrete-time NELBO over `num_steps` steps."""
 
@@ -131,6 +140,8 @@ class DiffusionConfig:
     antithetic: bool = _field(True, "Antithetic (stratified) time draws across the batch: t_i = (u + i/B) mod 1.")
     t_min: float = _field(1e-5, "Smallest time drawn (keeps the weight finite; its bias is below float precision).")
     prime: PrimeConfig = _field(None, "Partial masking (MDM-Prime).")
+    hyperschedule: HyperscheduleKind = _field(HyperscheduleKind.FLAT, "Per-position noise: flat (MDLM), autoregressive, block or slide.")
+    block_width: int = _field(16, "Block width (block) or window width (slide); must divide data.seq_len.")
 
     def __post_init__(self):
         if self.prime is None:
@@ -368,6 +379,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("data.tokenizer=pretrained needs data.pretrained_tokenizer, e.g. gpt2.")
     if d.source == Source.MARKOV and d.tokenizer != TokenizerKind.BYTE:
         raise ConfigError("data.source=markov has its own alphabet; leave data.tokenizer at byte.")
+    hk = cfg.diffusion.hyperschedule
+    if hk in (HyperscheduleKind.BLOCK, HyperscheduleKind.SLIDE) and (cfg.diffusion.block_width < 1 or d.seq_len % cfg.diffusion.block_width):
+        raise ConfigError(f"diffusion.block_width={cfg.diffusion.block_width} must divide data.seq_len={d.seq_len}.")
+    if hk != HyperscheduleKind.FLAT and cfg.diffusion.prime.l > 1:
+        raise ConfigError(f"diffusion.hyperschedule={hk.value} with diffusion.prime.l={cfg.diffusion.prime.l} is not supported; "
+                          "use the flat hyperschedule for Prime models.")
     if cfg.diffusion.prime.l < 1:
         raise ConfigError(f"diffusion.prime.l={cfg.diffusion.prime.l} must be at least 1.")
     if m.d_model % cfg.diffusion.prime.l:

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dlm.config import Config, TrainConfig
+from dlm.config import Config, HyperscheduleKind, TrainConfig
 from dlm.diffusion.losses import diffusion_loss
+from dlm.models.attention import FULL
 from dlm.models.transformer import Transformer
 from dlm.parallel.mesh import batch_sharding, mesh_context, replicated
 
@@ -56,6 +57,11 @@ def model_graphdef(cfg: Config, vocab_size: int):
 def loss_fn_for(cfg: Config, vocab_size: int):
     """(apply_fn, x0, key) -> (loss, metrics): the MDLM NELBO, or the Prime loss when l > 1."""
     cond = cfg.model.noise_conditioning
+    if cfg.diffusion.hyperschedule != HyperscheduleKind.FLAT:
+        from dlm.diffusion import hyperschedules
+
+        h = hyperschedules.from_config(cfg.diffusion, cfg.data.seq_len)
+        return lambda apply_fn, x0, key: hyperschedules.hyperschedule_loss(apply_fn, x0, key, cfg.diffusion, h, vocab_size, cond)
     if cfg.diffusion.prime.l > 1:
         from dlm.diffusion.prime import Codec, prime_loss
 
@@ -104,7 +110,7 @@ def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params)
-            loss, metrics = objective(lambda xt, t: model(xt, noise=t), batch, key)
+            loss, metrics = objective(lambda xt, t, attention=FULL: model(xt, noise=t, attention=attention), batch, key)
             poison = jnp.where(jnp.any(inject == state.step), jnp.nan, 1.0)
             return loss * poison, metrics
 

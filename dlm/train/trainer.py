@@ -91,7 +91,7 @@ class Trainer:
             _log(f"Resumed from {self.checkpointer.directory}/{self.start_step}")
         self.step_fn = make_train_step(cfg, self.graphdef, self.vocab_size, self.mesh, self.shardings)
         self.eval_fn = make_eval_fn(self.graphdef, cfg.diffusion, self.vocab_size, cfg.model.noise_conditioning,
-                                    cfg.train.eval_t_samples, self.mesh)
+                                    cfg.train.eval_t_samples, self.mesh, cfg.data.seq_len)
         self.writer = MetricWriter(self.workdir)
 
     def _abstract_state(self):
