@@ -133,3 +133,30 @@ def test_unsupported_pairs_and_widths(root):
         load_config(root / "configs/test.yaml", ["diffusion.hyperschedule=block", "diffusion.block_width=5"])
     with pytest.raises(ConfigError, match="not supported"):
         load_config(root / "configs/test.yaml", ["diffusion.hyperschedule=block", "diffusion.block_width=8", "diffusion.prime.l=2"])
+
+
+def test_autoregressive_sampling_is_greedy_causal_decoding(root):
+    """At temperature 0 the autoregressive hyperschedule generates exactly what step-by-step greedy
+    decoding of the causal reference produces, prompt kept."""
+    from dlm.config import SamplingConfig
+
+    model, cfg = _model(root)
+    dcfg = load_config(root / "configs/test.yaml", ["data.seq_len=16", "diffusion.hyperschedule=autoregressive"]).diffusion
+    out = dlm.generate(model, [104, 105], SamplingConfig(steps=8, temperature=0.0, num_samples=2), diffusion=dcfg, length=12)
+    seq = [104, 105]
+    for n in range(2, 12):
+        inp = jnp.asarray([seq + [V]])
+        seq.append(int(jnp.argmax(model(inp, attention=AttentionSpec("causal"))[0, -1])))
+    assert out["tokens"].tolist() == [seq, seq]
+    assert out["nfe"] == 12  # one forward pass per position (no cache yet)
+
+
+def test_block_sampling_runs_with_prompts(root):
+    from dlm.config import SamplingConfig
+
+    model, cfg = _model(root)
+    dcfg = load_config(root / "configs/test.yaml", ["data.seq_len=16", "diffusion.hyperschedule=block",
+                                                    "diffusion.block_width=4"]).diffusion
+    out = dlm.generate(model, [1, 2, 3], SamplingConfig(steps=4, num_samples=3), diffusion=dcfg, length=16)
+    assert out["tokens"].shape == (3, 16) and (out["tokens"][:, :3] == [1, 2, 3]).all() and (out["tokens"] < V).all()
+    assert out["nfe"] <= 4 * 4

@@ -46,10 +46,12 @@ def categorical(key, logits, temperature: float, float64: bool):
     return jnp.argmax(logits.astype(dt) / temperature + g, axis=-1).astype(jnp.int32)
 
 
-def ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_size: int, noise_conditioning: bool):
+def ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_size: int, noise_conditioning: bool,
+                   region=None):
     """x [B, L] with the mask id (= vocab_size) at positions to generate; alphas [N + 1] = alpha(t_i).
 
-    apply_fn(x, t_tokens | None) -> logits [B, L, V]. Returns (tokens, nfe)."""
+    apply_fn(x, t_tokens | None) -> logits [B, L, V]. `region` [L] bool, when given, limits the
+    reveals to those positions (the active block of a hyperschedule). Returns (tokens, nfe)."""
     mask_id = vocab_size
     B, L = x.shape
     steps = alphas.shape[0] - 1
@@ -70,10 +72,45 @@ def ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_s
         p_reveal = jnp.where(i + 1 == steps, 1.0, (a_s - a_t) / (1.0 - a_t))
         draw = categorical(k_cat, logits, cfg.temperature, cfg.float64)
         reveal = (x == mask_id) & (jax.random.uniform(k_rev, (B, L), fdt) < p_reveal)
+        if region is not None:
+            reveal = reveal & region
         return i + 1, jnp.where(reveal, draw, x), logits, reveal.any(), nfe, key
 
     init = (jnp.int32(0), x, jnp.zeros((B, L, vocab_size), jnp.float32), jnp.bool_(True), jnp.int32(0), key)
     _, x, _, _, nfe, _ = jax.lax.while_loop(lambda c: c[0] < steps, body, init)
+    return x, nfe
+
+
+def hyperschedule_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_size: int, noise_conditioning: bool,
+                       block_width: int):
+    """Block-by-block generation under a flat / block / autoregressive hyperschedule: blocks of
+    `block_width` positions are generated left to right, each by the ancestral loop over the time
+    grid (one step when the block is a single token), with earlier blocks settled (clean,
+    block-causal) and later ones hidden. apply_fn(x, t_tokens | None, attention) -> logits."""
+    from dlm.diffusion import hyperschedules as hs
+    from dlm.models.attention import AttentionSpec
+
+    B, L = x.shape
+    nb = L // block_width
+    blk = jnp.arange(L) // block_width
+    if block_width == 1:
+        alphas = alphas[jnp.asarray([0, alphas.shape[0] - 1])]
+    x = jnp.where(fixed, x, vocab_size)
+
+    def block(b, carry):
+        x, nfe, key = carry
+        key, sub = jax.random.split(key)
+        role = jnp.where(blk < b, hs.SETTLED, jnp.where(blk == b, hs.ACTIVE, hs.FUTURE))
+        spec = AttentionSpec("explicit", jnp.broadcast_to(hs.attention_mask(role, block_width), (B, 1, L, L)))
+
+        def apply_block(xt, t):
+            return apply_fn(xt, None if t is None else jnp.where(role == hs.SETTLED, 0.0, jnp.where(role == hs.ACTIVE, t, 1.0)), spec)
+
+        x, n = ancestral_loop(apply_block, x, fixed | (blk != b), sub, alphas, cfg, vocab_size, noise_conditioning,
+                              region=blk == b)
+        return x, nfe + n, key
+
+    x, nfe, _ = jax.lax.fori_loop(0, nb, block, (x, jnp.int32(0), key))
     return x, nfe
 
 
@@ -165,6 +202,12 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
     leaves, treedef = jax.tree.flatten(params)
 
     prime_l = getattr(model, "subtokens", 1)
+    hyper_width = None
+    if diffusion.hyperschedule.value != "flat":
+        hyper_width = 1 if diffusion.hyperschedule.value == "autoregressive" else diffusion.block_width
+        if diffusion.hyperschedule.value == "slide" or length % hyper_width:
+            raise ConfigError(f"Sampling supports the flat, autoregressive and block hyperschedules with a block width "
+                              f"dividing the length {length}; got {diffusion.hyperschedule.value} width {hyper_width}.")
 
     def run(leaves, x, fixed, key, alphas):
         # The module is rebuilt from plain arrays where it is used, so that NNX sees Variables
@@ -174,6 +217,10 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
             from dlm.diffusion.prime import Codec
 
             return prime_ancestral_loop(apply_fn, x, fixed, key, alphas, cfg, Codec(V, prime_l), cond)
+        if hyper_width is not None:
+            apply_att = lambda xt, t, spec: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(xt, noise=t, attention=spec)
+            tokens, nfe = hyperschedule_loop(apply_att, x, fixed, key, alphas, cfg, V, cond, hyper_width)
+            return tokens, nfe, jnp.int32(0)
         tokens, nfe = ancestral_loop(apply_fn, x, fixed, key, alphas, cfg, V, cond)
         return tokens, nfe, cfg.steps - nfe
 
