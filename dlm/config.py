@@ -420,18 +420,3 @@ def to_dict(cfg) -> dict:
 
 def save_config(cfg: Config, path: str | pathlib.Path) -> None:
     pathlib.Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, doc) for every field: the schema as a table."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    inst = cls()
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows += describe(tp, prefix + f.name + ".")
-        else:
-            rows.append((prefix + f.name, repr(to_dict(getattr(inst, f.name)) if not isinstance(getattr(inst, f.name), enum.Enum) else getattr(inst, f.name).value), f.metadata.get("doc", "")))
-    return rows
-

@@ -46,7 +46,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(root, tmp_path):
     at_kill = max(_checkpoints(killed))
     assert at_kill < STEPS
     out = subprocess.run(_cmd(root, killed), check=True, env=_env(), capture_output=True, text=True)
-    assert f"Resumed from" in out.stderr + out.stdout
+    assert "Resumed from" in out.stderr + out.stdout
 
     a, b = per_step_losses(ref), per_step_losses(killed)
     assert sorted(a) == sorted(b) == list(range(STEPS))

@@ -82,12 +82,3 @@ def diffusion_loss(apply_fn, x0, key, cfg: DiffusionConfig, mask_id: int, noise_
     loss = per_seq.mean()
     metrics = {"nelbo": loss, "bits_per_token": loss / LN2, "mask_fraction": (xt == mask_id).mean()}
     return loss, metrics
-
-
-def to_bits(nats_per_token, bytes_per_token: float = 1.0):
-    """nats/token -> bits/byte (or bits/token with bytes_per_token = 1)."""
-    return nats_per_token / LN2 / bytes_per_token
-
-
-def perplexity(nats_per_token):
-    return jnp.exp(nats_per_token)

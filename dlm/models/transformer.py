@@ -173,7 +173,3 @@ class Transformer(nnx.Module):
         h = rms_norm(x, self.final_scale[...]).astype(dt)
         logits = _dense(h, self.head[...], dt).astype(jnp.float32)
         return logits[..., : self.vocab_size]
-
-
-def count_params(model: nnx.Module) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

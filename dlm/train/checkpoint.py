@@ -88,9 +88,6 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"dlm-set-aside-{step}")
         self.manager.reload()
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
