@@ -74,6 +74,10 @@ def sample_main(argv=None) -> None:
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no-ema", action="store_true", help="Use the raw parameters instead of the EMA.")
+    parser.add_argument("--sampler", choices=["ancestral", "acs"], default=None,
+                        help="ancestral (exact) or acs (Adaptive Correction Sampler; see --eta).")
+    parser.add_argument("--eta", type=float, default=None, help="ACS correction strength (default sampling.eta).")
+    parser.add_argument("--no-cache", action="store_true", help="Recompute settled tokens every step (no KV cache).")
     parser.add_argument("--out", default=None, help="JSONL output (default: <workdir>/samples.jsonl).")
     args = parser.parse_args(argv)
     try:
@@ -88,6 +92,14 @@ def sample_main(argv=None) -> None:
                 setattr(s, name, getattr(args, name))
         if args.num_samples is not None:
             s.num_samples = args.num_samples
+        if args.sampler is not None:
+            from dlm.config import Sampler
+
+            s.sampler = Sampler(args.sampler)
+        if args.eta is not None:
+            s.eta = args.eta
+        if args.no_cache:
+            s.cache = False
         length = s.length or cfg.data.seq_len
         if length > cfg.data.seq_len:
             raise ConfigError(f"--length {length} exceeds the model context data.seq_len={cfg.data.seq_len}.")

@@ -37,10 +37,25 @@ class Schedule(str, enum.Enum):
     LOGLINEAR = "loglinear"
 
 
+class Layout(str, enum.Enum):
+    """Training input layout of a hyperschedule."""
+
+    SINGLE = "single"
+    DOUBLE = "double"
+
+
+class Sampler(str, enum.Enum):
+    """Generation algorithms."""
+
+    ANCESTRAL = "ancestral"
+    ACS = "acs"
+
+
 class Process(str, enum.Enum):
     """Corruption kernels."""
 
     ABSORBING = "absorbing"
+    EPSILON_HYBRID = "epsilon_hybrid"
 
 
 class HyperscheduleKind(str, enum.Enum):
@@ -134,13 +149,15 @@ class DiffusionConfig:
     schedule: Schedule = _field(Schedule.LINEAR, "alpha(t) family: linear, cosine, polynomial, loglinear.")
     exponent: float = _field(2.0, "k of the polynomial schedule alpha = 1 - t^k.")
     loglinear_eps: float = _field(1e-3, "eps of the log-linear schedule alpha = 1 - (1 - eps) t.")
-    process: Process = _field(Process.ABSORBING, "Corruption kernel (the mask id is vocab_size).")
+    process: Process = _field(Process.ABSORBING, "Corruption kernel (the mask id is vocab_size): absorbing, or epsilon_hybrid (masking plus uniform replacement with probability epsilon).")
+    epsilon: float = _field(0.01, "epsilon_hybrid: probability that a token is replaced by a uniform draw before masking, in [0, 1).")
     time: TimeMode = _field(TimeMode.CONTINUOUS, "continuous-time NELBO or discrete-time with num_steps.")
     num_steps: int = _field(1000, "T of the discrete-time NELBO.")
     antithetic: bool = _field(True, "Antithetic (stratified) time draws across the batch: t_i = (u + i/B) mod 1.")
     t_min: float = _field(1e-5, "Smallest time drawn (keeps the weight finite; its bias is below float precision).")
     prime: PrimeConfig = _field(None, "Partial masking (MDM-Prime).")
     hyperschedule: HyperscheduleKind = _field(HyperscheduleKind.FLAT, "Per-position noise: flat (MDLM), autoregressive, block or slide.")
+    layout: Layout = _field(Layout.SINGLE, "Hyperschedule training input: single (one block active per row) or double ([clean | noised], every block at once, 2L tokens; not slide).")
     block_width: int = _field(16, "Block width (block) or window width (slide); must divide data.seq_len.")
 
     def __post_init__(self):
@@ -216,7 +233,7 @@ class MeshConfig:
 
 @dataclasses.dataclass
 class SamplingConfig:
-    steps: int = _field(128, "Steps of the time grid.")
+    steps: int = _field(128, "Steps of the time grid (per block for the block hyperschedule).")
     grid: TimeGrid = _field(TimeGrid.UNIFORM, "Time grid: uniform or cosine.")
     temperature: float = _field(1.0, "Softmax temperature (0 = argmax).")
     float64: bool = _field(True, "Draw Gumbel noise in float64 (float32 noise lowers sample entropy).")
@@ -224,6 +241,9 @@ class SamplingConfig:
     length: int = _field(0, "Generated sequence length (0 = seq_len).")
     use_ema: bool = _field(True, "Sample with the EMA parameters.")
     seed: int = _field(0, "Sampling seed.")
+    sampler: Sampler = _field(Sampler.ANCESTRAL, "ancestral (exact) or acs (Adaptive Correction Sampler: also resamples visible tokens).")
+    eta: float = _field(0.01, "ACS correction strength: a visible generated token is resampled with probability eta * s / t.")
+    cache: bool = _field(True, "Cache the keys/values of settled tokens (autoregressive, block and slide hyperschedules).")
 
 
 @dataclasses.dataclass
@@ -385,6 +405,16 @@ def validate(cfg: Config) -> Config:
     if hk != HyperscheduleKind.FLAT and cfg.diffusion.prime.l > 1:
         raise ConfigError(f"diffusion.hyperschedule={hk.value} with diffusion.prime.l={cfg.diffusion.prime.l} is not supported; "
                           "use the flat hyperschedule for Prime models.")
+    dc = cfg.diffusion
+    if dc.layout == Layout.DOUBLE and hk == HyperscheduleKind.SLIDE:
+        raise ConfigError("diffusion.layout=double with diffusion.hyperschedule=slide is not supported; use layout=single.")
+    if not 0.0 <= dc.epsilon < 1.0:
+        raise ConfigError(f"diffusion.epsilon={dc.epsilon} must be in [0, 1) (the probability of a uniform replacement).")
+    if dc.process != Process.ABSORBING and (hk != HyperscheduleKind.FLAT or dc.prime.l > 1):
+        raise ConfigError(f"diffusion.process={dc.process.value} with diffusion.hyperschedule={hk.value} and diffusion.prime.l={dc.prime.l} "
+                          "is not supported; hybrid processes use the flat hyperschedule and l = 1.")
+    if cfg.sampling.eta < 0:
+        raise ConfigError(f"sampling.eta={cfg.sampling.eta} must be >= 0.")
     if cfg.diffusion.prime.l < 1:
         raise ConfigError(f"diffusion.prime.l={cfg.diffusion.prime.l} must be at least 1.")
     if m.d_model % cfg.diffusion.prime.l:

@@ -51,8 +51,10 @@ class Hyperschedule:
 
     @property
     def block_width(self) -> int:
-        """Width of the block-causal structure among settled tokens (1 = causal)."""
-        return {Kind.FLAT: self.length, Kind.AUTOREGRESSIVE: 1}.get(self.kind, self.width)
+        """Width of the block-causal structure among settled tokens (1 = causal). Slide settles one
+        position per step, so its settled tokens are causal: a settled token's keys/values then
+        never change and can be cached."""
+        return {Kind.FLAT: self.length, Kind.BLOCK: self.width}.get(self.kind, 1)
 
     def table(self) -> np.ndarray:
         """tau [N + 1, L] (float64)."""
@@ -164,12 +166,52 @@ def nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_id: int
     return nb * schedule.weight(t) * terms.sum(-1) / L
 
 
+def double_layout_mask(L: int, block_width: int):
+    """[2L, 2L] mask of the [clean | noised] layout: clean queries are block-causal over clean keys;
+    a noised query of block b sees the clean keys of blocks < b and the noised keys of block b."""
+    blk = jnp.arange(L) // block_width
+    q, k = blk[:, None], blk[None, :]
+    top = jnp.concatenate([k <= q, jnp.zeros((L, L), bool)], axis=1)
+    bottom = jnp.concatenate([k < q, k == q], axis=1)
+    return jnp.concatenate([top, bottom], axis=0)
+
+
+def double_nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_id: int, noise_conditioning: bool = False):
+    """The same NELBO as nelbo_per_sequence (flat / autoregressive / block), every block at once
+    (BD3-LM's vectorised form): the input is [x0 | x_t] of length 2L, both halves at positions
+    0..L-1, block b of x_t noised at its own time t_b = 1 - frac(u + b / nb), and each masked token
+    costs w(t_b) * CE. A noised block sees its clean prefix exactly as the active block of the
+    single layout sees its settled prefix, so every block's term is that layout's, summed instead
+    of sampled (no factor nb)."""
+    from dlm.diffusion.schedules import make_schedule
+    from dlm.models.attention import AttentionSpec
+
+    if h.kind == Kind.SLIDE:
+        raise ConfigError("diffusion.layout=double supports the flat, autoregressive and block hyperschedules, not slide.")
+    schedule = make_schedule(cfg)
+    B, L = x0.shape
+    w = h.block_width
+    nb = L // w
+    t = jnp.clip(1.0 - jnp.mod(u[:, None] + jnp.arange(nb)[None] / nb, 1.0), cfg.t_min, 1.0)  # [B, nb]
+    tau = jnp.repeat(t, w, axis=1)  # [B, L]
+    xt = jnp.where(jax.random.uniform(key, x0.shape) < schedule.alpha(tau), x0, mask_id)
+    pos = jnp.broadcast_to(jnp.concatenate([jnp.arange(L)] * 2), (B, 2 * L))
+    noise = jnp.concatenate([jnp.zeros_like(tau), tau], axis=1) if noise_conditioning else None
+    spec = AttentionSpec("explicit", double_layout_mask(L, w)[None, None])
+    logits = apply_fn(jnp.concatenate([x0, xt], axis=1), noise, spec, positions=pos)[:, L:]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
+    return (schedule.weight(tau) * jnp.where(xt == mask_id, nll, 0.0)).sum(-1) / L
+
+
 def hyperschedule_loss(apply_fn, x0, key, cfg, h: Hyperschedule, mask_id: int, noise_conditioning: bool = False):
-    """Monte-Carlo NELBO (nats/token) of a batch under h, antithetic steps -> (loss, metrics)."""
+    """Monte-Carlo NELBO (nats/token) of a batch under h, antithetic steps -> (loss, metrics).
+    cfg.layout = double trains every block at once on [clean | noised] (double_nelbo_per_sequence)."""
     from dlm.diffusion.losses import LN2, sample_times
 
     k_u, k_m = jax.random.split(key)
     u = 1.0 - sample_times(k_u, x0.shape[0], cfg)  # in [0, 1)
-    per = nelbo_per_sequence(apply_fn, x0, u, k_m, cfg, h, mask_id, noise_conditioning)
+    per_row = double_nelbo_per_sequence if cfg.layout.value == "double" else nelbo_per_sequence
+    per = per_row(apply_fn, x0, u, k_m, cfg, h, mask_id, noise_conditioning)
     loss = per.mean()
     return loss, {"nelbo": loss, "bits_per_token": loss / LN2}

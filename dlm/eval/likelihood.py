@@ -36,7 +36,7 @@ def make_eval_fn(graphdef, diffusion: DiffusionConfig, mask_id: int, cond: bool,
 
     def fn(params, rows, key):
         model = nnx.merge(graphdef, params)
-        apply_fn = lambda xt, tt, attention=FULL: model(xt, noise=tt, attention=attention)
+        apply_fn = lambda xt, tt, attention=FULL, positions=None: model(xt, noise=tt, attention=attention, positions=positions)
         B = rows.shape[0]
         k_u, k_m = jax.random.split(key)
         u = jax.random.uniform(k_u, (B,))
@@ -46,6 +46,10 @@ def make_eval_fn(graphdef, diffusion: DiffusionConfig, mask_id: int, cond: bool,
             if hyper is not None:
                 per = hyperschedules.nelbo_per_sequence(apply_fn, rows, 1.0 - t, jax.random.fold_in(k_m, k), diffusion,
                                                         hyper, mask_id, cond)
+            elif diffusion.process.value == "epsilon_hybrid":
+                from dlm.diffusion import hybrid
+
+                per, _ = hybrid.nelbo_per_sequence(apply_fn, rows, t, jax.random.fold_in(k_m, k), diffusion, mask_id, cond)
             elif codec is None:
                 per, _ = nelbo_per_sequence(apply_fn, rows, t, jax.random.fold_in(k_m, k), diffusion, mask_id, cond)
             else:

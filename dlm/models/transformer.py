@@ -6,8 +6,12 @@ Parameters are float32 and carry logical axis names (embed, heads, kv, mlp, voca
 cond); matmuls run in `dtype`; logits are float32.
 
     model(tokens [B, L], *, positions=None, attention=FULL, noise=None) -> logits [B, L, V]
+    model(tokens, ..., kv_cache=(k, v), return_kv=True) -> (logits, (k_new, v_new))
 
 `noise` is the per-token time t [B, L] (only read when noise_conditioning is on).
+KV cache: `kv_cache` holds keys/values [layers, B, Lc, H, D] (after RoPE) of earlier tokens; the
+queries attend to [cache | own keys], so the attention spec is over Lc + L keys. `return_kv`
+also returns the keys/values of this call's tokens, to be written into a cache.
 The mask token is id V and is never predicted (SUBS).
 """
 
@@ -93,7 +97,8 @@ class Block(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype.value)
         self.attention_impl = cfg.attention
 
-    def __call__(self, x, cos, sin, mask, cond):
+    def __call__(self, x, cos, sin, mask, cond, kv=None):
+        """-> (x, (k, v)) with this call's keys/values; `kv` = cached (k, v) [B, Lc, H, D] prepended."""
         dt = self.dtype
         if self.ada is not None:
             shift1, scale1, shift2, scale2 = jnp.moveaxis(_dense(cond, self.ada[...], dt), -2, 0)
@@ -102,13 +107,17 @@ class Block(nnx.Module):
             h = h * (1 + scale1) + shift1
         q = apply_rope(_dense(h, self.wq[...], dt), cos, sin)
         k = apply_rope(_dense(h, self.wk[...], dt), cos, sin)
-        a = dot_product_attention(q, k, _dense(h, self.wv[...], dt), mask, self.attention_impl)
+        v = _dense(h, self.wv[...], dt)
+        new_kv = (k, v)
+        if kv is not None:
+            k, v = (jnp.concatenate([c.astype(dt), n], axis=1) for c, n in zip(kv, new_kv))
+        a = dot_product_attention(q, k, v, mask, self.attention_impl)
         x = x + _dense(a.reshape(*a.shape[:2], -1), self.wo[...].reshape(-1, x.shape[-1]), dt).astype(x.dtype)
         h = rms_norm(x, self.mlp_scale[...]).astype(dt)
         if self.ada is not None:
             h = h * (1 + scale2) + shift2
         h = jax.nn.silu(_dense(h, self.w_gate[...], dt)) * _dense(h, self.w_up[...], dt)
-        return x + _dense(h, self.w_down[...], dt).astype(x.dtype)
+        return x + _dense(h, self.w_down[...], dt).astype(x.dtype), new_kv
 
 
 class Transformer(nnx.Module):
@@ -143,7 +152,8 @@ class Transformer(nnx.Module):
         else:
             self.t_in = self.t_out = None
 
-    def __call__(self, tokens, *, positions=None, attention: AttentionSpec = FULL, noise=None):
+    def __call__(self, tokens, *, positions=None, attention: AttentionSpec = FULL, noise=None, kv_cache=None,
+                 return_kv: bool = False):
         cfg = self.cfg
         B, L = tokens.shape[:2]
         dt = jnp.dtype(cfg.dtype.value)
@@ -152,7 +162,8 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, L, d] (Prime: [B, L, l, d/l]) float32 residual stream
         x = x.reshape(B, L, cfg.d_model)
         cos, sin = rope_tables(positions, cfg.d_model // cfg.num_heads, cfg.rope_theta)
-        mask = attention.mask(L, L)
+        Lc = 0 if kv_cache is None else kv_cache[0].shape[2]
+        mask = attention.mask(L, Lc + L)
         cond = None
         if self.t_in is not None:
             if noise is None:
@@ -160,8 +171,19 @@ class Transformer(nnx.Module):
             e = timestep_embedding(jnp.broadcast_to(noise, (B, L)))
             cond = _dense(jax.nn.silu(_dense(e, self.t_in[...], jnp.float32)), self.t_out[...], jnp.float32).astype(dt)
 
+        if kv_cache is not None or return_kv:
+            def body(block, x, kv):
+                x, new_kv = block(x, cos, sin, mask, cond, kv)
+                return x, (new_kv if return_kv else None)
+
+            scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                            transform_metadata={nnx.PARTITION_NAME: "layers"})
+            x, new_kv = scan(self.blocks, x, kv_cache)
+            logits = self._head(x)
+            return (logits, new_kv) if return_kv else logits
+
         def body(block, x):
-            return block(x, cos, sin, mask, cond)
+            return block(x, cos, sin, mask, cond)[0]
 
         if cfg.remat == Remat.FULL:
             body = nnx.remat(body, policy=jax.checkpoint_policies.nothing_saveable)
@@ -169,7 +191,10 @@ class Transformer(nnx.Module):
             body = nnx.remat(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
                         transform_metadata={nnx.PARTITION_NAME: "layers"})
-        x = scan(self.blocks, x)
+        return self._head(scan(self.blocks, x))
+
+    def _head(self, x):
+        dt = jnp.dtype(self.cfg.dtype.value)
         h = rms_norm(x, self.final_scale[...]).astype(dt)
         logits = _dense(h, self.head[...], dt).astype(jnp.float32)
         return logits[..., : self.vocab_size]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dlm.config import ConfigError, DiffusionConfig, SamplingConfig, TimeGrid
+from dlm.config import ConfigError, DiffusionConfig, Sampler, SamplingConfig, TimeGrid
 from dlm.diffusion.schedules import make_schedule
 from dlm.parallel.mesh import batch_sharding, mesh_context
 
@@ -78,39 +78,6 @@ def ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_s
 
     init = (jnp.int32(0), x, jnp.zeros((B, L, vocab_size), jnp.float32), jnp.bool_(True), jnp.int32(0), key)
     _, x, _, _, nfe, _ = jax.lax.while_loop(lambda c: c[0] < steps, body, init)
-    return x, nfe
-
-
-def hyperschedule_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_size: int, noise_conditioning: bool,
-                       block_width: int):
-    """Block-by-block generation under a flat / block / autoregressive hyperschedule: blocks of
-    `block_width` positions are generated left to right, each by the ancestral loop over the time
-    grid (one step when the block is a single token), with earlier blocks settled (clean,
-    block-causal) and later ones hidden. apply_fn(x, t_tokens | None, attention) -> logits."""
-    from dlm.diffusion import hyperschedules as hs
-    from dlm.models.attention import AttentionSpec
-
-    B, L = x.shape
-    nb = L // block_width
-    blk = jnp.arange(L) // block_width
-    if block_width == 1:
-        alphas = alphas[jnp.asarray([0, alphas.shape[0] - 1])]
-    x = jnp.where(fixed, x, vocab_size)
-
-    def block(b, carry):
-        x, nfe, key = carry
-        key, sub = jax.random.split(key)
-        role = jnp.where(blk < b, hs.SETTLED, jnp.where(blk == b, hs.ACTIVE, hs.FUTURE))
-        spec = AttentionSpec("explicit", jnp.broadcast_to(hs.attention_mask(role, block_width), (B, 1, L, L)))
-
-        def apply_block(xt, t):
-            return apply_fn(xt, None if t is None else jnp.where(role == hs.SETTLED, 0.0, jnp.where(role == hs.ACTIVE, t, 1.0)), spec)
-
-        x, n = ancestral_loop(apply_block, x, fixed | (blk != b), sub, alphas, cfg, vocab_size, noise_conditioning,
-                              region=blk == b)
-        return x, nfe + n, key
-
-    x, nfe, _ = jax.lax.fori_loop(0, nb, block, (x, jnp.int32(0), key))
     return x, nfe
 
 
@@ -172,8 +139,13 @@ def prepare_prompts(prompt, num_samples: int, length: int, mask_id: int, vocab_s
 
 
 def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, *, diffusion: DiffusionConfig | None = None,
-             num_samples: int | None = None, length: int | None = None, mesh=None, key=None) -> dict:
-    """Sample from a denoiser. Returns {'tokens' [B, L] np.int32, 'nfe', 'steps', 'idle_step_ratio', 'seconds'}.
+             num_samples: int | None = None, length: int | None = None, mesh=None, key=None, plan=None) -> dict:
+    """Sample from a denoiser. Returns {'tokens' [B, L] np.int32, 'nfe', 'steps', 'idle_step_ratio',
+    'seconds' (the run, compiled), 'compile_seconds', 'cache_writes'}.
+
+    Flat absorbing models use the exact ancestral loop; other hyperschedules, hybrid processes and
+    the ACS sampler the hyperschedule loop (dlm.sampling.hyper), with the KV cache unless
+    cfg.cache is off. `plan` overrides the hyperschedule plan (e.g. a truncated one, for timing).
 
     A Prime model (model.subtokens > 1) is sampled digit by digit (prime_ancestral_loop).
 
@@ -202,27 +174,56 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
     leaves, treedef = jax.tree.flatten(params)
 
     prime_l = getattr(model, "subtokens", 1)
-    hyper_width = None
-    if diffusion.hyperschedule.value != "flat":
-        hyper_width = 1 if diffusion.hyperschedule.value == "autoregressive" else diffusion.block_width
-        if diffusion.hyperschedule.value == "slide" or length % hyper_width:
-            raise ConfigError(f"Sampling supports the flat, autoregressive and block hyperschedules with a block width "
-                              f"dividing the length {length}; got {diffusion.hyperschedule.value} width {hyper_width}.")
+    if cfg.eta < 0:
+        raise ConfigError(f"sampling.eta={cfg.eta} must be >= 0.")
+    hybrid = diffusion.process.value == "epsilon_hybrid"
+    acs = cfg.sampler == Sampler.ACS
+    if plan is None and (diffusion.hyperschedule.value != "flat" or acs or hybrid):
+        from dlm.diffusion import hyperschedules as hs
+        from dlm.sampling.hyper import make_plan
+
+        kind = hs.Kind(diffusion.hyperschedule.value)
+        width = {hs.Kind.FLAT: length, hs.Kind.AUTOREGRESSIVE: 1}.get(kind, diffusion.block_width)
+        if length % width:
+            raise ConfigError(f"diffusion.block_width={width} must divide the generation length {length}.")
+        plan = make_plan(hs.Hyperschedule(kind, length, width=width, steps=cfg.steps), cfg.grid)
+    mcfg = model.cfg
+    kv_shape = (mcfg.num_layers, B + pad, length, mcfg.num_heads, mcfg.d_model // mcfg.num_heads)
 
     def run(leaves, x, fixed, key, alphas):
         # The module is rebuilt from plain arrays where it is used, so that NNX sees Variables
         # created at the trace level of the loop body, not at the level of this jit.
-        apply_fn = lambda xt, t: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(xt, noise=t)
+        module = lambda: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        apply_fn = lambda xt, t: module()(xt, noise=t)
+        if plan is not None:
+            from dlm.sampling.hyper import hyper_loop
+
+            def model_fn(tokens, positions, attention, noise, kv_cache, return_kv):
+                return module()(tokens, positions=positions, attention=attention, noise=noise if cond else None,
+                                kv_cache=kv_cache, return_kv=return_kv)
+
+            draw_logits = None
+            if hybrid and not acs:  # the exact sampler reveals y ~ (1 - eps) mu + eps / V ...
+                from dlm.diffusion.hybrid import y_log_probs
+
+                draw_logits = lambda logits: y_log_probs(logits, diffusion.epsilon)
+            key, k_dec = jax.random.split(key)
+            tokens, nfe, commits, _ = hyper_loop(model_fn, x, fixed, key, plan, schedule.alpha, mask_id=mask_id, kv_shape=kv_shape,
+                                                 kv_dtype=jnp.dtype(mcfg.dtype.value), temperature=cfg.temperature,
+                                                 float64=cfg.float64, noise_conditioning=cond, cache=cfg.cache,
+                                                 eta=cfg.eta if acs else 0.0, draw_logits=draw_logits)
+            if hybrid and not acs:  # ... and then decodes x ~ mu(. | y) (ACS keeps its corrected tokens)
+                t0 = jnp.zeros(tokens.shape, jnp.float32) if cond else None
+                dec = categorical(k_dec, module()(tokens, noise=t0), cfg.temperature, cfg.float64)
+                tokens, nfe = jnp.where(fixed, tokens, dec), nfe + 1
+            return tokens, nfe, plan.num_steps - nfe, commits
         if prime_l > 1:
             from dlm.diffusion.prime import Codec
 
-            return prime_ancestral_loop(apply_fn, x, fixed, key, alphas, cfg, Codec(V, prime_l), cond)
-        if hyper_width is not None:
-            apply_att = lambda xt, t, spec: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(xt, noise=t, attention=spec)
-            tokens, nfe = hyperschedule_loop(apply_att, x, fixed, key, alphas, cfg, V, cond, hyper_width)
-            return tokens, nfe, jnp.int32(0)
+            tokens, nfe, idle = prime_ancestral_loop(apply_fn, x, fixed, key, alphas, cfg, Codec(V, prime_l), cond)
+            return tokens, nfe, idle, jnp.int32(0)
         tokens, nfe = ancestral_loop(apply_fn, x, fixed, key, alphas, cfg, V, cond)
-        return tokens, nfe, cfg.steps - nfe
+        return tokens, nfe, cfg.steps - nfe, jnp.int32(0)
 
     start = time.time()
     with jax.enable_x64(cfg.float64):
@@ -230,9 +231,17 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
         if mesh is not None:
             with mesh_context(mesh):
                 x, fixed = jax.device_put(x, batch_sharding(mesh)), jax.device_put(fixed, batch_sharding(mesh))
-                tokens, nfe, idle = jax.jit(run)(leaves, x, fixed, key, alphas)
+                args = (leaves, x, fixed, key, alphas)
+                compiled = jax.jit(run).lower(*args).compile()
+                compile_s, start = time.time() - start, time.time()
+                tokens, nfe, idle, commits = jax.block_until_ready(compiled(*args))
         else:
-            tokens, nfe, idle = jax.jit(run)(leaves, jnp.asarray(x), jnp.asarray(fixed), key, alphas)
+            args = (leaves, jnp.asarray(x), jnp.asarray(fixed), key, alphas)
+            compiled = jax.jit(run).lower(*args).compile()
+            compile_s, start = time.time() - start, time.time()
+            tokens, nfe, idle, commits = jax.block_until_ready(compiled(*args))
         tokens = np.asarray(jax.device_get(tokens))[:B]
-    return {"tokens": tokens, "nfe": int(nfe), "steps": cfg.steps, "idle_step_ratio": int(idle) / cfg.steps,
-            "seconds": time.time() - start}
+    seconds = time.time() - start
+    steps = cfg.steps if plan is None else plan.num_steps
+    return {"tokens": tokens, "nfe": int(nfe), "steps": steps, "idle_step_ratio": int(idle) / steps,
+            "seconds": seconds, "compile_seconds": compile_s, "cache_writes": int(commits)}

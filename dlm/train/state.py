@@ -62,6 +62,10 @@ def loss_fn_for(cfg: Config, vocab_size: int):
 
         h = hyperschedules.from_config(cfg.diffusion, cfg.data.seq_len)
         return lambda apply_fn, x0, key: hyperschedules.hyperschedule_loss(apply_fn, x0, key, cfg.diffusion, h, vocab_size, cond)
+    if cfg.diffusion.process.value == "epsilon_hybrid":
+        from dlm.diffusion.hybrid import epsilon_hybrid_loss
+
+        return lambda apply_fn, x0, key: epsilon_hybrid_loss(apply_fn, x0, key, cfg.diffusion, vocab_size, cond)
     if cfg.diffusion.prime.l > 1:
         from dlm.diffusion.prime import Codec, prime_loss
 
@@ -110,7 +114,7 @@ def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params)
-            loss, metrics = objective(lambda xt, t, attention=FULL: model(xt, noise=t, attention=attention), batch, key)
+            loss, metrics = objective(lambda xt, t, attention=FULL, positions=None: model(xt, noise=t, attention=attention, positions=positions), batch, key)
             poison = jnp.where(jnp.any(inject == state.step), jnp.nan, 1.0)
             return loss * poison, metrics
 
