@@ -22,7 +22,6 @@ SCHEDULES = [("autoregressive", 1, 1), ("block", 16, 16), ("slide", 16, 1), ("fl
 
 def hyperschedules_suite(args) -> dict:
     import jax
-    import numpy as np
 
     import dlm
     from dlm.config import SamplingConfig, load_config

@@ -43,6 +43,10 @@ def nelbo(model: Transformer, batch, diffusion: DiffusionConfig, rng):
     For a Prime model (diffusion.prime.l > 1) the loss is the one it trains on and
     metrics['nelbo'] is the valid bound."""
     apply_fn = lambda xt, t: model(xt, noise=t)
+    if diffusion.process.value == "gamma_hybrid":
+        from dlm.diffusion.hybrid import gamma_hybrid_loss
+
+        return gamma_hybrid_loss(apply_fn, batch, rng, diffusion, model.vocab_size, model.cfg.noise_conditioning)
     if diffusion.process.value == "epsilon_hybrid":
         from dlm.diffusion.hybrid import epsilon_hybrid_loss
 

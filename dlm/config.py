@@ -56,6 +56,7 @@ class Process(str, enum.Enum):
 
     ABSORBING = "absorbing"
     EPSILON_HYBRID = "epsilon_hybrid"
+    GAMMA_HYBRID = "gamma_hybrid"
 
 
 class HyperscheduleKind(str, enum.Enum):
@@ -150,6 +151,7 @@ class DiffusionConfig:
     exponent: float = _field(2.0, "k of the polynomial schedule alpha = 1 - t^k.")
     loglinear_eps: float = _field(1e-3, "eps of the log-linear schedule alpha = 1 - (1 - eps) t.")
     process: Process = _field(Process.ABSORBING, "Corruption kernel (the mask id is vocab_size): absorbing, or epsilon_hybrid (masking plus uniform replacement with probability epsilon).")
+    gamma: float = _field(0.01, "gamma_hybrid: share of the uniform rate in (1 - gamma) Q_absorb + gamma Q_uniform, in [0, 1).")
     epsilon: float = _field(0.01, "epsilon_hybrid: probability that a token is replaced by a uniform draw before masking, in [0, 1).")
     time: TimeMode = _field(TimeMode.CONTINUOUS, "continuous-time NELBO or discrete-time with num_steps.")
     num_steps: int = _field(1000, "T of the discrete-time NELBO.")
@@ -410,6 +412,18 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("diffusion.layout=double with diffusion.hyperschedule=slide is not supported; use layout=single.")
     if not 0.0 <= dc.epsilon < 1.0:
         raise ConfigError(f"diffusion.epsilon={dc.epsilon} must be in [0, 1) (the probability of a uniform replacement).")
+    if not 0.0 <= dc.gamma < 1.0:
+        raise ConfigError(f"diffusion.gamma={dc.gamma} must be in [0, 1) (the uniform share of the rate matrix).")
+    if dc.process == Process.GAMMA_HYBRID:
+        from dlm.diffusion.schedules import make_schedule
+
+        if float(make_schedule(dc).alpha(1.0)) <= 0:
+            raise ConfigError(f"diffusion.process=gamma_hybrid needs alpha(1) > 0 (a finite total noise); diffusion.schedule="
+                              f"{dc.schedule.value} has alpha(1) = 0: use diffusion.schedule=loglinear.")
+        if not m.noise_conditioning:
+            raise ConfigError("diffusion.process=gamma_hybrid needs per-token noise conditioning: set model.noise_conditioning=true.")
+        if dc.time != TimeMode.CONTINUOUS:
+            raise ConfigError("diffusion.process=gamma_hybrid has a continuous-time bound only: set diffusion.time=continuous.")
     if dc.process != Process.ABSORBING and (hk != HyperscheduleKind.FLAT or dc.prime.l > 1):
         raise ConfigError(f"diffusion.process={dc.process.value} with diffusion.hyperschedule={hk.value} and diffusion.prime.l={dc.prime.l} "
                           "is not supported; hybrid processes use the flat hyperschedule and l = 1.")

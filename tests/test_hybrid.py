@@ -136,3 +136,139 @@ def test_epsilon_must_be_in_unit_interval_and_hybrids_are_flat(root):
     with pytest.raises(ConfigError, match="not supported"):
         load_config(root / "configs/test.yaml", ["diffusion.process=epsilon_hybrid", "diffusion.hyperschedule=block",
                                                  "diffusion.block_width=8"])
+
+
+# ------------------------------------------------------------------ gamma-hybrid (SEDD score entropy)
+
+def gamma_q(alpha, gamma):
+    """q_t(z | x) as a [V, V + 1] matrix (tokens, then the mask)."""
+    sigma = -math.log(alpha)
+    a, b = math.exp(-(1 - gamma) * sigma), math.exp(-gamma * sigma)
+    q = np.zeros((V, V + 1))
+    q[:, :V] = a * (b * np.eye(V) + (1 - b) / V)
+    q[:, V] = 1 - a
+    return q
+
+
+def gamma_posterior_logits(p, alpha, gamma):
+    q = gamma_q(alpha, gamma)
+    table = np.zeros((len(INPUTS), L, V))
+    for n, z in enumerate(INPUTS):
+        w = p * np.prod([q[SEQS[:, j], z[j]] for j in range(L)], axis=0)
+        w = w / w.sum() if w.sum() > 0 else np.full_like(w, 1 / len(w))  # unreachable states: any logits
+        for i in range(L):
+            table[n, i] = np.bincount(SEQS[:, i], weights=w, minlength=V)
+    return np.log(np.maximum(table, 1e-300))
+
+
+def gamma_exact_terms(p, x, gamma, delta, nodes=48):
+    """int_0^1 E_z[sum_i gamma_terms] dt with the exact posterior denoiser, by enumeration and
+    Gauss-Legendre in sigma (t = (1 - e^-sigma) / (1 - delta))."""
+    from dlm.config import Schedule
+    from dlm.diffusion.schedules import NoiseSchedule
+
+    sched = NoiseSchedule(Schedule.LOGLINEAR, eps=delta)
+    smax = -math.log(delta)
+    g, wts = np.polynomial.legendre.leggauss(nodes)
+    total = 0.0
+    for gi, wi in zip(g, wts):  # sigma = smax v^4 clusters nodes near sigma = 0, where the integrand is singular
+        v = 0.5 * (gi + 1)
+        sigma, wi = smax * v**4, wi * 0.5 * 4 * smax * v**3
+        t = (1 - math.exp(-sigma)) / (1 - delta)
+        alpha, dalpha = float(sched.alpha(t)), float(sched.dalpha(t))
+        q = gamma_q(alpha, gamma)
+        table = gamma_posterior_logits(p, alpha, gamma)
+        qz = np.prod([q[x[j], INPUTS[:, j]] for j in range(L)], axis=0)  # [states]
+        terms = hybrid.gamma_terms(jnp.asarray(table, jnp.float32), jnp.asarray(INPUTS), jnp.tile(jnp.asarray(x)[None], (len(INPUTS), 1)),
+                                   jnp.float32(alpha), jnp.float32(dalpha), gamma, M)
+        integrand = float((qz * np.asarray(terms, np.float64).sum(-1)).sum())
+        total += wi * integrand * math.exp(-sigma) / (1 - delta)  # dt = e^-sigma / (1 - delta) dsigma
+    return total
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3])
+def test_gamma_score_entropy_with_the_exact_denoiser_is_tight(p, gamma):
+    """SEDD's bound with the exact ratios: score entropy + KL(q_1(.|x) || p_1) = -log p(x) exactly
+    (the reverse process is exact; only the prior differs); dlm's prior term KL(q_1 || pi) is the closed form."""
+    delta = 0.05
+    q1 = gamma_q(delta, gamma)
+    p1 = np.array([sum(p[n] * np.prod([q1[SEQS[n, j], z[j]] for j in range(L)]) for n in range(len(SEQS))) for z in INPUTS])
+    pi = np.array([np.prod([(1 - delta ** (1 - gamma)) if zj == M else delta ** (1 - gamma) / V for zj in z]) for z in INPUTS])
+    for n in (0, 4, 7):
+        x = SEQS[n]
+        se = gamma_exact_terms(p, x, gamma, delta)
+        qx = np.array([np.prod([q1[x[j], z[j]] for j in range(L)]) for z in INPUTS])
+        kl_true = float(np.sum(np.where(qx > 0, qx * np.log(np.maximum(qx, 1e-300) / p1), 0)))
+        kl_pi = float(np.sum(np.where(qx > 0, qx * np.log(np.maximum(qx, 1e-300) / pi), 0)))
+        np.testing.assert_allclose(se + kl_true, -math.log(p[n]), rtol=1e-5)
+        np.testing.assert_allclose(kl_pi, L * hybrid.gamma_prior_kl(delta, gamma, V), rtol=1e-6)
+
+
+def test_gamma_loss_is_unbiased_and_zero_gamma_is_mdlm(p):
+    from dlm.diffusion.losses import nelbo_per_sequence
+
+    cfg = DiffusionConfig(process="gamma_hybrid", gamma=0.0, schedule="loglinear", t_min=1e-5)
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(len(INPUTS), L, V)), jnp.float32)
+    apply_fn = lambda z, t: lookup(np.asarray(logits), z)
+    x = jnp.tile(jnp.asarray(SEQS[3])[None], (512, 1))
+    t = jnp.linspace(0.01, 1.0, 512)
+    k = jax.random.key(2)
+    g, _ = hybrid.gamma_nelbo_per_sequence(apply_fn, x, t, k, cfg, M)
+    mdlm, _ = nelbo_per_sequence(apply_fn, x, t, jax.random.split(k, 3)[0], cfg, M)  # same masks: gamma_corrupt's first key
+    np.testing.assert_allclose(np.asarray(g), np.asarray(mdlm) + hybrid.gamma_prior_kl(cfg.loglinear_eps, 0.0, V), rtol=1e-5, atol=1e-6)
+
+
+def test_gamma_analytic_sampler_draws_from_p(p):
+    """With the exact posterior denoiser (recomputed at each t), many small steps of the analytic
+    sampler draw from p."""
+    from dlm.config import SamplingConfig
+    from dlm.diffusion.schedules import make_schedule
+    from dlm.sampling.api import gamma_loop, time_grid
+
+    gamma, delta = 0.3, 0.05
+    cfg = DiffusionConfig(process="gamma_hybrid", gamma=gamma, schedule="loglinear", loglinear_eps=delta)
+    pj, seqs = jnp.asarray(p), jnp.asarray(SEQS)
+    sched = make_schedule(cfg)
+
+    def apply_fn(z, t):  # exact posterior logits at per-token time t (prompt-free: t is one value)
+        alpha = sched.alpha(t[0, 0])
+        a, b, _, _ = hybrid.gamma_levels(alpha, gamma)
+        qtok = a * (b * jnp.eye(V) + (1 - b) / V)
+        q = jnp.concatenate([qtok, jnp.full((V, 1), 1 - a)], axis=1)  # [V, V + 1]
+        w = pj[None] * jnp.prod(q[seqs[None, :, :], z[:, None, :]], axis=-1)  # [B, V^L]
+        w = w / w.sum(-1, keepdims=True)
+        return jnp.log(jnp.maximum(jnp.einsum("bn,nlv->blv", w, jax.nn.one_hot(seqs, V)), 1e-30))
+
+    B = 20000
+    times = jnp.asarray(time_grid(64, cfg_grid := __import__("dlm.config", fromlist=["TimeGrid"]).TimeGrid.UNIFORM), jnp.float32)
+    del cfg_grid
+    out, nfe = jax.jit(lambda k: gamma_loop(apply_fn, jnp.zeros((B, L), jnp.int32), jnp.zeros((B, L), bool), k, times,
+                                            sched.alpha(times), SamplingConfig(float64=False), V, gamma))(jax.random.key(0))
+    idx = np.asarray(out[:, 0] * V + out[:, 1])
+    assert (np.asarray(out) < V).all() and int(nfe) == 64
+    freq = np.bincount(idx, minlength=len(SEQS)) / B
+    assert 0.5 * np.abs(freq - p).sum() < 0.03, (freq, p)
+
+
+def test_gamma_config_errors(root):
+    with pytest.raises(ConfigError, match=r"diffusion.gamma=1.5 must be in \[0, 1\)"):
+        load_config(root / "configs/test.yaml", ["diffusion.gamma=1.5"])
+    with pytest.raises(ConfigError, match="use diffusion.schedule=loglinear"):
+        load_config(root / "configs/test.yaml", ["diffusion.process=gamma_hybrid", "model.noise_conditioning=true"])
+    with pytest.raises(ConfigError, match="model.noise_conditioning=true"):
+        load_config(root / "configs/test.yaml", ["diffusion.process=gamma_hybrid", "diffusion.schedule=loglinear"])
+
+
+@pytest.mark.parametrize("over", [["diffusion.process=epsilon_hybrid", "diffusion.epsilon=0.05"],
+                                  ["diffusion.process=gamma_hybrid", "diffusion.gamma=0.05", "diffusion.schedule=loglinear",
+                                   "model.noise_conditioning=true"]])
+def test_hybrid_models_train_restore_and_sample(root, tmp_path, over):
+    import dlm
+    from dlm.train.trainer import Trainer
+
+    cfg = load_config(root / "configs/test.yaml", [f"workdir={tmp_path}", "train.steps=3", "data.max_documents=40", *over])
+    assert np.isfinite(Trainer(cfg).run()["nelbo"])
+    model, cfg = dlm.restore(tmp_path)
+    cfg.sampling.steps, cfg.sampling.num_samples = 8, 2
+    out = dlm.generate(model, [65, 66], cfg.sampling, diffusion=cfg.diffusion, length=cfg.data.seq_len)
+    assert (out["tokens"][:, :2] == [65, 66]).all() and (out["tokens"] < model.vocab_size).all()

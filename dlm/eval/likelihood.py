@@ -46,6 +46,10 @@ def make_eval_fn(graphdef, diffusion: DiffusionConfig, mask_id: int, cond: bool,
             if hyper is not None:
                 per = hyperschedules.nelbo_per_sequence(apply_fn, rows, 1.0 - t, jax.random.fold_in(k_m, k), diffusion,
                                                         hyper, mask_id, cond)
+            elif diffusion.process.value == "gamma_hybrid":
+                from dlm.diffusion import hybrid
+
+                per, _ = hybrid.gamma_nelbo_per_sequence(apply_fn, rows, t, jax.random.fold_in(k_m, k), diffusion, mask_id, cond)
             elif diffusion.process.value == "epsilon_hybrid":
                 from dlm.diffusion import hybrid
 

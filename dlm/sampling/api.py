@@ -81,6 +81,40 @@ def ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_s
     return x, nfe
 
 
+def gamma_loop(apply_fn, x, fixed, key, times, alphas, cfg: SamplingConfig, vocab_size: int, gamma: float):
+    """Analytic (Tweedie) sampler of the gamma-hybrid process: x_1 from the prior (mask with
+    probability 1 - a(1), else a uniform token), then at every step t -> s each non-prompt
+    position draws from sum_x0 mu(x0 | x_t) q(x_s | x_t, x0) (dlm.diffusion.hybrid.gamma_reverse_probs).
+    times/alphas [N + 1] from t = 1 to 0. apply_fn(x, t_tokens) -> logits. Returns (tokens, nfe)."""
+    from dlm.diffusion.hybrid import gamma_levels, gamma_reverse_probs
+
+    mask_id = vocab_size
+    B, L = x.shape
+    steps = alphas.shape[0] - 1
+    key, k_m, k_u = jax.random.split(key, 3)
+    a1, b1, _, _ = gamma_levels(alphas[0].astype(jnp.float32), gamma)
+    z = jnp.where(jax.random.uniform(k_m, (B, L)) < a1, jax.random.randint(k_u, (B, L), 0, vocab_size, jnp.int32), mask_id)
+    z = z.astype(jnp.int32)
+    z = jnp.where(fixed, x, z)
+
+    def body(i, carry):
+        z, key = carry
+        key, k = jax.random.split(key)
+        t_tok = jnp.where(fixed, 0.0, times[i].astype(jnp.float32))
+        logits = apply_fn(z, t_tok).astype(jnp.float32)
+        if cfg.temperature > 0:
+            logits = logits / cfg.temperature
+        a_t, a_s = (jnp.full((B, L), a, jnp.float32) for a in (alphas[i], alphas[i + 1]))
+        probs = gamma_reverse_probs(logits, z, a_t, a_s, gamma, mask_id)
+        draw = categorical(k, jnp.log(jnp.maximum(probs, 1e-30)), 1.0, cfg.float64)
+        if cfg.temperature == 0:
+            draw = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+        return jnp.where(fixed, x, draw), key
+
+    z, _ = jax.lax.fori_loop(0, steps, body, (z, key))
+    return z, jnp.int32(steps)
+
+
 def prime_ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, codec, noise_conditioning: bool):
     """Digit-level ancestral sampling for MDM-Prime.
 
@@ -177,8 +211,12 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
     if cfg.eta < 0:
         raise ConfigError(f"sampling.eta={cfg.eta} must be >= 0.")
     hybrid = diffusion.process.value == "epsilon_hybrid"
+    gamma = diffusion.process.value == "gamma_hybrid"
     acs = cfg.sampler == Sampler.ACS
-    if plan is None and (diffusion.hyperschedule.value != "flat" or acs or hybrid):
+    if gamma and acs:
+        raise ConfigError("sampling.sampler=acs corrects epsilon-hybrid models; sample gamma_hybrid models with sampler=ancestral "
+                          "(the analytic sampler).")
+    if plan is None and not gamma and (diffusion.hyperschedule.value != "flat" or acs or hybrid):
         from dlm.diffusion import hyperschedules as hs
         from dlm.sampling.hyper import make_plan
 
@@ -190,11 +228,14 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
     mcfg = model.cfg
     kv_shape = (mcfg.num_layers, B + pad, length, mcfg.num_heads, mcfg.d_model // mcfg.num_heads)
 
-    def run(leaves, x, fixed, key, alphas):
+    def run(leaves, x, fixed, key, alphas, times):
         # The module is rebuilt from plain arrays where it is used, so that NNX sees Variables
         # created at the trace level of the loop body, not at the level of this jit.
         module = lambda: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         apply_fn = lambda xt, t: module()(xt, noise=t)
+        if gamma:
+            tokens, nfe = gamma_loop(apply_fn, x, fixed, key, times, alphas, cfg, V, diffusion.gamma)
+            return tokens, nfe, jnp.int32(0), jnp.int32(0)
         if plan is not None:
             from dlm.sampling.hyper import hyper_loop
 
@@ -227,16 +268,17 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
 
     start = time.time()
     with jax.enable_x64(cfg.float64):
-        alphas = schedule.alpha(jnp.asarray(grid, jnp.float64 if cfg.float64 else jnp.float32))
+        times = jnp.asarray(grid, jnp.float64 if cfg.float64 else jnp.float32)
+        alphas = schedule.alpha(times)
         if mesh is not None:
             with mesh_context(mesh):
                 x, fixed = jax.device_put(x, batch_sharding(mesh)), jax.device_put(fixed, batch_sharding(mesh))
-                args = (leaves, x, fixed, key, alphas)
+                args = (leaves, x, fixed, key, alphas, times)
                 compiled = jax.jit(run).lower(*args).compile()
                 compile_s, start = time.time() - start, time.time()
                 tokens, nfe, idle, commits = jax.block_until_ready(compiled(*args))
         else:
-            args = (leaves, jnp.asarray(x), jnp.asarray(fixed), key, alphas)
+            args = (leaves, jnp.asarray(x), jnp.asarray(fixed), key, alphas, times)
             compiled = jax.jit(run).lower(*args).compile()
             compile_s, start = time.time() - start, time.time()
             tokens, nfe, idle, commits = jax.block_until_ready(compiled(*args))

@@ -64,7 +64,7 @@ def make_plan(h: hs.Hyperschedule, grid: TimeGrid = TimeGrid.UNIFORM) -> Plan:
     tau = h.table()
     if grid == TimeGrid.COSINE:  # the time grid t_i = cos(pi/2 * i/N) applied to every position's levels
         tau = np.where(tau >= 1.0, 1.0, np.where(tau <= 0.0, 0.0, np.cos(0.5 * math.pi * (1.0 - tau))))
-    N, L = tau.shape[0] - 1, tau.shape[1]
+    L = tau.shape[1]
     role = np.asarray(hs.roles(tau[:-1], tau[1:]))
     settled = (role == hs.SETTLED).sum(1)
     active = role == hs.ACTIVE

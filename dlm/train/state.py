@@ -62,6 +62,10 @@ def loss_fn_for(cfg: Config, vocab_size: int):
 
         h = hyperschedules.from_config(cfg.diffusion, cfg.data.seq_len)
         return lambda apply_fn, x0, key: hyperschedules.hyperschedule_loss(apply_fn, x0, key, cfg.diffusion, h, vocab_size, cond)
+    if cfg.diffusion.process.value == "gamma_hybrid":
+        from dlm.diffusion.hybrid import gamma_hybrid_loss
+
+        return lambda apply_fn, x0, key: gamma_hybrid_loss(apply_fn, x0, key, cfg.diffusion, vocab_size, cond)
     if cfg.diffusion.process.value == "epsilon_hybrid":
         from dlm.diffusion.hybrid import epsilon_hybrid_loss
 
