@@ -49,6 +49,29 @@ class Sampler(str, enum.Enum):
 
     ANCESTRAL = "ancestral"
     ACS = "acs"
+    PARALLEL = "parallel"
+
+
+class Score(str, enum.Enum):
+    """How a parallel decoder ranks masked positions."""
+
+    CONFIDENCE = "confidence"
+    MARGIN = "margin"
+    ENTROPY = "entropy"
+
+
+class CommitRule(str, enum.Enum):
+    """How many ranked positions a parallel decoder commits per step."""
+
+    TOPK = "topk"
+    THRESHOLD = "threshold"
+    FACTOR = "factor"
+
+
+class DecodeCache(str, enum.Enum):
+    NONE = "none"
+    PREFIX = "prefix"
+    DUAL = "dual"
 
 
 class Process(str, enum.Enum):
@@ -234,6 +257,26 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class DecodeConfig:
+    block_length: int = _field(32, "Semi-autoregressive block length; must divide the generation length.")
+    score: Score = _field(Score.CONFIDENCE, "Rank masked positions by confidence p(x_hat), margin p1 - p2, or entropy (exp(-H)).")
+    rule: CommitRule = _field(CommitRule.THRESHOLD, "topk (k per step, LLaDA), threshold (score > tau, at least the best: Fast-dLLM) or factor.")
+    k: int = _field(1, "Tokens per step of the topk rule.")
+    tau: float = _field(0.9, "Threshold of the threshold rule, in (0, 1] (1 = one token per step).")
+    factor: float = _field(1.0, "f of the factor rule: commit the longest prefix with c_j >= 1 - f / (j + 1).")
+    credit: bool = _field(False, "Trace-credit decoding (CreditDecoding).")
+    credit_alpha: float = _field(0.7, "Credit fusion weight: logits + alpha * log(1 + credit).")
+    credit_beta: float = _field(0.8, "Credit decay per step, in [0, 1).")
+    credit_gamma: float = _field(0.2, "Credit boost exponent: credit[top1] += p_top1 ** gamma.")
+    suffix_dropout: bool = _field(False, "DPad: attend only to suffix positions within `window` after the block, kept with a distance-decay probability.")
+    window: int = _field(256, "DPad window W (>= 1).")
+    k_sigma: float = _field(4.0, "DPad k: the window end sits at k standard deviations.")
+    scale: float = _field(2.0, "DPad a: keep probability a * phi(k d / (W - 1)).")
+    cache: DecodeCache = _field(DecodeCache.NONE, "KV cache: none, prefix (refreshed at each block start) or dual (prefix and suffix).")
+    early_stop: bool = _field(True, "Stop a sample once a completed block holds EOS (the rest is filled with EOS).")
+
+
+@dataclasses.dataclass
 class SamplingConfig:
     steps: int = _field(128, "Steps of the time grid (per block for the block hyperschedule).")
     grid: TimeGrid = _field(TimeGrid.UNIFORM, "Time grid: uniform or cosine.")
@@ -246,6 +289,11 @@ class SamplingConfig:
     sampler: Sampler = _field(Sampler.ANCESTRAL, "ancestral (exact) or acs (Adaptive Correction Sampler: also resamples visible tokens).")
     eta: float = _field(0.01, "ACS correction strength: a visible generated token is resampled with probability eta * s / t.")
     cache: bool = _field(True, "Cache the keys/values of settled tokens (autoregressive, block and slide hyperschedules).")
+    decode: DecodeConfig = _field(None, "Parallel decoding (sampler=parallel): blocks, score, commit rule, credit, suffix dropout, caches.")
+
+    def __post_init__(self):
+        if self.decode is None:
+            self.decode = DecodeConfig()
 
 
 @dataclasses.dataclass
@@ -262,6 +310,24 @@ class Config:
         for f in dataclasses.fields(self):
             if getattr(self, f.name) is None:
                 setattr(self, f.name, typing.get_type_hints(Config)[f.name]())
+
+
+def check_decode(dc: "DecodeConfig", length: int | None = None) -> None:
+    """One-sentence errors for a parallel-decoding config (and a generation length, when known)."""
+    if dc.block_length < 1:
+        raise ConfigError(f"sampling.decode.block_length={dc.block_length} must be at least 1.")
+    if length is not None and length % dc.block_length:
+        raise ConfigError(f"sampling.decode.block_length={dc.block_length} must divide the generation length {length}.")
+    if not 0.0 < dc.tau <= 1.0:
+        raise ConfigError(f"sampling.decode.tau={dc.tau} must be in (0, 1].")
+    if dc.window < 1:
+        raise ConfigError(f"sampling.decode.window={dc.window} must be at least 1 (W, the suffix positions that may be kept).")
+    if dc.k < 1:
+        raise ConfigError(f"sampling.decode.k={dc.k} must be at least 1.")
+    if not 0.0 <= dc.credit_beta < 1.0:
+        raise ConfigError(f"sampling.decode.credit_beta={dc.credit_beta} must be in [0, 1).")
+    if dc.factor <= 0 or dc.k_sigma <= 0 or dc.scale <= 0:
+        raise ConfigError("sampling.decode.factor, k_sigma and scale must be positive.")
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -427,6 +493,7 @@ def validate(cfg: Config) -> Config:
     if dc.process != Process.ABSORBING and (hk != HyperscheduleKind.FLAT or dc.prime.l > 1):
         raise ConfigError(f"diffusion.process={dc.process.value} with diffusion.hyperschedule={hk.value} and diffusion.prime.l={dc.prime.l} "
                           "is not supported; hybrid processes use the flat hyperschedule and l = 1.")
+    check_decode(cfg.sampling.decode)
     if cfg.sampling.eta < 0:
         raise ConfigError(f"sampling.eta={cfg.sampling.eta} must be >= 0.")
     if cfg.diffusion.prime.l < 1:

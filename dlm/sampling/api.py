@@ -173,13 +173,16 @@ def prepare_prompts(prompt, num_samples: int, length: int, mask_id: int, vocab_s
 
 
 def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, *, diffusion: DiffusionConfig | None = None,
-             num_samples: int | None = None, length: int | None = None, mesh=None, key=None, plan=None) -> dict:
+             num_samples: int | None = None, length: int | None = None, mesh=None, key=None, plan=None,
+             eos_id: int = -1) -> dict:
     """Sample from a denoiser. Returns {'tokens' [B, L] np.int32, 'nfe', 'steps', 'idle_step_ratio',
     'seconds' (the run, compiled), 'compile_seconds', 'cache_writes'}.
 
     Flat absorbing models use the exact ancestral loop; other hyperschedules, hybrid processes and
     the ACS sampler the hyperschedule loop (dlm.sampling.hyper), with the KV cache unless
     cfg.cache is off. `plan` overrides the hyperschedule plan (e.g. a truncated one, for timing).
+    sampler=parallel runs the parallel decoder (dlm.sampling.parallel, cfg.decode) after a prompt
+    prefix; `eos_id` (-1: none) drives its early termination.
 
     A Prime model (model.subtokens > 1) is sampled digit by digit (prime_ancestral_loop).
 
@@ -206,12 +209,23 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
     key = jax.random.key(cfg.seed) if key is None else key
 
     leaves, treedef = jax.tree.flatten(params)
-
     prime_l = getattr(model, "subtokens", 1)
+
     if cfg.eta < 0:
         raise ConfigError(f"sampling.eta={cfg.eta} must be >= 0.")
     hybrid = diffusion.process.value == "epsilon_hybrid"
     gamma = diffusion.process.value == "gamma_hybrid"
+    parallel = cfg.sampler == Sampler.PARALLEL
+    if parallel:
+        from dlm.config import check_decode
+
+        P = int(fixed[0].sum())
+        if not (fixed[:, :P].all() and not fixed[:, P:].any()):
+            raise ConfigError("sampling.sampler=parallel takes a prompt prefix (a list of token ids), not an infill spec.")
+        if diffusion.hyperschedule.value != "flat" or prime_l > 1 or hybrid or gamma:
+            raise ConfigError("sampling.sampler=parallel decodes flat absorbing models (MDLM); this model's hyperschedule, "
+                              "process or Prime setting needs sampler=ancestral.")
+        check_decode(cfg.decode, length - P)
     acs = cfg.sampler == Sampler.ACS
     if gamma and acs:
         raise ConfigError("sampling.sampler=acs corrects epsilon-hybrid models; sample gamma_hybrid models with sampler=ancestral "
@@ -233,6 +247,16 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
         # created at the trace level of the loop body, not at the level of this jit.
         module = lambda: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         apply_fn = lambda xt, t: module()(xt, noise=t)
+        if parallel:
+            from dlm.sampling.parallel import parallel_decode
+
+            def par_fn(tokens, positions, attention, kv_cache, return_kv):
+                t = jnp.where(tokens == mask_id, 1.0, 0.0) if cond else None  # a clean/masked flag for noise-conditioned models
+                return module()(tokens, positions=positions, attention=attention, noise=t, kv_cache=kv_cache, return_kv=return_kv)
+
+            out = parallel_decode(par_fn, x, P, key, cfg.decode, mask_id=mask_id, eos_id=eos_id, temperature=cfg.temperature,
+                                  float64=cfg.float64, kv_shape=kv_shape, kv_dtype=jnp.dtype(mcfg.dtype.value))
+            return out["tokens"], out["nfe"], out["steps"], jnp.int32(0)
         if gamma:
             tokens, nfe = gamma_loop(apply_fn, x, fixed, key, times, alphas, cfg, V, diffusion.gamma)
             return tokens, nfe, jnp.int32(0), jnp.int32(0)
@@ -285,5 +309,7 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
         tokens = np.asarray(jax.device_get(tokens))[:B]
     seconds = time.time() - start
     steps = cfg.steps if plan is None else plan.num_steps
-    return {"tokens": tokens, "nfe": int(nfe), "steps": steps, "idle_step_ratio": int(idle) / steps,
+    if parallel:
+        steps, idle = int(idle), 0  # the decoder's step count travels in the idle slot
+    return {"tokens": tokens, "nfe": int(nfe), "steps": steps, "idle_step_ratio": int(idle) / max(steps, 1),
             "seconds": seconds, "compile_seconds": compile_s, "cache_writes": int(commits)}

@@ -7,7 +7,8 @@ ones a contiguous run, so one step is:
 
 1. commit: positions that became settled since the last step are run once as queries over the
    cache (block-causal among themselves, every earlier key visible) and their keys/values are
-   written into a fixed [layers, B, L, H, D] buffer. Settled queries never see an active key, so
+   written into a fixed [layers, B, L, H, D] buffer (in the same forward pass as step 2 when both
+   are due: an autoregressive step is one pass over two tokens). Settled queries never see an active key, so
    these keys/values are the ones a full recompute would produce, and they never change again;
 2. denoise: only a window of the A active positions is run, attending to the settled keys in the
    cache and to the active keys in the window;
@@ -116,6 +117,23 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
         return (jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), c0, axis=2),
                 jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), c0, axis=2))
 
+    def fused(ck, cv, x, c0, role, tn, s0):
+        """The commit and the window in one pass (C + A queries): what one autoregressive step costs."""
+        pos_c, pos_w = c0 + jnp.arange(C), s0 + jnp.arange(A)
+        rw = jax.lax.dynamic_slice_in_dim(role, s0, A)
+        own = (pos_c // bw)[None, :] <= (pos_c // bw)[:, None]
+        rows_c = jnp.concatenate([jnp.broadcast_to(kpos[None] < c0, (C, L)), own, jnp.zeros((C, A), bool)], 1)
+        rows_w = jnp.concatenate([jnp.broadcast_to((role == hs.SETTLED) & (kpos < c0), (A, L)), jnp.ones((A, C), bool),
+                                  jnp.broadcast_to(rw == hs.ACTIVE, (A, A))], 1)
+        mask = jnp.concatenate([rows_c, rows_w], 0)[None, None]
+        toks = jnp.concatenate([jax.lax.dynamic_slice_in_dim(x, c0, C, axis=1), jax.lax.dynamic_slice_in_dim(x, s0, A, axis=1)], 1)
+        noise = jnp.concatenate([jnp.zeros((C,), jnp.float32), jax.lax.dynamic_slice_in_dim(tn, s0, A).astype(jnp.float32)])
+        logits, (k, v) = model_fn(toks, jnp.broadcast_to(jnp.concatenate([pos_c, pos_w]), (B, C + A)),
+                                  AttentionSpec("explicit", mask), jnp.broadcast_to(noise, (B, C + A)), (ck, cv), True)
+        return (jax.lax.dynamic_update_slice_in_dim(ck, k[:, :, :C].astype(ck.dtype), c0, axis=2),
+                jax.lax.dynamic_update_slice_in_dim(cv, v[:, :, :C].astype(cv.dtype), c0, axis=2),
+                logits[:, C:].astype(jnp.float32))
+
     def forward(x, ck, cv, role, tn, s0):
         if not cache:
             mask = hs.attention_mask(role, bw)[None, None]
@@ -133,9 +151,6 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
         tn, tx, s0, c0, same = inp
         key, k_cat, k_rev, k_cor, k_cd = jax.random.split(key, 5)
         role = hs.roles(tn, tx)
-        if cache:
-            ck, cv = jax.lax.cond(c0 >= 0, lambda: commit(ck, cv, x, c0), lambda: (ck, cv))
-            commits = commits + (c0 >= 0).astype(jnp.int32)
         xw = jax.lax.dynamic_slice_in_dim(x, s0, A, axis=1)
         fw = jax.lax.dynamic_slice_in_dim(fixed, s0, A, axis=1)
         active = jax.lax.dynamic_slice_in_dim(role, s0, A) == hs.ACTIVE
@@ -144,7 +159,14 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
         valid = valid & same & (not noise_conditioning)
         recompute = need & ~valid
         x_in = x
-        logits = jax.lax.cond(recompute, lambda: forward(x, ck, cv, role, tn, s0).astype(jnp.float32), lambda: logits)
+        window = lambda: forward(x, ck, cv, role, tn, s0).astype(jnp.float32)
+        if cache:  # settle the new positions into the cache, fused with the window pass when both are due
+            branches = [lambda: (ck, cv, logits), lambda: (*commit(ck, cv, x, c0), logits), lambda: (ck, cv, window()),
+                        lambda: fused(ck, cv, x, c0, role, tn, s0)]
+            ck, cv, logits = jax.lax.switch((c0 >= 0).astype(jnp.int32) + 2 * recompute.astype(jnp.int32), branches)
+            commits = commits + (c0 >= 0).astype(jnp.int32)
+        else:
+            logits = jax.lax.cond(recompute, window, lambda: logits)
         nfe = nfe + recompute.astype(jnp.int32)
         t_now, t_next = (jax.lax.dynamic_slice_in_dim(t, s0, A) for t in (tn, tx))
         a_now, a_next = alpha_fn(t_now), alpha_fn(t_next)
