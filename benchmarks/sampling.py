@@ -1,6 +1,7 @@
 """Sampling speed (and, for the parallel suite, quality).
 
     python benchmarks/sampling.py --suite hyperschedules --out FILE [--length 1024] [key=value ...]
+    python benchmarks/sampling.py --suite parallel --out FILE [--lengths 256,1024]
 
 hyperschedules: per hyperschedule (autoregressive, block(16), slide(16), flat), tokens/s with
 the KV cache of settled tokens and without it (a full forward pass over all positions with the
@@ -9,6 +10,18 @@ depend on them) at the given generation length, one sample, compiled before timi
 the uncached loop costs one full forward pass whatever the step, so it is timed over its first
 --uncached-steps steps (tokens/s = tokens revealed in them / seconds); the cached loop runs the
 whole generation. flat has no settled tokens before the end, so the cache does not apply to it.
+
+parallel: the parallel decoders (dlm.sampling.parallel) on two models, trained first if their
+workdirs hold no checkpoint: (a) configs/parallel_markov.yaml, a sparse Markov source whose exact
+likelihood is known, and (b) configs/parallel_corpus.yaml, the builtin corpus. Methods, all with
+blocks of 32, temperature 1 (float64 Gumbel) and the same EOS early termination: vanilla (one
+token per step, full recompute), topk (2 per step), threshold (tau 0.9), threshold + credit,
++ suffix dropout, + prefix cache, all combined (dual cache). For each model, generation length
+and method: NFE, tokens committed per forward pass (per sequence), useful tokens/s (generated,
+before the first EOS), seconds per sample and quality: on (a) the exact per-token NLL of the
+samples under the true chain (and the excess over the conditional entropy of each step's state,
+a lower-variance view of the same), on (b) the samples' NELBO under the model and their unigram
+entropy. Times exclude compilation. JSON plus a PNG of quality against tokens/s (legend in the JSON).
 """
 
 from __future__ import annotations
@@ -61,17 +74,129 @@ def hyperschedules_suite(args) -> dict:
             "results": results, "peak_rss_bytes": peak_rss_bytes()}
 
 
+METHODS = [
+    ("vanilla", dict(rule="topk", k=1)),
+    ("topk", dict(rule="topk", k=2)),
+    ("threshold", dict(rule="threshold", tau=0.9)),
+    ("threshold+credit", dict(rule="threshold", tau=0.9, credit=True)),
+    ("+suffix_dropout", dict(rule="threshold", tau=0.9, credit=True, suffix_dropout=True)),
+    ("+prefix_cache", dict(rule="threshold", tau=0.9, credit=True, suffix_dropout=True, cache="prefix")),
+    ("all_combined", dict(rule="threshold", tau=0.9, credit=True, suffix_dropout=True, cache="dual")),
+]
+
+
+def ensure_model(config: str, workdir: str):
+    import dlm
+    from dlm.config import load_config
+    from dlm.train.trainer import Trainer
+
+    import pathlib
+
+    if not list(pathlib.Path(workdir).glob("checkpoints/*")):
+        print(f"training {config} into {workdir}", flush=True)
+        Trainer(load_config(config, [f"workdir={workdir}", "train.progress=false"])).run()
+    return dlm.restore(workdir)
+
+
+def parallel_suite(args) -> dict:
+    import math
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    import dlm
+    from dlm.config import DecodeConfig, SamplingConfig
+    from dlm.data.synthetic import MarkovChain
+    from dlm.eval.likelihood import evaluate, make_eval_fn
+
+    lengths = [int(v) for v in args.lengths.split(",")]
+    results = []
+    for name, config, workdir in [("markov", args.markov_config, args.markov_workdir), ("corpus", args.corpus_config, args.corpus_workdir)]:
+        model, cfg = ensure_model(config, workdir)
+        tok = dlm.load_tokenizer(workdir)
+        eos = getattr(tok, "eos_id", -1) if name == "corpus" else -1
+        chain = MarkovChain.random(cfg.data.markov) if name == "markov" else None
+        graphdef, params = nnx.split(model)
+        for G in lengths:
+            B = (args.markov_samples if name == "markov" else args.corpus_samples)[0 if G <= 256 else 1]
+            eval_fn = make_eval_fn(graphdef, cfg.diffusion, model.vocab_size, model.cfg.noise_conditioning, 4, seq_len=G) \
+                if name == "corpus" else None
+            for method, over in METHODS:
+                sc = SamplingConfig(sampler="parallel", decode=DecodeConfig(block_length=32, **over), num_samples=B,
+                                    temperature=1.0, float64=True, seed=args.seed)
+                out = dlm.generate(model, None, sc, length=G, eos_id=eos)
+                toks = out["tokens"]
+                first_eos = np.array([np.flatnonzero(r == eos)[0] if eos >= 0 and (r == eos).any() else G for r in toks])
+                useful = int(first_eos.sum())
+                row = {"model": name, "length": G, "method": method, "decode": over, "num_samples": B, "nfe": out["nfe"],
+                       "steps": out["steps"], "tokens_per_forward": G / out["nfe"], "seconds": out["seconds"],
+                       "compile_seconds": out["compile_seconds"], "seconds_per_sample": out["seconds"] / B,
+                       "useful_tokens": useful, "useful_tokens_per_second": useful / out["seconds"]}
+                if chain is not None:
+                    nll = -chain.log_prob(toks) / G
+                    h_state = -(chain.P * np.log(np.maximum(chain.P, 1e-300))).sum(1)
+                    excess = (-np.log(chain.P[toks[:, :-1], toks[:, 1:]]) - h_state[toks[:, :-1]]).mean()
+                    row.update({"true_nll": float(nll.mean()), "true_nll_stderr": float(nll.std(ddof=1) / math.sqrt(B)),
+                                "excess_nll": float(excess), "entropy_rate": float(chain.entropy_rate)})
+                    q = f"true NLL {row['true_nll']:.4f} ± {row['true_nll_stderr']:.4f}"
+                else:
+                    ev = evaluate(eval_fn, params, toks, batch_size=B, seed=0)
+                    useful_toks = np.concatenate([r[:n] for r, n in zip(toks, first_eos)])
+                    counts = np.bincount(useful_toks, minlength=model.vocab_size).astype(float)
+                    pr = counts[counts > 0] / counts.sum()
+                    row.update({"sample_nelbo_bits": ev["nelbo"] / math.log(2), "sample_nelbo_stderr_bits": ev["nelbo_stderr"] / math.log(2),
+                                "sample_unigram_entropy_bits": float(-(pr * np.log2(pr)).sum())})
+                    q = f"NELBO {row['sample_nelbo_bits']:.3f} bits, entropy {row['sample_unigram_entropy_bits']:.3f}"
+                results.append(row)
+                print(f"{name:6s} {G:5d} {method:18s} nfe {out['nfe']:5d}  tpf {row['tokens_per_forward']:5.2f}  "
+                      f"{row['useful_tokens_per_second']:9.1f} tok/s  {row['seconds_per_sample']:7.2f} s/sample  {q}", flush=True)
+    for r in results:  # ratios against vanilla of the same model and length
+        base = next(v for v in results if v["model"] == r["model"] and v["length"] == r["length"] and v["method"] == "vanilla")
+        r["speedup_vs_vanilla"] = r["useful_tokens_per_second"] / base["useful_tokens_per_second"]
+        r["nfe_reduction_vs_vanilla"] = base["nfe"] / r["nfe"]
+        key = "true_nll" if r["model"] == "markov" else "sample_unigram_entropy_bits"
+        r["quality_change_vs_vanilla"] = r[key] / base[key] - 1.0
+    record = {"suite": "parallel", "lengths": lengths, "device": str(jax.devices()[0].device_kind), "results": results}
+    if args.out:
+        import pathlib
+
+        from plot import COLORS, scatter
+
+        png = str(pathlib.Path(args.out).with_suffix(".png"))
+        panels = []
+        for name in ("markov", "corpus"):
+            key = "true_nll" if name == "markov" else "sample_unigram_entropy_bits"
+            panels.append([(math.log10(r["useful_tokens_per_second"]), r[key], [m for m, _ in METHODS].index(r["method"]),
+                            r["length"] > 256) for r in results if r["model"] == name])
+        ranges = scatter(png, panels)
+        record["plot"] = {"file": png, "panels": ["markov: true NLL (nats/token)", "corpus: sample unigram entropy (bits)"],
+                          "x": "log10 useful tokens/s", "ranges": ranges, "filled": "length 256", "hollow": "longer",
+                          "colors": {m: COLORS[i] for i, (m, _) in enumerate(METHODS)}}
+    return record
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["hyperschedules"], required=True)
+    parser.add_argument("--suite", choices=["hyperschedules", "parallel"], required=True)
     parser.add_argument("--config", default="configs/bench.yaml")
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--uncached-steps", type=int, default=32, help="steps timed for the uncached baseline")
+    parser.add_argument("--lengths", default="256,1024", help="parallel: generation lengths")
+    parser.add_argument("--markov-config", default="configs/parallel_markov.yaml")
+    parser.add_argument("--markov-workdir", default="runs/parallel_markov")
+    parser.add_argument("--corpus-config", default="configs/parallel_corpus.yaml")
+    parser.add_argument("--corpus-workdir", default="runs/parallel_corpus")
+    parser.add_argument("--markov-samples", default="32,8", help="parallel: samples at length <= 256, and longer")
+    parser.add_argument("--corpus-samples", default="4,2")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    record = hyperschedules_suite(args)
+    args.markov_samples = [int(v) for v in args.markov_samples.split(",")]
+    args.corpus_samples = [int(v) for v in args.corpus_samples.split(",")]
+    record = hyperschedules_suite(args) if args.suite == "hyperschedules" else parallel_suite(args)
     write_json(args.out, record)
 
 

@@ -79,12 +79,18 @@ def sample_main(argv=None) -> None:
     parser.add_argument("--eta", type=float, default=None, help="ACS correction strength (default sampling.eta).")
     parser.add_argument("--no-cache", action="store_true", help="Recompute settled tokens every step (no KV cache).")
     parser.add_argument("--out", default=None, help="JSONL output (default: <workdir>/samples.jsonl).")
+    parser.add_argument("overrides", nargs="*", help="sampling.* keys, e.g. sampling.sampler=parallel sampling.decode.tau=0.8")
     args = parser.parse_args(argv)
     try:
         import dlm
 
         workdir = pathlib.Path(args.workdir)
         model, cfg = dlm.restore(workdir, use_ema=not args.no_ema)
+        if args.overrides:
+            bad = [o for o in args.overrides if not o.startswith("sampling.")]
+            if bad:
+                raise ConfigError(f"sample.py takes sampling.* overrides only; {bad[0]!r} changes the trained model: train again instead.")
+            cfg = dlm.load_config(workdir / "config.yaml", args.overrides)
         tok = dlm.load_tokenizer(workdir)
         s = cfg.sampling
         for name in ("steps", "temperature", "seed", "length"):
@@ -106,7 +112,8 @@ def sample_main(argv=None) -> None:
         prompt = tok.encode(args.prompt) if args.prompt else None
         from dlm.parallel.mesh import make_mesh
 
-        out = dlm.generate(model, prompt, s, diffusion=cfg.diffusion, length=length, mesh=make_mesh(cfg.mesh))
+        out = dlm.generate(model, prompt, s, diffusion=cfg.diffusion, length=length, mesh=make_mesh(cfg.mesh),
+                           eos_id=getattr(tok, "eos_id", -1))
     except ConfigError as e:
         _fail(e)
     path = pathlib.Path(args.out) if args.out else workdir / "samples.jsonl"

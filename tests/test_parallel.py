@@ -167,3 +167,19 @@ def test_parallel_decoding_errors(model, root):
     with pytest.raises(ConfigError, match="prompt prefix"):
         sc = SamplingConfig(sampler="parallel", num_samples=1)
         dlm.generate(model, [V] * 4 + [5] * 36, sc, length=40)
+
+
+def test_sample_script_takes_sampling_overrides(tmp_path, capsys):
+    import json
+
+    from dlm.cli import sample_main
+    from dlm.train.trainer import Trainer
+
+    Trainer(load_config(ROOT / "configs/test.yaml", [f"workdir={tmp_path}", "train.steps=2", "data.max_documents=40"])).run()
+    sample_main(["--workdir", str(tmp_path), "--num-samples", "2", "--prompt", "def ", "sampling.sampler=parallel",
+                 "sampling.decode.block_length=4", "sampling.decode.credit=true", "sampling.decode.cache=prefix"])
+    rec = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(rec) == 2 and rec[0]["tokens"][:4] == [100, 101, 102, 32] and rec[0]["nfe"] <= 28
+    with pytest.raises(SystemExit):
+        sample_main(["--workdir", str(tmp_path), "model.num_layers=3"])
+    assert "sampling.* overrides only" in capsys.readouterr().err
