@@ -17,8 +17,9 @@ likelihood is known, and (b) configs/parallel_corpus.yaml, the builtin corpus. M
 blocks of 32, temperature 1 (float64 Gumbel) and the same EOS early termination: vanilla (one
 token per step, full recompute), topk (2 per step), threshold (tau 0.9), threshold + credit,
 + suffix dropout, + prefix cache, all combined (dual cache). For each model, generation length
-and method: NFE, tokens committed per forward pass (per sequence), useful tokens/s (generated,
-before the first EOS), seconds per sample and quality: on (a) the exact per-token NLL of the
+and method: NFE per sample (the passes a sample needs; a batch runs until its slowest row is
+done), tokens committed per forward pass, useful tokens/s (generated, before the first EOS) and
+seconds per sample at batch 1 (--speed-samples runs), and quality over a batch of samples: on (a) the exact per-token NLL of the
 samples under the true chain (and the excess over the conditional entropy of each step's state,
 a lower-variance view of the same), on (b) the samples' NELBO under the model and their unigram
 entropy. Times exclude compilation. JSON plus a PNG of quality against tokens/s (legend in the JSON).
@@ -112,7 +113,9 @@ def parallel_suite(args) -> dict:
 
     lengths = [int(v) for v in args.lengths.split(",")]
     results = []
-    for name, config, workdir in [("markov", args.markov_config, args.markov_workdir), ("corpus", args.corpus_config, args.corpus_workdir)]:
+    todo = [("markov", args.markov_config, args.markov_workdir), ("corpus", args.corpus_config, args.corpus_workdir)]
+    methods = [m for m in METHODS if args.methods is None or m[0] in args.methods.split(",") or m[0] == "vanilla"]
+    for name, config, workdir in [t for t in todo if t[0] in args.models.split(",")]:
         model, cfg = ensure_model(config, workdir)
         tok = dlm.load_tokenizer(workdir)
         eos = getattr(tok, "eos_id", -1) if name == "corpus" else -1
@@ -122,17 +125,27 @@ def parallel_suite(args) -> dict:
             B = (args.markov_samples if name == "markov" else args.corpus_samples)[0 if G <= 256 else 1]
             eval_fn = make_eval_fn(graphdef, cfg.diffusion, model.vocab_size, model.cfg.noise_conditioning, 4, seq_len=G) \
                 if name == "corpus" else None
-            for method, over in METHODS:
-                sc = SamplingConfig(sampler="parallel", decode=DecodeConfig(block_length=32, **over), num_samples=B,
-                                    temperature=1.0, float64=True, seed=args.seed)
-                out = dlm.generate(model, None, sc, length=G, eos_id=eos)
+            for method, over in methods:
+                dcfg = DecodeConfig(block_length=32, **over)
+                sc = SamplingConfig(sampler="parallel", decode=dcfg, num_samples=B, temperature=1.0, float64=True, seed=args.seed)
+                out = dlm.generate(model, None, sc, length=G, eos_id=eos)  # quality: B samples at once
                 toks = out["tokens"]
                 first_eos = np.array([np.flatnonzero(r == eos)[0] if eos >= 0 and (r == eos).any() else G for r in toks])
-                useful = int(first_eos.sum())
-                row = {"model": name, "length": G, "method": method, "decode": over, "num_samples": B, "nfe": out["nfe"],
-                       "steps": out["steps"], "tokens_per_forward": G / out["nfe"], "seconds": out["seconds"],
-                       "compile_seconds": out["compile_seconds"], "seconds_per_sample": out["seconds"] / B,
-                       "useful_tokens": useful, "useful_tokens_per_second": useful / out["seconds"]}
+                speed = []  # speed: batch 1, as a user decoding one sequence sees it
+                for i in range(args.speed_samples):
+                    one = SamplingConfig(sampler="parallel", decode=dcfg, num_samples=1, temperature=1.0, float64=True,
+                                         seed=args.seed + 1000 + i)
+                    o = dlm.generate(model, None, one, length=G, eos_id=eos)
+                    r = o["tokens"][0]
+                    speed.append((o["seconds"], int(np.flatnonzero(r == eos)[0]) if eos >= 0 and (r == eos).any() else G, o["nfe"]))
+                secs, useful = sum(v[0] for v in speed), sum(v[1] for v in speed)
+                nfe = float(np.mean(out["nfe_per_sample"]))
+                row = {"model": name, "length": G, "method": method, "decode": over, "num_samples": B,
+                       "nfe": nfe, "nfe_batch": out["nfe"], "tokens_per_forward": G / nfe,
+                       "seconds_per_sample": secs / len(speed), "useful_tokens_per_second": useful / secs,
+                       "speed_runs": [{"seconds": a, "useful_tokens": b, "nfe": c} for a, b, c in speed],
+                       "batch_seconds": out["seconds"], "batch_useful_tokens_per_second": int(first_eos.sum()) / out["seconds"],
+                       "compile_seconds": out["compile_seconds"]}
                 if chain is not None:
                     nll = -chain.log_prob(toks) / G
                     h_state = -(chain.P * np.log(np.maximum(chain.P, 1e-300))).sum(1)
@@ -149,7 +162,7 @@ def parallel_suite(args) -> dict:
                                 "sample_unigram_entropy_bits": float(-(pr * np.log2(pr)).sum())})
                     q = f"NELBO {row['sample_nelbo_bits']:.3f} bits, entropy {row['sample_unigram_entropy_bits']:.3f}"
                 results.append(row)
-                print(f"{name:6s} {G:5d} {method:18s} nfe {out['nfe']:5d}  tpf {row['tokens_per_forward']:5.2f}  "
+                print(f"{name:6s} {G:5d} {method:18s} nfe {nfe:7.1f}  tpf {row['tokens_per_forward']:5.2f}  "
                       f"{row['useful_tokens_per_second']:9.1f} tok/s  {row['seconds_per_sample']:7.2f} s/sample  {q}", flush=True)
     for r in results:  # ratios against vanilla of the same model and length
         base = next(v for v in results if v["model"] == r["model"] and v["length"] == r["length"] and v["method"] == "vanilla")
@@ -165,7 +178,7 @@ def parallel_suite(args) -> dict:
 
         png = str(pathlib.Path(args.out).with_suffix(".png"))
         panels = []
-        for name in ("markov", "corpus"):
+        for name in sorted({r["model"] for r in results}, reverse=True):
             key = "true_nll" if name == "markov" else "sample_unigram_entropy_bits"
             panels.append([(math.log10(r["useful_tokens_per_second"]), r[key], [m for m, _ in METHODS].index(r["method"]),
                             r["length"] > 256) for r in results if r["model"] == name])
@@ -190,7 +203,10 @@ def main():
     parser.add_argument("--corpus-workdir", default="runs/parallel_corpus")
     parser.add_argument("--markov-samples", default="32,8", help="parallel: samples at length <= 256, and longer")
     parser.add_argument("--corpus-samples", default="4,2")
+    parser.add_argument("--speed-samples", type=int, default=2, help="parallel: batch-1 runs timed per method")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", default="markov,corpus", help="parallel: which models")
+    parser.add_argument("--methods", default=None, help="parallel: a subset of methods (vanilla always runs)")
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()

@@ -133,8 +133,9 @@ def build_tokenizer(cfg: DataConfig, train_texts=None):
     return pretrained(cfg.pretrained_tokenizer)
 
 
-def load_tokenizer(workdir: pathlib.Path):
+def load_tokenizer(workdir: str | pathlib.Path):
     """The tokenizer a run saved in its workdir, or None if it saved none."""
+    workdir = pathlib.Path(workdir)
     meta = workdir / "tokenizer.json"
     if not meta.exists():
         return None

@@ -256,7 +256,7 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
 
             out = parallel_decode(par_fn, x, P, key, cfg.decode, mask_id=mask_id, eos_id=eos_id, temperature=cfg.temperature,
                                   float64=cfg.float64, kv_shape=kv_shape, kv_dtype=jnp.dtype(mcfg.dtype.value))
-            return out["tokens"], out["nfe"], out["steps"], jnp.int32(0)
+            return out["tokens"], out["nfe"], out["steps"], out["row_nfe"]
         if gamma:
             tokens, nfe = gamma_loop(apply_fn, x, fixed, key, times, alphas, cfg, V, diffusion.gamma)
             return tokens, nfe, jnp.int32(0), jnp.int32(0)
@@ -309,7 +309,10 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
         tokens = np.asarray(jax.device_get(tokens))[:B]
     seconds = time.time() - start
     steps = cfg.steps if plan is None else plan.num_steps
-    if parallel:
-        steps, idle = int(idle), 0  # the decoder's step count travels in the idle slot
+    extra = {}
+    if parallel:  # the decoder's step count travels in the idle slot, per-row passes in the cache-write slot
+        steps, idle = int(idle), 0
+        extra = {"nfe_per_sample": np.asarray(commits)[:B].tolist()}
+        commits = 0
     return {"tokens": tokens, "nfe": int(nfe), "steps": steps, "idle_step_ratio": int(idle) / max(steps, 1),
-            "seconds": seconds, "compile_seconds": compile_s, "cache_writes": int(commits)}
+            "seconds": seconds, "compile_seconds": compile_s, "cache_writes": int(commits), **extra}

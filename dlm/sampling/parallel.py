@@ -140,7 +140,8 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
 
     model_fn(tokens, positions, attention, kv_cache, return_kv) -> logits | (logits, kv).
     kv_shape = (layers, B, L, H, D) for the caches. Returns a dict of tokens [B, L], nfe (forward
-    passes), steps, finished [B] and, with trace, 'refresh_logits' [blocks, B, block, V] (the block
+    passes of the batch: a block runs until its slowest row is done), row_nfe [B] (the passes each
+    row needed: what decoding it alone would take), steps, finished [B] and, with trace, 'refresh_logits' [blocks, B, block, V] (the block
     logits of each block's first pass), 'block_inputs' [blocks, B, L] (x at each block start) and
     'keep' [blocks, B, W] (each block's suffix-dropout pattern)."""
     from dlm.sampling.api import categorical
@@ -190,7 +191,7 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
         return logits[:, :Bk].astype(jnp.float32)
 
     def block_body(carry):
-        b, x, done, nfe, steps, key, tr = carry
+        b, x, done, nfe, row_nfe, steps, key, tr = carry
         start = P + b * Bk
         key, k_blk = jax.random.split(key)
         k_drop, k_loop = jax.random.split(k_blk)
@@ -199,10 +200,11 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
         x0 = x
 
         def step_body(c):
-            it, x, credit, ck, cv, nfe, key, first_logits = c
+            it, x, credit, ck, cv, nfe, row_nfe, key, first_logits = c
             key, k_draw = jax.random.split(key)
             blk = jax.lax.dynamic_slice_in_dim(x, start, Bk, axis=1)
             masked = (blk == mask_id) & ~done[:, None]
+            row_nfe = row_nfe + masked.any(-1).astype(jnp.int32)
             if cached:
                 def refresh():
                     logits, kv = full_pass(x, start, keep, True)
@@ -218,7 +220,7 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
             draw = categorical(k_draw, logits, temperature, float64)
             commit = commit_mask(scores(logits, draw, dc.score), masked, dc)
             x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(commit, draw, blk), start, axis=1)
-            return it + 1, x, credit, ck, cv, nfe + 1, key, first_logits
+            return it + 1, x, credit, ck, cv, nfe + 1, row_nfe, key, first_logits
 
         def more(c):
             it, x = c[0], c[1]
@@ -228,7 +230,8 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
         credit = jnp.zeros((B, Bk, V) if dc.credit else (1, 1, 1), jnp.float32)
         ck = cv = jnp.zeros(kv_shape if cached else (1,) * 5, kv_dtype)
         fl = jnp.zeros((B, Bk, V) if trace else (1, 1, 1), jnp.float32)
-        it, x, _, _, _, nfe, _, fl = jax.lax.while_loop(more, step_body, (jnp.int32(0), x, credit, ck, cv, nfe, k_loop, fl))
+        it, x, _, _, _, nfe, row_nfe, _, fl = jax.lax.while_loop(more, step_body,
+                                                                 (jnp.int32(0), x, credit, ck, cv, nfe, row_nfe, k_loop, fl))
         if trace:
             kp = keep if drop else jnp.ones((B, W), bool)
             tr = tuple(jax.lax.dynamic_update_index_in_dim(a, v, b, axis=0) for a, v in zip(tr, (fl, x0, kp)))
@@ -237,13 +240,13 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
             finished = (blk == eos_id).any(-1) & ~done
             x = jnp.where(finished[:, None] & (pos >= start + Bk)[None], eos_id, x)
             done = done | finished
-        return b + 1, x, done, nfe, steps + it, key, tr
+        return b + 1, x, done, nfe, row_nfe, steps + it, key, tr
 
     tr = ((jnp.zeros((nb, B, Bk, mask_id), jnp.float32), jnp.zeros((nb, B, L), x.dtype), jnp.zeros((nb, B, W), bool))
           if trace else jnp.zeros((1,)))
-    init = (jnp.int32(0), x, jnp.zeros((B,), bool), jnp.int32(0), jnp.int32(0), key, tr)
-    _, x, done, nfe, steps, _, tr = jax.lax.while_loop(lambda c: (c[0] < nb) & ~c[2].all(), block_body, init)
-    out = {"tokens": x, "nfe": nfe, "steps": steps, "finished": done}
+    init = (jnp.int32(0), x, jnp.zeros((B,), bool), jnp.int32(0), jnp.zeros((B,), jnp.int32), jnp.int32(0), key, tr)
+    _, x, done, nfe, row_nfe, steps, _, tr = jax.lax.while_loop(lambda c: (c[0] < nb) & ~c[2].all(), block_body, init)
+    out = {"tokens": x, "nfe": nfe, "row_nfe": row_nfe, "steps": steps, "finished": done}
     if trace:
         out["refresh_logits"], out["block_inputs"], out["keep"] = tr
     return out
