@@ -126,7 +126,7 @@ def parallel_suite(args) -> dict:
             eval_fn = make_eval_fn(graphdef, cfg.diffusion, model.vocab_size, model.cfg.noise_conditioning, 4, seq_len=G) \
                 if name == "corpus" else None
             for method, over in methods:
-                dcfg = DecodeConfig(block_length=32, **over)
+                dcfg = DecodeConfig(block_length=32, score=args.score, **over)
                 sc = SamplingConfig(sampler="parallel", decode=dcfg, num_samples=B, temperature=1.0, float64=True, seed=args.seed)
                 out = dlm.generate(model, None, sc, length=G, eos_id=eos)  # quality: B samples at once
                 toks = out["tokens"]
@@ -170,7 +170,7 @@ def parallel_suite(args) -> dict:
         r["nfe_reduction_vs_vanilla"] = base["nfe"] / r["nfe"]
         key = "true_nll" if r["model"] == "markov" else "sample_unigram_entropy_bits"
         r["quality_change_vs_vanilla"] = r[key] / base[key] - 1.0
-    record = {"suite": "parallel", "lengths": lengths, "device": str(jax.devices()[0].device_kind), "results": results}
+    record = {"suite": "parallel", "lengths": lengths, "score": args.score, "block_length": 32, "temperature": 1.0, "device": str(jax.devices()[0].device_kind), "results": results}
     if args.out:
         import pathlib
 
@@ -204,6 +204,7 @@ def main():
     parser.add_argument("--markov-samples", default="32,8", help="parallel: samples at length <= 256, and longer")
     parser.add_argument("--corpus-samples", default="4,2")
     parser.add_argument("--speed-samples", type=int, default=2, help="parallel: batch-1 runs timed per method")
+    parser.add_argument("--score", default="confidence", choices=["confidence", "margin", "entropy"], help="parallel: the score of every method")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", default="markov,corpus", help="parallel: which models")
     parser.add_argument("--methods", default=None, help="parallel: a subset of methods (vanilla always runs)")

@@ -34,7 +34,7 @@ def _gen(model, temperature=1.0, length=40, seed=0, **decode):
 def test_threshold_one_commits_one_token_per_step_and_equals_topk_one(model):
     thr = _gen(model, block_length=8, rule="threshold", tau=1.0)
     top = _gen(model, block_length=8, rule="topk", k=1)
-    assert thr["nfe"] == thr["steps"] == 32  # 32 generated tokens, one per step
+    assert thr["nfe"] == thr["steps"] == 32 and thr["nfe_per_sample"] == [32, 32, 32]  # 32 generated tokens, one per step
     np.testing.assert_array_equal(thr["tokens"], top["tokens"])
     many = _gen(model, block_length=8, rule="topk", k=4)
     assert many["nfe"] == 8 and (many["tokens"][:, :8] == PROMPT).all() and (many["tokens"] < V).all()
@@ -183,3 +183,24 @@ def test_sample_script_takes_sampling_overrides(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample_main(["--workdir", str(tmp_path), "model.num_layers=3"])
     assert "sampling.* overrides only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cache,drop", [("prefix", False), ("dual", False), ("prefix", True), ("dual", True)])
+def test_cached_pass_with_a_fresh_cache_equals_the_full_pass(model, cache, drop):
+    """Right after a refresh (nothing committed since), reading the prefix (and suffix) from the
+    cache gives the full pass's block logits: the caches are exact when fresh, and stale only by
+    the tokens committed in the block since."""
+    L, Bk, W, start, B = 48, 8, 16, 16, 2
+    rng = np.random.default_rng(0)
+    x = np.full((B, L), V, np.int32)
+    x[:, :start] = rng.integers(0, 256, (B, start))
+    x[:, start : start + 3] = rng.integers(0, 256, (B, 3))  # a partly decoded block
+    x = jnp.asarray(x)
+    keep = jnp.asarray(rng.random((B, W)) < 0.6) if drop else None
+    dc = DecodeConfig(block_length=Bk, window=W, suffix_dropout=drop, cache=cache)
+    S = min(par.max_kept(dc), L - start - Bk) if drop and cache == "prefix" else L - start - Bk
+    fn = lambda t, p, a, kv, r: model(t, positions=p, attention=a, kv_cache=kv, return_kv=r)
+    passes = par.Passes(fn, B, L, Bk, W, S, drop, dc.cache, V)
+    full, (k, v) = passes.full(x, start, keep, True)
+    cached = passes.cached(x, start, keep, k, v)
+    np.testing.assert_allclose(np.asarray(cached), np.asarray(full), atol=1e-5, rtol=1e-5)

@@ -134,6 +134,52 @@ def fuse(logits, credit, dc: DecodeConfig):
     return logits + dc.credit_alpha * jnp.log1p(credit)
 
 
+class Passes:
+    """The decoder's forward passes for one geometry (batch B, length L, block Bk, DPad window W,
+    S suffix slots with a prefix cache)."""
+
+    def __init__(self, model_fn, B, L, Bk, W, S, drop: bool, cache: DecodeCache, mask_id: int):
+        self.model_fn, self.B, self.L, self.Bk, self.W, self.S = model_fn, B, L, Bk, W, S
+        self.drop, self.cache, self.mask_id = drop, cache, mask_id
+        self.pos = jnp.arange(L)
+
+    def visible(self, start, keep):
+        """[B, L] keys of a full pass: everything, or under DPad the prefix, block and kept suffix."""
+        if not self.drop:
+            return jnp.ones((self.B, self.L), bool)
+        return dpad_visible(start, keep, self.Bk, self.W, self.L)
+
+    def full(self, x, start, keep, return_kv):
+        """Block logits [B, Bk, V] (and every position's keys/values) of a pass over the whole sequence."""
+        B, L = self.B, self.L
+        spec = AttentionSpec("explicit", jnp.broadcast_to(self.visible(start, keep)[:, None, None, :], (B, 1, L, L))) \
+            if self.drop else AttentionSpec("full")
+        out = self.model_fn(x, jnp.broadcast_to(self.pos, (B, L)), spec, None, return_kv)
+        logits, kv = out if return_kv else (out, None)
+        return jax.lax.dynamic_slice_in_dim(logits, start, self.Bk, axis=1).astype(jnp.float32), kv
+
+    def cached(self, x, start, keep, ck, cv):
+        """Block logits from the cache: prefix [0, start) read from it and [block | suffix slots]
+        fed (prefix cache), or prefix and (kept) suffix read from it and the block fed (dual)."""
+        B, L, Bk, S, pos = self.B, self.L, self.Bk, self.S, self.pos
+        end = start + Bk
+        blk = jax.lax.dynamic_slice_in_dim(x, start, Bk, axis=1)
+        bpos = jnp.broadcast_to(start + jnp.arange(Bk), (B, Bk))
+        if self.cache == DecodeCache.DUAL:
+            cache_vis = (pos < start)[None] | (self.visible(start, keep) & (pos >= end)[None])
+            mask = jnp.concatenate([jnp.broadcast_to(cache_vis[:, None, :], (B, Bk, L)), jnp.ones((B, Bk, Bk), bool)], axis=2)
+            return self.model_fn(blk, bpos, AttentionSpec("explicit", mask[:, None]), (ck, cv), False).astype(jnp.float32)
+        spos, svalid = suffix_slots(start, keep if self.drop else None, Bk, S, L)
+        spos, svalid = jnp.broadcast_to(spos, (B, S)), jnp.broadcast_to(svalid, (B, S))
+        toks = jnp.concatenate([blk, jnp.where(svalid, jnp.take_along_axis(x, spos, axis=1), self.mask_id)], axis=1)
+        n = Bk + S
+        cache_vis = jnp.broadcast_to((pos < start)[None, None], (B, n, L))
+        own = jnp.concatenate([jnp.ones((B, Bk), bool), svalid], axis=1)
+        mask = jnp.concatenate([cache_vis, jnp.broadcast_to(own[:, None, :], (B, n, n))], axis=2)
+        logits = self.model_fn(toks, jnp.concatenate([bpos, spos], axis=1), AttentionSpec("explicit", mask[:, None]), (ck, cv), False)
+        return logits[:, :Bk].astype(jnp.float32)
+
+
 def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask_id: int, eos_id: int, temperature: float,
                     float64: bool, kv_shape=None, kv_dtype=jnp.float32, trace: bool = False):
     """x [B, L] with the prompt in [0, prompt_len) and mask_id after it.
@@ -162,33 +208,8 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
         S = 0
     S = max(S, 1)  # one (masked-out) slot keeps the shapes simple
 
-    def suffix_visible(start, keep):
-        return dpad_visible(start, keep, Bk, W, L) if drop else jnp.ones((B, L), bool)
-
-    def full_pass(x, start, keep, return_kv):
-        vis = suffix_visible(start, keep)
-        spec = AttentionSpec("explicit", jnp.broadcast_to(vis[:, None, None, :], (B, 1, L, L))) if drop else AttentionSpec("full")
-        out = model_fn(x, jnp.broadcast_to(pos, (B, L)), spec, None, return_kv)
-        logits, kv = out if return_kv else (out, None)
-        return jax.lax.dynamic_slice_in_dim(logits, start, Bk, axis=1).astype(jnp.float32), kv
-
-    def cached_pass(x, start, keep, ck, cv):
-        end = start + Bk
-        blk = jax.lax.dynamic_slice_in_dim(x, start, Bk, axis=1)
-        bpos = jnp.broadcast_to(start + jnp.arange(Bk), (B, Bk))
-        if dc.cache == DecodeCache.DUAL:
-            cache_vis = (pos < start)[None] | (suffix_visible(start, keep) & (pos >= end)[None])
-            mask = jnp.concatenate([cache_vis[:, None, :].repeat(Bk, 1), jnp.ones((B, Bk, Bk), bool)], axis=2)
-            return model_fn(blk, bpos, AttentionSpec("explicit", mask[:, None]), (ck, cv), False).astype(jnp.float32)
-        spos, svalid = suffix_slots(start, keep if drop else None, Bk, S, L)
-        spos, svalid = jnp.broadcast_to(spos, (B, S)), jnp.broadcast_to(svalid, (B, S))
-        toks = jnp.concatenate([blk, jnp.where(svalid, jnp.take_along_axis(x, spos, axis=1), mask_id)], axis=1)
-        n = Bk + S
-        cache_vis = jnp.broadcast_to((pos < start)[None, None], (B, n, L))
-        own = jnp.concatenate([jnp.ones((B, Bk), bool), svalid], axis=1)
-        mask = jnp.concatenate([cache_vis, jnp.broadcast_to(own[:, None, :], (B, n, n))], axis=2)
-        logits = model_fn(toks, jnp.concatenate([bpos, spos], axis=1), AttentionSpec("explicit", mask[:, None]), (ck, cv), False)
-        return logits[:, :Bk].astype(jnp.float32)
+    ctx = Passes(model_fn, B, L, Bk, W, S, drop, dc.cache, mask_id)
+    full_pass, cached_pass = ctx.full, ctx.cached
 
     def block_body(carry):
         b, x, done, nfe, row_nfe, steps, key, tr = carry
