@@ -83,12 +83,13 @@ class Process(str, enum.Enum):
 
 
 class HyperscheduleKind(str, enum.Enum):
-    """Per-position noise schedule: flat (MDLM), autoregressive, block(w), slide(w)."""
+    """Per-position noise schedule: flat (MDLM), autoregressive, block(w), slide(w), block_slide(w) (the hybrid)."""
 
     FLAT = "flat"
     AUTOREGRESSIVE = "autoregressive"
     BLOCK = "block"
     SLIDE = "slide"
+    BLOCK_SLIDE = "block_slide"
 
 
 class TimeMode(str, enum.Enum):
@@ -181,9 +182,10 @@ class DiffusionConfig:
     antithetic: bool = _field(True, "Antithetic (stratified) time draws across the batch: t_i = (u + i/B) mod 1.")
     t_min: float = _field(1e-5, "Smallest time drawn (keeps the weight finite; its bias is below float precision).")
     prime: PrimeConfig = _field(None, "Partial masking (MDM-Prime).")
-    hyperschedule: HyperscheduleKind = _field(HyperscheduleKind.FLAT, "Per-position noise: flat (MDLM), autoregressive, block or slide.")
+    hyperschedule: HyperscheduleKind = _field(HyperscheduleKind.FLAT, "Per-position noise: flat (MDLM), autoregressive, block, slide or block_slide (blocks that overlap in time).")
     layout: Layout = _field(Layout.SINGLE, "Hyperschedule training input: single (one block active per row) or double ([clean | noised], every block at once, 2L tokens; not slide).")
-    block_width: int = _field(16, "Block width (block) or window width (slide); must divide data.seq_len.")
+    block_width: int = _field(16, "Block width (block, block_slide) or window width (slide); must divide data.seq_len.")
+    block_steps: int = _field(4, "block_slide: steps per block of the training table; a block starts every block_steps // 2 steps.")
 
     def __post_init__(self):
         if self.prime is None:
@@ -468,14 +470,16 @@ def validate(cfg: Config) -> Config:
     if d.source == Source.MARKOV and d.tokenizer != TokenizerKind.BYTE:
         raise ConfigError("data.source=markov has its own alphabet; leave data.tokenizer at byte.")
     hk = cfg.diffusion.hyperschedule
-    if hk in (HyperscheduleKind.BLOCK, HyperscheduleKind.SLIDE) and (cfg.diffusion.block_width < 1 or d.seq_len % cfg.diffusion.block_width):
+    if hk in (HyperscheduleKind.BLOCK, HyperscheduleKind.SLIDE, HyperscheduleKind.BLOCK_SLIDE) and (cfg.diffusion.block_width < 1 or d.seq_len % cfg.diffusion.block_width):
         raise ConfigError(f"diffusion.block_width={cfg.diffusion.block_width} must divide data.seq_len={d.seq_len}.")
     if hk != HyperscheduleKind.FLAT and cfg.diffusion.prime.l > 1:
         raise ConfigError(f"diffusion.hyperschedule={hk.value} with diffusion.prime.l={cfg.diffusion.prime.l} is not supported; "
                           "use the flat hyperschedule for Prime models.")
     dc = cfg.diffusion
-    if dc.layout == Layout.DOUBLE and hk == HyperscheduleKind.SLIDE:
-        raise ConfigError("diffusion.layout=double with diffusion.hyperschedule=slide is not supported; use layout=single.")
+    if dc.layout == Layout.DOUBLE and hk in (HyperscheduleKind.SLIDE, HyperscheduleKind.BLOCK_SLIDE):
+        raise ConfigError(f"diffusion.layout=double with diffusion.hyperschedule={hk.value} is not supported; use layout=single.")
+    if dc.block_steps < 1:
+        raise ConfigError(f"diffusion.block_steps={dc.block_steps} must be at least 1.")
     if not 0.0 <= dc.epsilon < 1.0:
         raise ConfigError(f"diffusion.epsilon={dc.epsilon} must be in [0, 1) (the probability of a uniform replacement).")
     if not 0.0 <= dc.gamma < 1.0:

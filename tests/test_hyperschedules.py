@@ -24,9 +24,19 @@ def _model(root):
     return dlm.build_model(cfg, mesh=make_mesh(devices=jax.devices()[:1]), seed=1), cfg
 
 
+def test_block_slide_overlaps_blocks_and_settles_whole_blocks():
+    tau = hs.Hyperschedule(hs.Kind.BLOCK_SLIDE, 8, width=2, steps=4).table()  # blocks start every 2 steps
+    role = np.asarray(hs.roles(tau[:-1], tau[1:]))
+    assert tau.shape == (3 * 2 + 4 + 1, 8)
+    assert ((role == hs.ACTIVE).sum(1) == 4).any()  # two blocks active at once
+    settled = (role == hs.SETTLED).sum(1)
+    assert set(np.diff(settled)) <= {0, 2}  # whole blocks settle
+
+
 def test_tables_are_monotone_and_span_noise_to_clean():
     for h in [hs.Hyperschedule(hs.Kind.FLAT, 8, steps=5), hs.Hyperschedule(hs.Kind.AUTOREGRESSIVE, 8),
-              hs.Hyperschedule(hs.Kind.BLOCK, 8, width=4, steps=3), hs.Hyperschedule(hs.Kind.SLIDE, 8, width=2)]:
+              hs.Hyperschedule(hs.Kind.BLOCK, 8, width=4, steps=3), hs.Hyperschedule(hs.Kind.SLIDE, 8, width=2),
+              hs.Hyperschedule(hs.Kind.BLOCK_SLIDE, 8, width=2, steps=4)]:
         tau = h.table()
         assert (tau[0] == 1).all() and (tau[-1] == 0).all() and (np.diff(tau, axis=0) <= 0).all()
     with pytest.raises(ConfigError, match="must divide the sequence length"):
@@ -92,7 +102,7 @@ def test_no_settled_query_attends_to_an_active_key(blocks, width, kind, steps, d
     assert m[np.ix_(r == hs.ACTIVE, r != hs.FUTURE)].all()
 
 
-@pytest.mark.parametrize("kind", ["autoregressive", "block", "slide"])
+@pytest.mark.parametrize("kind", ["autoregressive", "block", "slide", "block_slide"])
 def test_hyperschedule_training_runs_and_is_unbiased_for_ar(root, tmp_path, kind):
     from dlm.train.trainer import Trainer
 
@@ -189,7 +199,8 @@ def _trace(model, kind, width, steps, cache, prompt_len=3, grid="uniform", eta=0
 
 
 @pytest.mark.parametrize("kind,width,steps,cond", [("autoregressive", 1, 1, False), ("block", 4, 3, False),
-                                                   ("block", 4, 2, True), ("slide", 4, 1, False), ("flat", 16, 6, False)])
+                                                   ("block", 4, 2, True), ("slide", 4, 1, False), ("flat", 16, 6, False),
+                                                   ("block_slide", 4, 4, False)])
 def test_kv_cache_logits_equal_full_recompute_at_every_step(root, kind, width, steps, cond):
     """The same generation (same key) with and without the cache: at every step the window's
     logits agree to 1e-5 and so the tokens drawn agree."""
@@ -279,8 +290,9 @@ def test_double_layout_trains(root, tmp_path):
     cfg = load_config(root / "configs/test.yaml", [f"workdir={tmp_path}", "diffusion.hyperschedule=block", "diffusion.layout=double",
                                                     "diffusion.block_width=8", "train.steps=3", "data.max_documents=40"])
     assert np.isfinite(Trainer(cfg).run()["nelbo"])
-    with pytest.raises(ConfigError, match="layout=double with diffusion.hyperschedule=slide is not supported"):
-        load_config(root / "configs/test.yaml", ["diffusion.hyperschedule=slide", "diffusion.layout=double", "diffusion.block_width=8"])
+    for kind in ("slide", "block_slide"):
+        with pytest.raises(ConfigError, match=f"layout=double with diffusion.hyperschedule={kind} is not supported"):
+            load_config(root / "configs/test.yaml", [f"diffusion.hyperschedule={kind}", "diffusion.layout=double", "diffusion.block_width=8"])
 
 
 def test_acs_with_eta_zero_is_the_ancestral_sampler_and_keeps_prompts(root):

@@ -31,20 +31,24 @@ class Kind(str, enum.Enum):
     AUTOREGRESSIVE = "autoregressive"
     BLOCK = "block"
     SLIDE = "slide"
+    BLOCK_SLIDE = "block_slide"
 
 
 @dataclasses.dataclass(frozen=True)
 class Hyperschedule:
     """`kind` over `length` positions; `width` is the block / window width, `steps` the steps per
-    block (block) or in all (flat)."""
+    block (block, block_slide) or in all (flat). block_slide is the block+slide hybrid: blocks of
+    `width` each denoised over `steps` steps, block b starting at step b * stride (stride =
+    steps // 2 by default), so consecutive blocks overlap like a slide while settling whole blocks."""
 
     kind: Kind
     length: int
     width: int = 1
     steps: int = 16
+    stride: int = 0
 
     def __post_init__(self):
-        if self.kind in (Kind.BLOCK, Kind.SLIDE) and (self.width < 1 or self.length % self.width):
+        if self.kind in (Kind.BLOCK, Kind.SLIDE, Kind.BLOCK_SLIDE) and (self.width < 1 or self.length % self.width):
             raise ConfigError(f"Hyperschedule width {self.width} must divide the sequence length {self.length}.")
         if self.steps < 1:
             raise ConfigError(f"Hyperschedule steps={self.steps} must be at least 1.")
@@ -54,7 +58,7 @@ class Hyperschedule:
         """Width of the block-causal structure among settled tokens (1 = causal). Slide settles one
         position per step, so its settled tokens are causal: a settled token's keys/values then
         never change and can be cached."""
-        return {Kind.FLAT: self.length, Kind.BLOCK: self.width}.get(self.kind, 1)
+        return {Kind.FLAT: self.length, Kind.BLOCK: self.width, Kind.BLOCK_SLIDE: self.width}.get(self.kind, 1)
 
     def table(self) -> np.ndarray:
         """tau [N + 1, L] (float64)."""
@@ -70,6 +74,12 @@ class Hyperschedule:
             K, w = self.steps, self.width
             n = np.arange(L // w * K + 1)[:, None]
             start = (i // w)[None] * K
+            return np.clip(1.0 - (n - start) / K, 0.0, 1.0)
+        if self.kind == Kind.BLOCK_SLIDE:
+            K, w = self.steps, self.width
+            s = self.stride or max(1, K // 2)
+            n = np.arange((L // w - 1) * s + K + 1)[:, None]
+            start = (i // w)[None] * s
             return np.clip(1.0 - (n - start) / K, 0.0, 1.0)
         # SLIDE: position i moves from 1 to 0 over the w steps n = i + 1 .. i + w
         w = self.width
@@ -122,7 +132,8 @@ def from_config(cfg, length: int) -> Hyperschedule:
     """The hyperschedule of a DiffusionConfig over `length` positions."""
     kind = Kind(cfg.hyperschedule.value)
     width = {Kind.FLAT: length, Kind.AUTOREGRESSIVE: 1}.get(kind, cfg.block_width)
-    return Hyperschedule(kind, length, width=width, steps=cfg.num_steps if kind == Kind.FLAT else 1)
+    steps = {Kind.FLAT: cfg.num_steps, Kind.BLOCK_SLIDE: cfg.block_steps}.get(kind, 1)
+    return Hyperschedule(kind, length, width=width, steps=steps)
 
 
 def nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_id: int, noise_conditioning: bool = False):
@@ -139,7 +150,7 @@ def nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_id: int
     schedule = make_schedule(cfg)
     B, L = x0.shape
     pos = jnp.arange(L)
-    if h.kind == Kind.SLIDE:
+    if h.kind in (Kind.SLIDE, Kind.BLOCK_SLIDE):
         tau = jnp.asarray(h.table(), jnp.float32)
         N = tau.shape[0] - 1
         n = jnp.minimum((u * N).astype(jnp.int32), N - 1)
@@ -186,8 +197,8 @@ def double_nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_
     from dlm.diffusion.schedules import make_schedule
     from dlm.models.attention import AttentionSpec
 
-    if h.kind == Kind.SLIDE:
-        raise ConfigError("diffusion.layout=double supports the flat, autoregressive and block hyperschedules, not slide.")
+    if h.kind in (Kind.SLIDE, Kind.BLOCK_SLIDE):
+        raise ConfigError(f"diffusion.layout=double supports the flat, autoregressive and block hyperschedules, not {h.kind.value}.")
     schedule = make_schedule(cfg)
     B, L = x0.shape
     w = h.block_width
