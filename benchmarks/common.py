@@ -44,3 +44,13 @@ def write_json(path: str | None, record: dict) -> None:
     if path:
         pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(path).write_text(text + "\n")
+
+
+def write_markdown_table(out: str | None, header: list, rows: list) -> None:
+    """Print a markdown table (header cells, then rows of cells) and write it next to the JSON output."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        pathlib.Path(out).with_suffix(".md").write_text(text + "\n")

@@ -11,11 +11,10 @@ a markdown table next to it.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import tempfile
 import time
 
-from common import ROOT, peak_rss_bytes, write_json
+from common import ROOT, peak_rss_bytes, write_json, write_markdown_table
 
 
 def main():
@@ -68,16 +67,11 @@ def main():
     record = {"budget_minutes": args.budget_minutes, "config": args.config, "overrides": args.overrides,
               "devices": jax.device_count(), "rows": rows, "peak_rss_bytes": peak_rss_bytes()}
     write_json(args.out, record)
-    table = ["| model | steps | valid NELBO (bits/byte) | joint objective (nats/token, not a bound) | NFE | idle-step ratio |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        table.append(f"| {r['model']} | {r['steps']} | {r['nelbo_bits_per_byte']:.3f} ± {r['nelbo_stderr']:.3f} | "
-                     f"{r['joint_objective_nats_per_token']:.4f} | {r['nfe']} / {r['sample_steps']} | {r['idle_step_ratio']:.2%} |")
-    text = "\n".join(table)
-    print(text)
-    if args.out:
-        pathlib.Path(args.out).with_suffix(".md").write_text(text + "\n")
-
+    write_markdown_table(args.out, ["model", "steps", "valid NELBO (bits/byte)", "joint objective (nats/token, not a bound)",
+                                    "NFE", "idle-step ratio"],
+                         [[r["model"], r["steps"], f"{r['nelbo_bits_per_byte']:.3f} ± {r['nelbo_stderr']:.3f}",
+                           f"{r['joint_objective_nats_per_token']:.4f}", f"{r['nfe']} / {r['sample_steps']}",
+                           f"{r['idle_step_ratio']:.2%}"] for r in rows])
 
 if __name__ == "__main__":
     main()

@@ -15,11 +15,10 @@ markdown table next to it.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import tempfile
 import time
 
-from common import ROOT, peak_rss_bytes, write_json
+from common import ROOT, peak_rss_bytes, write_json, write_markdown_table
 
 VARIANTS = [
     ("flat", []),
@@ -74,15 +73,9 @@ def main():
     record = {"budget_minutes": args.budget_minutes, "config": args.config, "overrides": args.overrides,
               "devices": jax.device_count(), "rows": rows, "peak_rss_bytes": peak_rss_bytes()}
     write_json(args.out, record)
-    table = ["| model | steps | validation NELBO (bits/byte) | sampling s / 1,000 tokens | NFE |", "|---|---|---|---|---|"]
-    for r in rows:
-        table.append(f"| {r['model']} | {r['steps']} | {r['nelbo_bits_per_byte']:.3f} ± {r['nelbo_stderr']:.3f} | "
-                     f"{r['sample_seconds_per_1000_tokens']:.2f} | {r['sample_nfe']} |")
-    text = "\n".join(table)
-    print(text)
-    if args.out:
-        pathlib.Path(args.out).with_suffix(".md").write_text(text + "\n")
-
+    write_markdown_table(args.out, ["model", "steps", "validation NELBO (bits/byte)", "sampling s / 1,000 tokens", "NFE"],
+                         [[r["model"], r["steps"], f"{r['nelbo_bits_per_byte']:.3f} ± {r['nelbo_stderr']:.3f}",
+                           f"{r['sample_seconds_per_1000_tokens']:.2f}", r["sample_nfe"]] for r in rows])
 
 if __name__ == "__main__":
     main()

@@ -94,7 +94,8 @@ def epsilon_hybrid_loss(apply_fn, x0, key, cfg: DiffusionConfig, mask_id: int, n
 
     B, L = x0.shape
     if B < 2:
-        per, z = nelbo_per_sequence(apply_fn, x0, sample_times(key, B, cfg), key, cfg, mask_id, noise_conditioning)
+        k_t, k_z = jax.random.split(key)
+        per, z = nelbo_per_sequence(apply_fn, x0, sample_times(k_t, B, cfg), k_z, cfg, mask_id, noise_conditioning)
         loss = per.mean()
         return loss, {"nelbo": loss, "bits_per_token": loss / LN2, "mask_fraction": (z == mask_id).mean()}
     k_y, k_t, k_z = jax.random.split(key, 3)

@@ -15,23 +15,15 @@ probability that it is revealed in this step, (alpha(tau[n+1, i]) - alpha(tau[n,
 from __future__ import annotations
 
 import dataclasses
-import enum
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dlm.config import ConfigError
+from dlm.config import HyperscheduleKind as Kind  # one enum for the config and the tables
 
 SETTLED, ACTIVE, FUTURE = 0, 1, 2
-
-
-class Kind(str, enum.Enum):
-    FLAT = "flat"
-    AUTOREGRESSIVE = "autoregressive"
-    BLOCK = "block"
-    SLIDE = "slide"
-    BLOCK_SLIDE = "block_slide"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +120,15 @@ def corrupt_step(key, x0, alpha_now, role, mask_id: int):
     return jnp.where(role == SETTLED, x0, jnp.where((role == ACTIVE) & keep, x0, mask_id))
 
 
+def width_for(kind: Kind, length: int, block_width: int) -> int:
+    """Block / window width of a hyperschedule kind over `length` positions."""
+    return {Kind.FLAT: length, Kind.AUTOREGRESSIVE: 1}.get(kind, block_width)
+
+
 def from_config(cfg, length: int) -> Hyperschedule:
     """The hyperschedule of a DiffusionConfig over `length` positions."""
     kind = Kind(cfg.hyperschedule.value)
-    width = {Kind.FLAT: length, Kind.AUTOREGRESSIVE: 1}.get(kind, cfg.block_width)
+    width = width_for(kind, length, cfg.block_width)
     steps = {Kind.FLAT: cfg.num_steps, Kind.BLOCK_SLIDE: cfg.block_steps}.get(kind, 1)
     return Hyperschedule(kind, length, width=width, steps=steps)
 

@@ -46,12 +46,10 @@ def categorical(key, logits, temperature: float, float64: bool):
     return jnp.argmax(logits.astype(dt) / temperature + g, axis=-1).astype(jnp.int32)
 
 
-def ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_size: int, noise_conditioning: bool,
-                   region=None):
+def ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_size: int, noise_conditioning: bool):
     """x [B, L] with the mask id (= vocab_size) at positions to generate; alphas [N + 1] = alpha(t_i).
 
-    apply_fn(x, t_tokens | None) -> logits [B, L, V]. `region` [L] bool, when given, limits the
-    reveals to those positions (the active block of a hyperschedule). Returns (tokens, nfe)."""
+    apply_fn(x, t_tokens | None) -> logits [B, L, V]. Returns (tokens, nfe)."""
     mask_id = vocab_size
     B, L = x.shape
     steps = alphas.shape[0] - 1
@@ -72,8 +70,6 @@ def ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_s
         p_reveal = jnp.where(i + 1 == steps, 1.0, (a_s - a_t) / (1.0 - a_t))
         draw = categorical(k_cat, logits, cfg.temperature, cfg.float64)
         reveal = (x == mask_id) & (jax.random.uniform(k_rev, (B, L), fdt) < p_reveal)
-        if region is not None:
-            reveal = reveal & region
         return i + 1, jnp.where(reveal, draw, x), logits, reveal.any(), nfe, key
 
     init = (jnp.int32(0), x, jnp.zeros((B, L, vocab_size), jnp.float32), jnp.bool_(True), jnp.int32(0), key)
@@ -106,9 +102,8 @@ def gamma_loop(apply_fn, x, fixed, key, times, alphas, cfg: SamplingConfig, voca
             logits = logits / cfg.temperature
         a_t, a_s = (jnp.full((B, L), a, jnp.float32) for a in (alphas[i], alphas[i + 1]))
         probs = gamma_reverse_probs(logits, z, a_t, a_s, gamma, mask_id)
-        draw = categorical(k, jnp.log(jnp.maximum(probs, 1e-30)), 1.0, cfg.float64)
-        if cfg.temperature == 0:
-            draw = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+        # the kernel is already tempered through mu; at temperature 0 take its mode
+        draw = categorical(k, jnp.log(jnp.maximum(probs, 1e-30)), 1.0 if cfg.temperature > 0 else 0.0, cfg.float64)
         return jnp.where(fixed, x, draw), key
 
     z, _ = jax.lax.fori_loop(0, steps, body, (z, key))
@@ -235,7 +230,7 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
         from dlm.sampling.hyper import make_plan
 
         kind = hs.Kind(diffusion.hyperschedule.value)
-        width = {hs.Kind.FLAT: length, hs.Kind.AUTOREGRESSIVE: 1}.get(kind, diffusion.block_width)
+        width = hs.width_for(kind, length, diffusion.block_width)
         if length % width:
             raise ConfigError(f"diffusion.block_width={width} must divide the generation length {length}.")
         plan = make_plan(hs.Hyperschedule(kind, length, width=width, steps=cfg.steps), cfg.grid)
