@@ -201,7 +201,7 @@ def main():
     parser.add_argument("--markov-workdir", default="runs/parallel_markov")
     parser.add_argument("--corpus-config", default="configs/parallel_corpus.yaml")
     parser.add_argument("--corpus-workdir", default="runs/parallel_corpus")
-    parser.add_argument("--markov-samples", default="32,8", help="parallel: samples at length <= 256, and longer")
+    parser.add_argument("--markov-samples", default="128,8", help="parallel: samples at length <= 256, and longer")
     parser.add_argument("--corpus-samples", default="4,2")
     parser.add_argument("--speed-samples", type=int, default=2, help="parallel: batch-1 runs timed per method")
     parser.add_argument("--score", default="confidence", choices=["confidence", "margin", "entropy"], help="parallel: the score of every method")

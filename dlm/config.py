@@ -109,6 +109,11 @@ class Source(str, enum.Enum):
     MARKOV = "markov"
 
 
+class MarkovStructure(str, enum.Enum):
+    DIRICHLET = "dirichlet"
+    CYCLE = "cycle"
+
+
 class TokenizerKind(str, enum.Enum):
     BYTE = "byte"
     BPE = "bpe"
@@ -195,7 +200,12 @@ class DiffusionConfig:
 @dataclasses.dataclass
 class MarkovConfig:
     num_states: int = _field(8, "K, the alphabet size of the chain.")
-    concentration: float = _field(0.5, "Each transition row ~ Dirichlet(concentration).")
+    structure: MarkovStructure = _field(MarkovStructure.DIRICHLET,
+                                        "dirichlet (rows ~ Dirichlet(concentration)) or cycle (one likely successor per state "
+                                        "along a random cycle; `branches` states also branch to a second successor).")
+    concentration: float = _field(0.5, "Each transition row ~ Dirichlet(concentration) (structure=dirichlet).")
+    branches: int = _field(0, "structure=cycle: states with a second likely successor (taken with probability U(0.1, 0.25)).")
+    noise: float = _field(0.01, "structure=cycle: probability mass of every row spread uniformly over all states.")
     seed: int = _field(0, "Seed of the transition matrix.")
     num_train: int = _field(0, "Training sequences; 0 draws fresh sequences for every batch (infinite data).")
     num_validation: int = _field(2048, "Validation sequences.")
@@ -283,7 +293,8 @@ class SamplingConfig:
     steps: int = _field(128, "Steps of the time grid (per block for the block hyperschedule).")
     grid: TimeGrid = _field(TimeGrid.UNIFORM, "Time grid: uniform or cosine.")
     temperature: float = _field(1.0, "Softmax temperature (0 = argmax).")
-    float64: bool = _field(True, "Draw Gumbel noise in float64 (float32 noise lowers sample entropy).")
+    float64: bool = _field(True, "Draw float64-grade Gumbel noise (float64 under jax_enable_x64, else a 46-bit "
+                                 "uniform); float32 noise lowers sample entropy.")
     num_samples: int = _field(4, "Samples to draw.")
     length: int = _field(0, "Generated sequence length (0 = seq_len).")
     use_ema: bool = _field(True, "Sample with the EMA parameters.")
@@ -467,6 +478,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("data.source=tfds needs data.tfds_name, e.g. data.tfds_name=lm1b.")
     if d.tokenizer == TokenizerKind.PRETRAINED and not d.pretrained_tokenizer:
         raise ConfigError("data.tokenizer=pretrained needs data.pretrained_tokenizer, e.g. gpt2.")
+    mk = d.markov
+    if mk.structure == MarkovStructure.CYCLE and not (0 <= mk.branches <= mk.num_states and 0 < mk.noise < 1):
+        raise ConfigError(f"data.markov.branches={mk.branches} must be in [0, num_states={mk.num_states}] and "
+                          f"data.markov.noise={mk.noise} in (0, 1) (the noise keeps every transition possible).")
     if d.source == Source.MARKOV and d.tokenizer != TokenizerKind.BYTE:
         raise ConfigError("data.source=markov has its own alphabet; leave data.tokenizer at byte.")
     hk = cfg.diffusion.hyperschedule

@@ -48,6 +48,9 @@ def test_invalid_choice_suggests():
 def test_cross_field_checks():
     assert "num_heads" in _error(["model.d_model=130", "model.num_heads=4"])
     assert "data.paths" in _error(["data.source=files"])
+    assert "data.markov.noise=0.0 in (0, 1)" in _error(["data.source=markov", "data.markov.structure=cycle", "data.markov.noise=0"])
+    assert "data.markov.branches=9 must be in [0, num_states=8]" in _error(["data.source=markov", "data.markov.structure=cycle",
+                                                                          "data.markov.branches=9"])
 
 
 def test_missing_file(tmp_path):

@@ -71,8 +71,9 @@ def test_too_little_data_for_one_batch():
         next(train_iterator(_rows_data(n=3), 8, 4, seed=0))
 
 
-def test_markov_entropy_closed_form_matches_monte_carlo():
-    chain = MarkovChain.random(MarkovConfig(num_states=5, concentration=0.5, seed=2))
+@pytest.mark.parametrize("structure", ["dirichlet", "cycle"])
+def test_markov_entropy_closed_form_matches_monte_carlo(structure):
+    chain = MarkovChain.random(MarkovConfig(num_states=5, concentration=0.5, seed=2, structure=structure, branches=2, noise=0.05))
     L = 16
     x = chain.sample_rows(0, np.arange(20000), L)
     nll = -chain.log_prob(x) / L
@@ -80,6 +81,14 @@ def test_markov_entropy_closed_form_matches_monte_carlo():
     # stationary start: the first symbol follows pi
     freq = np.bincount(x[:, 0], minlength=5) / len(x)
     assert np.abs(freq - chain.pi).max() < 0.02
+    if structure == "cycle":  # one likely successor per state along a cycle through all states; two at 2 states
+        likely = chain.P > 0.05
+        assert sorted(likely.sum(1).tolist()) == [1, 1, 1, 2, 2]
+        state, seen = 0, set()
+        for _ in range(5):
+            seen.add(state)
+            state = int(np.argmax(np.where(likely[state], chain.P[state], 0)))
+        assert len(seen) == 5 and np.allclose(chain.P.sum(1), 1.0) and chain.P.min() == pytest.approx(0.05 / 5)
 
 
 def test_markov_rows_do_not_depend_on_slicing():

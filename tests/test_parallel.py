@@ -198,9 +198,19 @@ def test_cached_pass_with_a_fresh_cache_equals_the_full_pass(model, cache, drop)
     x = jnp.asarray(x)
     keep = jnp.asarray(rng.random((B, W)) < 0.6) if drop else None
     dc = DecodeConfig(block_length=Bk, window=W, suffix_dropout=drop, cache=cache)
-    S = min(par.max_kept(dc), L - start - Bk) if drop and cache == "prefix" else L - start - Bk
+    S = min(par.max_kept(dc), L - start - Bk) if drop else L - start - Bk
     fn = lambda t, p, a, kv, r: model(t, positions=p, attention=a, kv_cache=kv, return_kv=r)
-    passes = par.Passes(fn, B, L, Bk, W, S, drop, dc.cache, V)
-    full, (k, v) = passes.full(x, start, keep, True)
-    cached = passes.cached(x, start, keep, k, v)
-    np.testing.assert_allclose(np.asarray(cached), np.asarray(full), atol=1e-5, rtol=1e-5)
+    # under DPad a pass feeds a canvas [0, 32) (the block ends at 24) and the kept suffix in S slots,
+    # or, when that would not be shorter, the whole sequence with the dropped suffix masked out (40)
+    for Lc in ([32, 40] if drop else [L]):
+        passes = par.Passes(fn, B, L, Bk, W, S, drop, dc.cache, V, Lc=Lc)
+        assert passes.gather == (drop and Lc == 32)
+        full, (k, v) = passes.full(x, start, keep, True)
+        C = passes.cache_length()
+        assert k.shape[2] >= C
+        cached = passes.cached(x, start, keep, k[:, :, :C], v[:, :, :C])
+        np.testing.assert_allclose(np.asarray(cached), np.asarray(full), atol=1e-5, rtol=1e-5)
+        if drop:  # the canvas pass equals a full-length pass with the dropped suffix masked out
+            vis = par.dpad_visible(start, keep, Bk, W, L)
+            masked = model(x, attention=AttentionSpec("explicit", jnp.broadcast_to(vis[:, None, None, :], (B, 1, L, L))))
+            np.testing.assert_allclose(np.asarray(full), np.asarray(masked[:, start : start + Bk]), atol=1e-5, rtol=1e-5)

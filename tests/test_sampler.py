@@ -113,3 +113,23 @@ def test_infill_spec_and_errors():
         prepare_prompts([1] * 5, 1, 4, 3, 3)
     with pytest.raises(ConfigError, match="outside the vocabulary"):
         prepare_prompts([7], 1, 4, 3, 3)
+
+
+def test_float64_grade_gumbel_noise_without_x64():
+    """Without jax_enable_x64 the precise noise is built from two 23-bit words: it is Gumbel
+    distributed (KS against the exact CDF) and its tail reaches far beyond float32 noise's cap."""
+    from dlm.sampling.api import fine_uniform, gumbel
+
+    assert not jax.config.jax_enable_x64
+    n = 400_000
+    for precise in (False, True):
+        g = np.sort(np.asarray(gumbel(jax.random.key(3), (n,), precise), np.float64))
+        cdf = np.exp(-np.exp(-g))
+        ks = np.max(np.abs(cdf - np.arange(1, n + 1) / n))
+        assert ks < 1.6 / np.sqrt(n), (precise, ks)  # 1.6/sqrt(n): a 1% KS critical value
+    # the smallest uniform the construction makes: 2^-47 -> g = -log(-log1p(-w)) = 47 log 2 = 32.6,
+    # where float32's uniform stops at 2^-23 (g = 15.9); and it never reaches 1
+    w = fine_uniform(jnp.asarray([[0, 0], [0, 2**9], [2**9, 0], [2**32 - 1, 2**32 - 1]], jnp.uint32))
+    np.testing.assert_allclose(np.asarray(w[:3]), [2.0**-47, 1.5 * 2.0**-46, 2.0**-23 + 2.0**-47], rtol=1e-6)
+    assert float(w[3]) < 1.0
+    assert float(-jnp.log(-jnp.log1p(-w[0]))) == pytest.approx(47 * np.log(2), rel=1e-5)

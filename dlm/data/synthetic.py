@@ -1,7 +1,11 @@
 """Sources with a known entropy rate.
 
-A first-order Markov chain over K symbols with transition rows ~ Dirichlet(c), started from its
-stationary distribution pi. The exact entropy of a length-L sequence, per token, is
+A first-order Markov chain over K symbols, started from its stationary distribution pi, with
+transition rows ~ Dirichlet(c) (structure=dirichlet) or sparse and structured (structure=cycle):
+each state's likely successor is the next one on a random cycle through all K states, `branches`
+states also go to a second random state with probability U(0.1, 0.25), and a `noise` mass of every
+row is spread uniformly (long confident runs between occasional branch points: the text-like
+regime where parallel decoding pays). The exact entropy of a length-L sequence, per token, is
     H_L / L = (H(pi) + (L - 1) * H_rate) / L,   H_rate = sum_i pi_i H(P[i, :]).
 """
 
@@ -12,7 +16,10 @@ import pathlib
 
 import numpy as np
 
-from dlm.config import MarkovConfig
+from dlm.config import MarkovConfig, MarkovStructure
+
+
+BRANCH_RANGE = (0.1, 0.25)  # structure=cycle: probability of a branching state's second successor
 
 
 class MarkovChain:
@@ -28,6 +35,19 @@ class MarkovChain:
     @classmethod
     def random(cls, cfg: MarkovConfig) -> "MarkovChain":
         rng = np.random.default_rng(cfg.seed)
+        if cfg.structure == MarkovStructure.CYCLE:
+            K = cfg.num_states
+            order = rng.permutation(K)
+            nxt = np.empty(K, np.int64)
+            nxt[order] = np.roll(order, -1)
+            P = np.full((K, K), cfg.noise / K)
+            P[np.arange(K), nxt] += 1 - cfg.noise
+            for i in rng.choice(K, cfg.branches, replace=False):
+                other = rng.choice(np.setdiff1d(np.arange(K), [nxt[i]]))
+                q = rng.uniform(*BRANCH_RANGE) * (1 - cfg.noise)
+                P[i, nxt[i]] -= q
+                P[i, other] += q
+            return cls(P)
         P = rng.dirichlet(np.full(cfg.num_states, cfg.concentration), size=cfg.num_states)
         P = np.maximum(P, 1e-12)
         return cls(P / P.sum(1, keepdims=True))

@@ -18,10 +18,12 @@ Forward passes:
 - no cache: the whole sequence, bidirectional, every step;
 - suffix dropout (DPad): only suffix positions d in [0, W) after the block may be attended, each
   kept with probability min(1, a * phi(k d / (W - 1))), drawn once per block from the block's
-  key; they keep their true positions (RoPE). With a cache the model is fed only the block and
-  the kept suffix, gathered into K_max slots (K_max = the expected count + 6 sd + 8, so a draw
-  with more kept positions — odds below 1e-9 — loses its farthest ones); without a cache the
-  dropped positions are masked out of attention (static shapes keep the full pass);
+  key; they keep their true positions (RoPE). A full pass feeds a canvas of the first Lc
+  positions (Lc the smallest of a few static lengths that holds the block: prompt, decoded
+  tokens and block; lax.switch picks the compiled one) and the kept suffix gathered into K_max
+  slots (K_max = the expected count + 4 sd + 2: a draw with more kept positions, odds about 2e-6
+  per block at the defaults, loses its farthest ones), so a pass costs what the decoded length
+  costs, not L; a cached step feeds the block and those slots (prefix cache) or the block alone;
 - prefix cache: at each block start a full pass (counted as a step) refreshes the keys/values of
   every position; the block's later steps feed [block | suffix] and read the prefix [0, start)
   from the cache (Fast-dLLM: the prefix keys were computed with a still-masked block, an
@@ -35,6 +37,7 @@ loop ends when every row is finished. Everything is one jitted loop with static 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -55,7 +58,7 @@ def keep_probabilities(dc: DecodeConfig) -> np.ndarray:
 
 def max_kept(dc: DecodeConfig) -> int:
     p = keep_probabilities(dc)
-    return int(min(dc.window, math.ceil(p.sum() + 6 * math.sqrt((p * (1 - p)).sum()) + 8)))
+    return int(min(dc.window, math.ceil(p.sum() + 4 * math.sqrt((p * (1 - p)).sum()) + 2)))
 
 
 def suffix_keep(key, dc: DecodeConfig, batch: int):
@@ -135,49 +138,98 @@ def fuse(logits, credit, dc: DecodeConfig):
 
 
 class Passes:
-    """The decoder's forward passes for one geometry (batch B, length L, block Bk, DPad window W,
-    S suffix slots with a prefix cache)."""
+    """The decoder's forward passes for one geometry: batch B, sequence length L, block Bk, DPad
+    window W, S suffix slots and, under suffix dropout, a canvas of the first Lc positions.
 
-    def __init__(self, model_fn, B, L, Bk, W, S, drop: bool, cache: DecodeCache, mask_id: int):
+    Without suffix dropout a full pass feeds the whole sequence. With it, a full pass feeds the
+    canvas x[:, :Lc] (Lc >= the block end: the prompt, decoded tokens and the block, then
+    padding that no query attends to) followed by the kept suffix gathered into S slots at their
+    true positions, so its cost follows the decoded length rather than L."""
+
+    def __init__(self, model_fn, B, L, Bk, W, S, drop: bool, cache: DecodeCache, mask_id: int, Lc: int | None = None):
         self.model_fn, self.B, self.L, self.Bk, self.W, self.S = model_fn, B, L, Bk, W, S
         self.drop, self.cache, self.mask_id = drop, cache, mask_id
+        self.Lc = L if Lc is None else Lc
+        self.gather = drop and self.Lc + S < L  # else a full-length pass with the dropped suffix masked out is smaller
         self.pos = jnp.arange(L)
 
     def visible(self, start, keep):
-        """[B, L] keys of a full pass: everything, or under DPad the prefix, block and kept suffix."""
+        """[B, L] keys a masked full-length pass may attend to: everything, or under DPad the
+        prefix, block and kept suffix."""
         if not self.drop:
             return jnp.ones((self.B, self.L), bool)
         return dpad_visible(start, keep, self.Bk, self.W, self.L)
 
-    def full(self, x, start, keep, return_kv):
-        """Block logits [B, Bk, V] (and every position's keys/values) of a pass over the whole sequence."""
-        B, L = self.B, self.L
-        spec = AttentionSpec("explicit", jnp.broadcast_to(self.visible(start, keep)[:, None, None, :], (B, 1, L, L))) \
-            if self.drop else AttentionSpec("full")
-        out = self.model_fn(x, jnp.broadcast_to(self.pos, (B, L)), spec, None, return_kv)
+    def slots(self, start, keep):
+        """The block's suffix slots (true positions and validity [B, S]): the kept offsets under
+        DPad, else the positions after the block. Computed once per block."""
+        spos, svalid = suffix_slots(start, keep if self.drop else None, self.Bk, self.S, self.L)
+        return jnp.broadcast_to(spos, (self.B, self.S)), jnp.broadcast_to(svalid, (self.B, self.S))
+
+    def canvas(self, x, start, keep, slots=None):
+        """Tokens, true positions and key visibility [B, N] of a full pass: the sequence (N = L),
+        or under DPad the canvas and the kept suffix slots (N = Lc + S)."""
+        B = self.B
+        if not self.gather:
+            return x, jnp.broadcast_to(self.pos, x.shape), self.visible(start, keep)
+        cpos = jnp.arange(self.Lc)
+        spos, svalid = self.slots(start, keep) if slots is None else slots
+        toks = jnp.concatenate([x[:, :self.Lc], jnp.where(svalid, jnp.take_along_axis(x, spos, axis=1), self.mask_id)], axis=1)
+        positions = jnp.concatenate([jnp.broadcast_to(cpos, (B, self.Lc)), spos], axis=1)
+        vis = jnp.concatenate([jnp.broadcast_to(cpos < start + self.Bk, (B, self.Lc)), svalid], axis=1)
+        return toks, positions, vis
+
+    def full(self, x, start, keep, return_kv, slots=None):
+        """Block logits [B, Bk, V] (and the keys/values of every fed position) of a full pass."""
+        toks, positions, vis = self.canvas(x, start, keep, slots)
+        B, N = toks.shape
+        spec = AttentionSpec("explicit", jnp.broadcast_to(vis[:, None, None, :], (B, 1, N, N))) if self.drop else AttentionSpec("full")
+        out = self.model_fn(toks, positions, spec, None, return_kv)
         logits, kv = out if return_kv else (out, None)
         return jax.lax.dynamic_slice_in_dim(logits, start, self.Bk, axis=1).astype(jnp.float32), kv
 
-    def cached(self, x, start, keep, ck, cv):
+    def cache_length(self):
+        """Positions the cache holds: the prefix region of the fed sequence (prefix cache) or all
+        of it (dual cache)."""
+        if self.cache == DecodeCache.DUAL:
+            return self.Lc + self.S if self.gather else self.L
+        return self.Lc if self.drop else self.L
+
+    def cached(self, x, start, keep, ck, cv, slots=None):
         """Block logits from the cache: prefix [0, start) read from it and [block | suffix slots]
         fed (prefix cache), or prefix and (kept) suffix read from it and the block fed (dual)."""
-        B, L, Bk, S, pos = self.B, self.L, self.Bk, self.S, self.pos
+        B, Bk, S = self.B, self.Bk, self.S
         end = start + Bk
+        C = ck.shape[2]
+        cpos = jnp.arange(C)
         blk = jax.lax.dynamic_slice_in_dim(x, start, Bk, axis=1)
         bpos = jnp.broadcast_to(start + jnp.arange(Bk), (B, Bk))
+        spos, svalid = self.slots(start, keep) if slots is None else slots
         if self.cache == DecodeCache.DUAL:
-            cache_vis = (pos < start)[None] | (self.visible(start, keep) & (pos >= end)[None])
-            mask = jnp.concatenate([jnp.broadcast_to(cache_vis[:, None, :], (B, Bk, L)), jnp.ones((B, Bk, Bk), bool)], axis=2)
+            if self.gather:  # the cache is the canvas then the suffix slots
+                cache_vis = jnp.concatenate([jnp.broadcast_to(cpos[:self.Lc] < start, (B, self.Lc)), svalid], axis=1)
+            else:
+                cache_vis = (cpos < start)[None] | (self.visible(start, keep) & (cpos >= end)[None])
+            mask = jnp.concatenate([jnp.broadcast_to(cache_vis[:, None, :], (B, Bk, C)), jnp.ones((B, Bk, Bk), bool)], axis=2)
             return self.model_fn(blk, bpos, AttentionSpec("explicit", mask[:, None]), (ck, cv), False).astype(jnp.float32)
-        spos, svalid = suffix_slots(start, keep if self.drop else None, Bk, S, L)
-        spos, svalid = jnp.broadcast_to(spos, (B, S)), jnp.broadcast_to(svalid, (B, S))
         toks = jnp.concatenate([blk, jnp.where(svalid, jnp.take_along_axis(x, spos, axis=1), self.mask_id)], axis=1)
         n = Bk + S
-        cache_vis = jnp.broadcast_to((pos < start)[None, None], (B, n, L))
+        cache_vis = jnp.broadcast_to((cpos < start)[None, None], (B, n, C))
         own = jnp.concatenate([jnp.ones((B, Bk), bool), svalid], axis=1)
         mask = jnp.concatenate([cache_vis, jnp.broadcast_to(own[:, None, :], (B, n, n))], axis=2)
         logits = self.model_fn(toks, jnp.concatenate([bpos, spos], axis=1), AttentionSpec("explicit", mask[:, None]), (ck, cv), False)
         return logits[:, :Bk].astype(jnp.float32)
+
+
+def canvas_sizes(L: int, first_end: int, block_length: int, buckets: int = 16) -> list[int]:
+    """Static canvas lengths under suffix dropout: multiples of a granularity g (about L / buckets,
+    rounded up to a multiple of the block length), capped at L, from the first that holds the
+    first block's end. A block ending at e runs on the smallest one >= e."""
+    def cdiv(a, b):
+        return -(-a // b)
+
+    g = cdiv(cdiv(L, buckets), block_length) * block_length
+    return [min(L, j * g) for j in range(cdiv(first_end, g), cdiv(L, g) + 1)]
 
 
 def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask_id: int, eos_id: int, temperature: float,
@@ -200,40 +252,27 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
     cached = dc.cache != DecodeCache.NONE
     drop = dc.suffix_dropout
     W = dc.window
-    if cached and not drop and dc.cache == DecodeCache.PREFIX:
+    if drop:
+        S = min(max_kept(dc), max(G - Bk, 0))  # the kept suffix, gathered into slots
+    elif dc.cache == DecodeCache.PREFIX:
         S = max(G - Bk, 0)  # every suffix position, in a static window after the block
-    elif cached and drop and dc.cache == DecodeCache.PREFIX:
-        S = min(max_kept(dc), max(G - Bk, 0))
     else:
         S = 0
     S = max(S, 1)  # one (masked-out) slot keeps the shapes simple
+    V = mask_id
 
-    ctx = Passes(model_fn, B, L, Bk, W, S, drop, dc.cache, mask_id)
-    full_pass, cached_pass = ctx.full, ctx.cached
+    def run_block(Lc, start, x, done, nfe, row_nfe, key, keep):
+        """One block's steps on a canvas of Lc positions (L without suffix dropout)."""
+        ctx = Passes(model_fn, B, L, Bk, W, S, drop, dc.cache, mask_id, Lc=Lc)
+        slots = ctx.slots(start, keep)
 
-    def block_body(carry):
-        b, x, done, nfe, row_nfe, steps, key, tr = carry
-        start = P + b * Bk
-        key, k_blk = jax.random.split(key)
-        k_drop, k_loop = jax.random.split(k_blk)
-        keep = suffix_keep(k_drop, dc, B) if drop else None
-        V = mask_id
-        x0 = x
-
-        def step_body(c):
+        def step(c, logits_fn):
             it, x, credit, ck, cv, nfe, row_nfe, key, first_logits = c
             key, k_draw = jax.random.split(key)
             blk = jax.lax.dynamic_slice_in_dim(x, start, Bk, axis=1)
             masked = (blk == mask_id) & ~done[:, None]
             row_nfe = row_nfe + masked.any(-1).astype(jnp.int32)
-            if cached:
-                def refresh():
-                    logits, kv = full_pass(x, start, keep, True)
-                    return logits, kv[0].astype(ck.dtype), kv[1].astype(cv.dtype)
-
-                logits, ck, cv = jax.lax.cond(it == 0, refresh, lambda: (cached_pass(x, start, keep, ck, cv), ck, cv))
-            else:
-                logits, _ = full_pass(x, start, keep, False)
+            logits, ck, cv = logits_fn(x, ck, cv)
             first_logits = jnp.where(it == 0, logits, first_logits) if trace else first_logits
             if dc.credit:
                 credit = credit_update(credit, logits, masked, dc, it == 0)
@@ -243,16 +282,47 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
             x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(commit, draw, blk), start, axis=1)
             return it + 1, x, credit, ck, cv, nfe + 1, row_nfe, key, first_logits
 
+        def first(x, ck, cv):  # the block's first step: a full pass, which also builds the cache
+            if not cached:
+                return ctx.full(x, start, keep, False, slots)[0], ck, cv
+            logits, kv = ctx.full(x, start, keep, True, slots)
+            C = ctx.cache_length()
+            return logits, kv[0][:, :, :C].astype(kv_dtype), kv[1][:, :, :C].astype(kv_dtype)
+
+        def later(x, ck, cv):
+            if not cached:
+                return ctx.full(x, start, keep, False, slots)[0], ck, cv
+            return ctx.cached(x, start, keep, ck, cv, slots), ck, cv
+
         def more(c):
             it, x = c[0], c[1]
             blk = jax.lax.dynamic_slice_in_dim(x, start, Bk, axis=1)
             return (it < Bk) & ((blk == mask_id) & ~done[:, None]).any()
 
+        # a row not yet done has a fully masked block here, so the first step always runs
         credit = jnp.zeros((B, Bk, V) if dc.credit else (1, 1, 1), jnp.float32)
-        ck = cv = jnp.zeros(kv_shape if cached else (1,) * 5, kv_dtype)
+        shape = (kv_shape[0], B, ctx.cache_length(), *kv_shape[3:]) if cached else (1,) * 5
+        ck = cv = jnp.zeros(shape, kv_dtype)
         fl = jnp.zeros((B, Bk, V) if trace else (1, 1, 1), jnp.float32)
-        it, x, _, _, _, nfe, row_nfe, _, fl = jax.lax.while_loop(more, step_body,
-                                                                 (jnp.int32(0), x, credit, ck, cv, nfe, row_nfe, k_loop, fl))
+        c = step((jnp.int32(0), x, credit, ck, cv, nfe, row_nfe, key, fl), first)
+        it, x, _, _, _, nfe, row_nfe, _, fl = jax.lax.while_loop(more, lambda c: step(c, later), c)
+        return it, x, nfe, row_nfe, fl
+
+    sizes = canvas_sizes(L, P + Bk, Bk) if drop else [L]
+
+    def block_body(carry):
+        b, x, done, nfe, row_nfe, steps, key, tr = carry
+        start = P + b * Bk
+        key, k_blk = jax.random.split(key)
+        k_drop, k_loop = jax.random.split(k_blk)
+        keep = suffix_keep(k_drop, dc, B) if drop else None
+        x0 = x
+        args = (start, x, done, nfe, row_nfe, k_loop, keep)
+        if len(sizes) == 1:
+            it, x, nfe, row_nfe, fl = run_block(sizes[0], *args)
+        else:  # the smallest canvas that holds the block
+            which = (start + Bk > jnp.asarray(sizes)).sum()
+            it, x, nfe, row_nfe, fl = jax.lax.switch(which, [functools.partial(run_block, Lc) for Lc in sizes], *args)
         if trace:
             kp = keep if drop else jnp.ones((B, W), bool)
             tr = tuple(jax.lax.dynamic_update_index_in_dim(a, v, b, axis=0) for a, v in zip(tr, (fl, x0, kp)))
