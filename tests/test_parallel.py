@@ -116,14 +116,13 @@ def test_cache_refresh_logits_equal_full_recompute(model, cache, drop):
     leaves, treedef = jax.tree.flatten(state)
     L, P = 40, len(PROMPT)
     dc = DecodeConfig(block_length=8, tau=0.05, cache=cache, suffix_dropout=drop, window=8, credit=True)
-    cfg = model.cfg
     x = jnp.asarray(np.array([PROMPT + [V] * (L - P)] * 2, np.int32))
 
     def run(leaves, x):
         m = lambda: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         fn = lambda t, p, a, kv, r: m()(t, positions=p, attention=a, kv_cache=kv, return_kv=r)
         return par.parallel_decode(fn, x, P, jax.random.key(0), dc, mask_id=V, eos_id=-1, temperature=0.0, float64=False,
-                                   kv_shape=(cfg.num_layers, 2, L, cfg.num_heads, cfg.d_model // cfg.num_heads), trace=True)
+                                   trace=True)
 
     out = jax.jit(run)(leaves, x)
     assert (np.asarray(out["tokens"]) < V).all()

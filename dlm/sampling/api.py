@@ -49,11 +49,9 @@ def gumbel(key, shape, precise: bool):
     E = -log1p(-w) with w from fine_uniform, which reaches g = 32.6 (float64: about 37) where plain
     float32 noise stops at 15.9 — the tail that decides whether tokens of probability below e^-16
     are ever drawn."""
-    if not precise:
-        u = jax.random.uniform(key, shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny, maxval=1.0)
-        return -jnp.log(-jnp.log(u))
-    if jax.config.jax_enable_x64:
-        u = jax.random.uniform(key, shape, jnp.float64, minval=jnp.finfo(jnp.float64).tiny, maxval=1.0)
+    if not precise or jax.config.jax_enable_x64:
+        dt = jnp.float64 if precise else jnp.float32
+        u = jax.random.uniform(key, shape, dt, minval=jnp.finfo(dt).tiny, maxval=1.0)
         return -jnp.log(-jnp.log(u))
     w = fine_uniform(jax.random.bits(key, (*shape, 2), jnp.uint32))
     return -jnp.log(-jnp.log1p(-w))
@@ -275,7 +273,7 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
                 return module()(tokens, positions=positions, attention=attention, noise=t, kv_cache=kv_cache, return_kv=return_kv)
 
             out = parallel_decode(par_fn, x, P, key, cfg.decode, mask_id=mask_id, eos_id=eos_id, temperature=cfg.temperature,
-                                  float64=cfg.float64, kv_shape=kv_shape, kv_dtype=jnp.dtype(mcfg.dtype.value))
+                                  float64=cfg.float64, kv_dtype=jnp.dtype(mcfg.dtype.value))
             return out["tokens"], out["nfe"], out["steps"], out["row_nfe"]
         if gamma:
             tokens, nfe = gamma_loop(apply_fn, x, fixed, key, times, alphas, cfg, V, diffusion.gamma)

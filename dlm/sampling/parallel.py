@@ -233,11 +233,11 @@ def canvas_sizes(L: int, first_end: int, block_length: int, buckets: int = 16) -
 
 
 def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask_id: int, eos_id: int, temperature: float,
-                    float64: bool, kv_shape=None, kv_dtype=jnp.float32, trace: bool = False):
+                    float64: bool, kv_dtype=jnp.float32, trace: bool = False):
     """x [B, L] with the prompt in [0, prompt_len) and mask_id after it.
 
     model_fn(tokens, positions, attention, kv_cache, return_kv) -> logits | (logits, kv).
-    kv_shape = (layers, B, L, H, D) for the caches. Returns a dict of tokens [B, L], nfe (forward
+    kv_dtype: the caches' dtype (their shapes follow the passes). Returns a dict of tokens [B, L], nfe (forward
     passes of the batch: a block runs until its slowest row is done), row_nfe [B] (the passes each
     row needed: what decoding it alone would take), steps, finished [B] and, with trace, 'refresh_logits' [blocks, B, block, V] (the block
     logits of each block's first pass), 'block_inputs' [blocks, B, L] (x at each block start) and
@@ -282,29 +282,29 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
             x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(commit, draw, blk), start, axis=1)
             return it + 1, x, credit, ck, cv, nfe + 1, row_nfe, key, first_logits
 
-        def first(x, ck, cv):  # the block's first step: a full pass, which also builds the cache
-            if not cached:
-                return ctx.full(x, start, keep, False, slots)[0], ck, cv
+        def full(x, ck, cv):
+            return ctx.full(x, start, keep, False, slots)[0], ck, cv
+
+        def refresh(x, ck, cv):  # a cached block's first step: a full pass, which also builds the cache
             logits, kv = ctx.full(x, start, keep, True, slots)
             C = ctx.cache_length()
             return logits, kv[0][:, :, :C].astype(kv_dtype), kv[1][:, :, :C].astype(kv_dtype)
 
-        def later(x, ck, cv):
-            if not cached:
-                return ctx.full(x, start, keep, False, slots)[0], ck, cv
+        def from_cache(x, ck, cv):
             return ctx.cached(x, start, keep, ck, cv, slots), ck, cv
+
+        first, later = (refresh, from_cache) if cached else (full, full)
 
         def more(c):
             it, x = c[0], c[1]
             blk = jax.lax.dynamic_slice_in_dim(x, start, Bk, axis=1)
             return (it < Bk) & ((blk == mask_id) & ~done[:, None]).any()
 
-        # a row not yet done has a fully masked block here, so the first step always runs
+        # a row not yet done has a fully masked block here, so the first step always runs; it
+        # builds the cache (None without one)
         credit = jnp.zeros((B, Bk, V) if dc.credit else (1, 1, 1), jnp.float32)
-        shape = (kv_shape[0], B, ctx.cache_length(), *kv_shape[3:]) if cached else (1,) * 5
-        ck = cv = jnp.zeros(shape, kv_dtype)
         fl = jnp.zeros((B, Bk, V) if trace else (1, 1, 1), jnp.float32)
-        c = step((jnp.int32(0), x, credit, ck, cv, nfe, row_nfe, key, fl), first)
+        c = step((jnp.int32(0), x, credit, None, None, nfe, row_nfe, key, fl), first)
         it, x, _, _, _, nfe, row_nfe, _, fl = jax.lax.while_loop(more, lambda c: step(c, later), c)
         return it, x, nfe, row_nfe, fl
 
