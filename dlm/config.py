@@ -56,6 +56,7 @@ class Score(str, enum.Enum):
     """How a parallel decoder ranks masked positions."""
 
     CONFIDENCE = "confidence"
+    TOP1 = "top1"
     MARGIN = "margin"
     ENTROPY = "entropy"
 
@@ -271,7 +272,7 @@ class MeshConfig:
 @dataclasses.dataclass
 class DecodeConfig:
     block_length: int = _field(32, "Semi-autoregressive block length; must divide the generation length.")
-    score: Score = _field(Score.CONFIDENCE, "Rank masked positions by confidence p(x_hat), margin p1 - p2, or entropy (exp(-H)).")
+    score: Score = _field(Score.CONFIDENCE, "Rank masked positions by confidence p(x_hat) (the drawn token's probability: LLaDA's and Fast-dLLM's rule), top1 p1 (the top probability: the order ignores the draw), margin p1 - p2, or entropy (exp(-H)).")
     rule: CommitRule = _field(CommitRule.THRESHOLD, "topk (k per step, LLaDA), threshold (score > tau, at least the best: Fast-dLLM) or factor.")
     k: int = _field(1, "Tokens per step of the topk rule.")
     tau: float = _field(0.9, "Threshold of the threshold rule, in (0, 1] (1 = one token per step).")

@@ -41,11 +41,11 @@ def test_threshold_one_commits_one_token_per_step_and_equals_topk_one(model):
 
 
 def test_credit_with_alpha_zero_is_no_credit(model):
-    base = _gen(model, block_length=8, tau=0.02)
-    zero = _gen(model, block_length=8, tau=0.02, credit=True, credit_alpha=0.0)
+    base = _gen(model, block_length=8, tau=0.1)
+    zero = _gen(model, block_length=8, tau=0.1, credit=True, credit_alpha=0.0)
     np.testing.assert_array_equal(base["tokens"], zero["tokens"])
     assert base["nfe"] == zero["nfe"]
-    on = _gen(model, block_length=8, tau=0.02, credit=True, credit_alpha=5.0)
+    on = _gen(model, block_length=8, tau=0.1, credit=True, credit_alpha=5.0)
     assert on["nfe"] < base["nfe"]  # credit raises the fused confidence, so more tokens pass tau per step
 
 
@@ -70,6 +70,33 @@ def test_commit_rules():
     assert np.asarray(top).tolist() == [[True, False, True, False], [True, False, True, False]]
     fac = par.commit_mask(s, masked, DecodeConfig(rule="factor", factor=0.2))  # c_j >= 1 - 0.2 / (j + 1)
     assert np.asarray(fac).tolist() == [[True, False, True, False], [True, False, False, False]]
+
+
+def test_scores_that_ignore_the_draw_commit_exact_draws_and_confidence_leans_to_the_mode():
+    """A denoiser whose distribution p = (0.5, 0.3, 0.15, 0.05) ignores the context, decoded one
+    token per step at temperature 1: ranking by top1 p1 (or margin) does not look at the draws, so
+    every committed token is an exact draw from p; ranking by confidence (the drawn token's
+    probability) commits, of the still-masked positions, the one whose draw was likeliest, so token
+    0 is overrepresented (the first commit alone is token 0 with odds 1 - 0.5^4)."""
+    Vs, N, P, G = 4, 2000, 1, 4
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+
+    def fn(tokens, positions, attention, kv, ret):
+        return jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), tokens.shape + (Vs,))
+
+    x = jnp.full((N, P + G), Vs, jnp.int32).at[:, :P].set(1)
+    freq = {}
+    for score in ("top1", "margin", "confidence"):
+        out = par.parallel_decode(fn, x, P, jax.random.key(7), DecodeConfig(block_length=G, rule="topk", k=1, score=score),
+                                  mask_id=Vs, eos_id=-1, temperature=1.0, float64=False)
+        gen = np.asarray(out["tokens"])[:, P:]
+        assert int(out["nfe"]) == G and (gen < Vs).all()
+        freq[score] = np.bincount(gen.ravel(), minlength=Vs) / gen.size
+    sd = np.sqrt(probs * (1 - probs) / (N * G))
+    for score in ("top1", "margin"):
+        assert (np.abs(freq[score] - probs) < 4.5 * sd).all(), (score, freq[score])
+    expected0 = np.mean([1 - 0.5 ** m for m in (4, 3, 2, 1)])  # the m-th last commit: the best of m draws
+    assert abs(freq["confidence"][0] - expected0) < 4.5 * np.sqrt(expected0 * (1 - expected0) / (N * G)), freq["confidence"]
 
 
 def test_suffix_dropout_keep_probabilities_match_the_formula():

@@ -8,8 +8,17 @@ The generation [P, P + G) after a prompt of P tokens is decoded in semi-autoregr
    and C[i, top1_i] += p_top1_i ** gamma at still-masked positions (top1 of the raw
    distribution), then the logits are fused: l + alpha * log(1 + C). C lives for one block;
 3. a draw x_hat per position from the fused logits (argmax at temperature 0; float64 Gumbel
-   noise optional) and a score from the fused distribution: confidence p(x_hat), margin p1 - p2,
-   or exp(-entropy);
+   noise optional) and a score from the fused distribution: confidence p(x_hat), top1 p1 (the same
+   at temperature 0), margin p1 - p2, or exp(-entropy). At temperature > 0 they differ in kind:
+   - confidence (LLaDA's and Fast-dLLM's rule) lets the draw decide: a position whose draw landed
+     on an unlikely token waits and is drawn again. Threshold commits are then near-certain
+     tokens, so the tokens committed together agree with each other, but commits lean towards
+     each position's mode, and one token per step on a weak model collapses onto its most
+     predictable token (whitespace for the byte-level corpus model);
+   - top1, margin and entropy look at the distribution only, so one token per step commits exact
+     draws from it; but a position passing a threshold on them commits whatever was drawn (up to
+     1 - tau of the time not its mode), independently of the others committed with it, which
+     costs coherence (the true NLL of Markov samples at tau 0.9 rises sharply);
 4. a commit rule over the still-masked positions: topk (the k best), threshold (every score > tau,
    and always the best: tau = 1 commits one per step) or factor (the longest prefix of the sorted
    scores with c_j >= 1 - f / (j + 1), at least one).
@@ -95,6 +104,8 @@ def suffix_slots(start, keep, block_length: int, slots: int, length: int):
 def scores(logits, draw, kind: Score):
     """Score of each position from (fused) logits [B, n, V] and the drawn token [B, n]."""
     p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    if kind == Score.TOP1:
+        return jnp.max(p, axis=-1)
     if kind == Score.CONFIDENCE:
         return jnp.take_along_axis(p, draw[..., None], axis=-1)[..., 0]
     if kind == Score.MARGIN:
