@@ -190,6 +190,8 @@ def parallel_suite(args) -> dict:
 
 
 def main():
+    from dlm.config import Score
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=["hyperschedules", "parallel"], required=True)
     parser.add_argument("--config", default="configs/bench.yaml")
@@ -204,7 +206,7 @@ def main():
     parser.add_argument("--markov-samples", default="128,8", help="parallel: samples at length <= 256, and longer")
     parser.add_argument("--corpus-samples", default="8,4")
     parser.add_argument("--speed-samples", type=int, default=2, help="parallel: batch-1 runs timed per method")
-    parser.add_argument("--score", default="confidence", choices=["confidence", "top1", "margin", "entropy"], help="parallel: the score of every method")
+    parser.add_argument("--score", default="confidence", choices=[s.value for s in Score], help="parallel: the score of every method")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", default="markov,corpus", help="parallel: which models")
     parser.add_argument("--methods", default=None, help="parallel: a subset of methods (vanilla always runs)")

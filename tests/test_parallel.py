@@ -41,11 +41,11 @@ def test_threshold_one_commits_one_token_per_step_and_equals_topk_one(model):
 
 
 def test_credit_with_alpha_zero_is_no_credit(model):
-    base = _gen(model, block_length=8, tau=0.1)
-    zero = _gen(model, block_length=8, tau=0.1, credit=True, credit_alpha=0.0)
+    base = _gen(model, block_length=8, tau=0.02)
+    zero = _gen(model, block_length=8, tau=0.02, credit=True, credit_alpha=0.0)
     np.testing.assert_array_equal(base["tokens"], zero["tokens"])
     assert base["nfe"] == zero["nfe"]
-    on = _gen(model, block_length=8, tau=0.1, credit=True, credit_alpha=5.0)
+    on = _gen(model, block_length=8, tau=0.02, credit=True, credit_alpha=5.0)
     assert on["nfe"] < base["nfe"]  # credit raises the fused confidence, so more tokens pass tau per step
 
 
