@@ -14,8 +14,9 @@ whole generation. flat has no settled tokens before the end, so the cache does n
 parallel: the parallel decoders (dlm.sampling.parallel) on two models, trained first if their
 workdirs hold no checkpoint: (a) configs/parallel_markov.yaml, a sparse Markov source whose exact
 likelihood is known, and (b) configs/parallel_corpus.yaml, the builtin corpus. Methods, all with
-blocks of 32, temperature 1 (float64 Gumbel) and the same EOS early termination: vanilla (one
-token per step, full recompute), topk (2 per step), threshold (tau 0.9), threshold + credit,
+blocks of 32, one temperature (--temperature, default 1, float64 Gumbel; 0 is the papers' greedy
+decoding) and the same EOS early termination: vanilla (one token per step, full recompute), topk
+(2 per step), threshold (tau 0.9), threshold + credit,
 + suffix dropout, + prefix cache, all combined (dual cache). For each model, generation length
 and method: NFE per sample (the passes a sample needs; a batch runs until its slowest row is
 done), tokens committed per forward pass, useful tokens/s (generated, before the first EOS) and
@@ -127,13 +128,13 @@ def parallel_suite(args) -> dict:
                 if name == "corpus" else None
             for method, over in methods:
                 dcfg = DecodeConfig(block_length=32, score=args.score, **over)
-                sc = SamplingConfig(sampler="parallel", decode=dcfg, num_samples=B, temperature=1.0, float64=True, seed=args.seed)
+                sc = SamplingConfig(sampler="parallel", decode=dcfg, num_samples=B, temperature=args.temperature, float64=True, seed=args.seed)
                 out = dlm.generate(model, None, sc, length=G, eos_id=eos)  # quality: B samples at once
                 toks = out["tokens"]
                 first_eos = np.array([np.flatnonzero(r == eos)[0] if eos >= 0 and (r == eos).any() else G for r in toks])
                 speed = []  # speed: batch 1, as a user decoding one sequence sees it
                 for i in range(args.speed_samples):
-                    one = SamplingConfig(sampler="parallel", decode=dcfg, num_samples=1, temperature=1.0, float64=True,
+                    one = SamplingConfig(sampler="parallel", decode=dcfg, num_samples=1, temperature=args.temperature, float64=True,
                                          seed=args.seed + 1000 + i)
                     o = dlm.generate(model, None, one, length=G, eos_id=eos)
                     r = o["tokens"][0]
@@ -170,7 +171,7 @@ def parallel_suite(args) -> dict:
         r["nfe_reduction_vs_vanilla"] = base["nfe"] / r["nfe"]
         key = "true_nll" if r["model"] == "markov" else "sample_unigram_entropy_bits"
         r["quality_change_vs_vanilla"] = r[key] / base[key] - 1.0
-    record = {"suite": "parallel", "lengths": lengths, "score": args.score, "block_length": 32, "temperature": 1.0, "device": str(jax.devices()[0].device_kind), "results": results}
+    record = {"suite": "parallel", "lengths": lengths, "score": args.score, "block_length": 32, "temperature": args.temperature, "device": str(jax.devices()[0].device_kind), "results": results}
     if args.out:
         import pathlib
 
@@ -207,6 +208,7 @@ def main():
     parser.add_argument("--corpus-samples", default="8,4")
     parser.add_argument("--speed-samples", type=int, default=2, help="parallel: batch-1 runs timed per method")
     parser.add_argument("--score", default="confidence", choices=[s.value for s in Score], help="parallel: the score of every method")
+    parser.add_argument("--temperature", type=float, default=1.0, help="parallel: the temperature of every method (0: argmax)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", default="markov,corpus", help="parallel: which models")
     parser.add_argument("--methods", default=None, help="parallel: a subset of methods (vanilla always runs)")
@@ -215,6 +217,8 @@ def main():
     args = parser.parse_args()
     args.markov_samples = [int(v) for v in args.markov_samples.split(",")]
     args.corpus_samples = [int(v) for v in args.corpus_samples.split(",")]
+    if args.temperature < 0:
+        parser.error(f"--temperature {args.temperature} must be >= 0 (0 decodes by argmax).")
     record = hyperschedules_suite(args) if args.suite == "hyperschedules" else parallel_suite(args)
     write_json(args.out, record)
 
