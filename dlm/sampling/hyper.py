@@ -107,11 +107,20 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
     draw_logits = draw_logits or (lambda l: l)
     x = jnp.where(fixed, x, mask_id)
 
+    # Attention rows over [cache (L) | commit (C) | window (A)] keys. The commit span [c0, c0 + C)
+    # sees the cache below c0 and itself block-causally; the window sees the settled part of the
+    # cache, the commit span when it is in the same pass, and its active positions.
+    def commit_rows(c0):
+        blk = (c0 + jnp.arange(C)) // bw
+        return jnp.broadcast_to(kpos[None] < c0, (C, L)), blk[None, :] <= blk[:, None]
+
+    def window_rows(role, s0, settled):
+        return jnp.broadcast_to(settled, (A, L)), jnp.broadcast_to(jax.lax.dynamic_slice_in_dim(role, s0, A) == hs.ACTIVE, (A, A))
+
     def commit(ck, cv, x, c0):
         toks = jax.lax.dynamic_slice_in_dim(x, c0, C, axis=1)
         pos = c0 + jnp.arange(C)
-        own = (pos // bw)[None, :] <= (pos // bw)[:, None]
-        mask = jnp.concatenate([jnp.broadcast_to(kpos[None] < c0, (C, L)), own], axis=1)
+        mask = jnp.concatenate(commit_rows(c0), axis=1)
         _, (k, v) = model_fn(toks, jnp.broadcast_to(pos, (B, C)), AttentionSpec("explicit", mask[None, None]),
                              jnp.zeros((B, C), jnp.float32), (ck, cv), True)
         return (jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), c0, axis=2),
@@ -120,12 +129,10 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
     def fused(ck, cv, x, c0, role, tn, s0):
         """The commit and the window in one pass (C + A queries): what one autoregressive step costs."""
         pos_c, pos_w = c0 + jnp.arange(C), s0 + jnp.arange(A)
-        rw = jax.lax.dynamic_slice_in_dim(role, s0, A)
-        own = (pos_c // bw)[None, :] <= (pos_c // bw)[:, None]
-        rows_c = jnp.concatenate([jnp.broadcast_to(kpos[None] < c0, (C, L)), own, jnp.zeros((C, A), bool)], 1)
-        rows_w = jnp.concatenate([jnp.broadcast_to((role == hs.SETTLED) & (kpos < c0), (A, L)), jnp.ones((A, C), bool),
-                                  jnp.broadcast_to(rw == hs.ACTIVE, (A, A))], 1)
-        mask = jnp.concatenate([rows_c, rows_w], 0)[None, None]
+        cache_c, own = commit_rows(c0)
+        cache_w, active = window_rows(role, s0, (role == hs.SETTLED) & (kpos < c0))
+        mask = jnp.concatenate([jnp.concatenate([cache_c, own, jnp.zeros((C, A), bool)], 1),
+                                jnp.concatenate([cache_w, jnp.ones((A, C), bool), active], 1)], 0)[None, None]
         toks = jnp.concatenate([jax.lax.dynamic_slice_in_dim(x, c0, C, axis=1), jax.lax.dynamic_slice_in_dim(x, s0, A, axis=1)], 1)
         noise = jnp.concatenate([jnp.zeros((C,), jnp.float32), jax.lax.dynamic_slice_in_dim(tn, s0, A).astype(jnp.float32)])
         logits, (k, v) = model_fn(toks, jnp.broadcast_to(jnp.concatenate([pos_c, pos_w]), (B, C + A)),
@@ -140,8 +147,7 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
             out = model_fn(x, jnp.broadcast_to(kpos, (B, L)), AttentionSpec("explicit", mask),
                            jnp.broadcast_to(tn.astype(jnp.float32), (B, L)), None, False)
             return jax.lax.dynamic_slice_in_dim(out, s0, A, axis=1)
-        rw = jax.lax.dynamic_slice_in_dim(role, s0, A)
-        mask = jnp.concatenate([jnp.broadcast_to(role == hs.SETTLED, (A, L)), jnp.broadcast_to(rw == hs.ACTIVE, (A, A))], 1)
+        mask = jnp.concatenate(window_rows(role, s0, role == hs.SETTLED), 1)
         tw = jax.lax.dynamic_slice_in_dim(tn, s0, A).astype(jnp.float32)
         return model_fn(jax.lax.dynamic_slice_in_dim(x, s0, A, axis=1), jnp.broadcast_to(s0 + jnp.arange(A), (B, A)),
                         AttentionSpec("explicit", mask[None, None]), jnp.broadcast_to(tw, (B, A)), (ck, cv), False)
