@@ -103,7 +103,8 @@ def suffix_slots(start, keep, block_length: int, slots: int, length: int):
 
 def scores(logits, draw, kind: Score):
     """Score of each position from (fused) logits [B, n, V] and the drawn token [B, n]."""
-    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    p = jnp.exp(logp)
     if kind == Score.TOP1:
         return jnp.max(p, axis=-1)
     if kind == Score.CONFIDENCE:
@@ -111,7 +112,6 @@ def scores(logits, draw, kind: Score):
     if kind == Score.MARGIN:
         top2 = jax.lax.top_k(p, 2)[0]
         return top2[..., 0] - top2[..., 1]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.exp(jnp.sum(p * logp, axis=-1))  # exp(-H) in (0, 1]
 
 
