@@ -193,6 +193,8 @@ def test_parallel_decoding_errors(model, root):
     with pytest.raises(ConfigError, match="prompt prefix"):
         sc = SamplingConfig(sampler="parallel", num_samples=1)
         dlm.generate(model, [V] * 4 + [5] * 36, sc, length=40)
+    with pytest.raises(ConfigError, match="sampling.temperature=-1.0 must be >= 0"):  # built in code, not from a config
+        dlm.generate(model, None, SamplingConfig(sampler="parallel", num_samples=1, temperature=-1.0), length=40)
 
 
 def test_sample_script_takes_sampling_overrides(tmp_path, capsys):

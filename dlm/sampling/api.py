@@ -231,6 +231,8 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
 
     if cfg.eta < 0:
         raise ConfigError(f"sampling.eta={cfg.eta} must be >= 0.")
+    if cfg.temperature < 0:
+        raise ConfigError(f"sampling.temperature={cfg.temperature} must be >= 0 (0 decodes by argmax).")
     hybrid = diffusion.process.value == "epsilon_hybrid"
     gamma = diffusion.process.value == "gamma_hybrid"
     parallel = cfg.sampler == Sampler.PARALLEL
