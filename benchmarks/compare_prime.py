@@ -31,7 +31,7 @@ def main():
 
     import dlm
     from dlm.config import load_config
-    from dlm.parallel.mesh import make_mesh
+    from dlm.mesh import make_mesh
     from dlm.train.trainer import Trainer
 
     rows, steps = [], None

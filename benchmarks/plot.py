@@ -1,52 +1,40 @@
-"""A dependency-free PNG scatter plot (numpy + zlib): panels of (x, y) points coloured by series.
-
-No text is drawn: the caller writes the legend (series -> colour, axis ranges) into its JSON.
-"""
+"""Speed-quality plots with matplotlib: one panel per model, tokens/s against a quality measure,
+one colour per method, filled markers for the shortest generation length and hollow ones for
+longer lengths. Every panel has a title, axis labels with units, and a legend."""
 
 from __future__ import annotations
 
-import struct
-import zlib
+import matplotlib
 
-import numpy as np
+matplotlib.use("Agg")  # files only, no display
 
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194),
-          (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def write_png(path, img: np.ndarray) -> None:
-    h, w, _ = img.shape
-    raw = b"".join(b"\x00" + img[r].astype(np.uint8).tobytes() for r in range(h))
-
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 
-def scatter(path, panels, size=(420, 320), margin=30) -> list:
-    """panels: list of lists of (x, y, series_index, hollow). Returns each panel's (xmin, xmax, ymin, ymax)."""
-    W, H = size
-    img = np.full((H, W * len(panels), 3), 255, np.uint8)
-    ranges = []
-    for p, pts in enumerate(panels):
-        x0 = p * W
-        img[H - margin, x0 + margin : x0 + W - 10] = 0  # axes
-        img[10 : H - margin, x0 + margin] = 0
-        xs, ys = np.array([q[0] for q in pts], float), np.array([q[1] for q in pts], float)
-        lo_x, hi_x = xs.min(), xs.max()
-        lo_y, hi_y = ys.min(), ys.max()
-        pad_x, pad_y = 0.05 * (hi_x - lo_x or 1), 0.05 * (hi_y - lo_y or 1)
-        lo_x, hi_x, lo_y, hi_y = lo_x - pad_x, hi_x + pad_x, lo_y - pad_y, hi_y + pad_y
-        ranges.append((lo_x, hi_x, lo_y, hi_y))
-        for x, y, s, hollow in pts:
-            cx = int(x0 + margin + (x - lo_x) / (hi_x - lo_x) * (W - margin - 20))
-            cy = int(H - margin - (y - lo_y) / (hi_y - lo_y) * (H - margin - 20))
-            c = COLORS[s % len(COLORS)]
-            img[cy - 4 : cy + 5, cx - 4 : cx + 5] = c
-            if hollow:
-                img[cy - 2 : cy + 3, cx - 2 : cx + 3] = 255
-    write_png(path, img)
-    return ranges
+def speed_quality(path, panels: list[dict], title: str = ""):
+    """panels: [{'title', 'xlabel', 'ylabel', 'points': [(method, length, x, y)]}], methods in legend
+    order of first appearance. Writes a PNG and returns the figure (closed)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        methods = list(dict.fromkeys(m for m, *_ in panel["points"]))
+        lengths = sorted({n for _, n, *_ in panel["points"]})
+        colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+        for m, n, x, y in panel["points"]:
+            filled = n == lengths[0]
+            ax.scatter([x], [y], s=60, marker="o", color=colors[m] if filled else "none", edgecolors=colors[m], linewidths=1.5)
+        handles = [Line2D([], [], marker="o", linestyle="", color=colors[m], label=m) for m in methods]
+        handles += [Line2D([], [], marker="o", linestyle="", color="black" if n == lengths[0] else "none",
+                           markeredgecolor="black", label=f"length {n}") for n in lengths]
+        ax.legend(handles=handles, fontsize=8, loc="best")
+        ax.set_xscale(panel.get("xscale", "log"))
+        ax.set_xlabel(panel["xlabel"])
+        ax.set_ylabel(panel["ylabel"])
+        ax.set_title(panel["title"])
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig

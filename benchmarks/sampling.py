@@ -42,7 +42,7 @@ def hyperschedules_suite(args) -> dict:
     import dlm
     from dlm.config import SamplingConfig, load_config
     from dlm.diffusion import hyperschedules as hs
-    from dlm.parallel.mesh import make_mesh
+    from dlm.mesh import make_mesh
     from dlm.sampling.hyper import make_plan
 
     L = args.length
@@ -112,6 +112,7 @@ def parallel_suite(args) -> dict:
     from dlm.config import DecodeConfig, SamplingConfig
     from dlm.data.synthetic import MarkovChain
     from dlm.eval.likelihood import evaluate, make_eval_fn
+    from dlm.objectives import objective_for
 
     lengths = [int(v) for v in args.lengths.split(",")]
     results = []
@@ -125,7 +126,7 @@ def parallel_suite(args) -> dict:
         graphdef, params = nnx.split(model)
         for G in lengths:
             B = (args.markov_samples if name == "markov" else args.corpus_samples)[0 if G <= 256 else 1]
-            eval_fn = make_eval_fn(graphdef, cfg.diffusion, model.vocab_size, model.cfg.noise_conditioning, 4, seq_len=G) \
+            eval_fn = make_eval_fn(graphdef, objective_for(cfg.diffusion, model.vocab_size, model.cfg.noise_conditioning), 4) \
                 if name == "corpus" else None
             for method, over in methods:
                 dcfg = DecodeConfig(block_length=32, score=args.score, **over)
@@ -175,18 +176,17 @@ def parallel_suite(args) -> dict:
     if args.out:
         import pathlib
 
-        from plot import COLORS, scatter
+        from plot import speed_quality
 
         png = str(pathlib.Path(args.out).with_suffix(".png"))
-        panels = []
-        for name in sorted({r["model"] for r in results}, reverse=True):
-            key = "true_nll" if name == "markov" else "sample_unigram_entropy_bits"
-            panels.append([(math.log10(r["useful_tokens_per_second"]), r[key], [m for m, _ in METHODS].index(r["method"]),
-                            r["length"] > 256) for r in results if r["model"] == name])
-        ranges = scatter(png, panels)
-        record["plot"] = {"file": png, "panels": ["markov: true NLL (nats/token)", "corpus: sample unigram entropy (bits)"],
-                          "x": "log10 useful tokens/s", "ranges": ranges, "filled": "length 256", "hollow": "longer",
-                          "colors": {m: COLORS[i] for i, (m, _) in enumerate(METHODS)}}
+        quality = {"markov": ("true_nll", "true NLL of the samples (nats/token)"),
+                   "corpus": ("sample_unigram_entropy_bits", "sample unigram entropy (bits/byte)")}
+        panels = [{"title": f"{name} model", "xlabel": "useful tokens/s (batch 1, log scale)", "ylabel": quality[name][1],
+                   "points": [(r["method"], r["length"], r["useful_tokens_per_second"], r[quality[name][0]])
+                              for r in results if r["model"] == name]}
+                  for name in sorted({r["model"] for r in results}, reverse=True)]
+        speed_quality(png, panels, title=f"Parallel decoding: speed and quality (score {args.score}, temperature {args.temperature})")
+        record["plot"] = png
     return record
 
 

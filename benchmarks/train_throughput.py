@@ -38,7 +38,7 @@ def main():
 
     from dlm.config import load_config
     from dlm.data.pipeline import load_data, train_iterator
-    from dlm.parallel.mesh import check_batch, global_batch, make_mesh
+    from dlm.mesh import check_batch, global_batch, make_mesh
     from dlm.train.state import create_train_state, make_train_step
 
     cfg = load_config(args.config, args.overrides)

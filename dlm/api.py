@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import pathlib
 
+import jax
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from dlm.config import Config, ConfigError, DiffusionConfig, Source, TokenizerKind, load_config
 from dlm.data.tokenizers import load_tokenizer
-from dlm.diffusion.losses import diffusion_loss
+from dlm.diffusion.losses import LN2
+from dlm.mesh import make_mesh, mesh_context
 from dlm.models.transformer import Transformer
-from dlm.parallel.mesh import make_mesh, mesh_context
-from dlm.sampling.api import generate
+from dlm.objectives import denoiser, objective_for
+from dlm.sampling.generate import generate
 from dlm.train.checkpoint import Checkpointer
-from dlm.train.state import create_train_state, make_model
+from dlm.train.state import TrainState, abstract_model_state, make_model, make_optimizer
 
 __all__ = ["load_config", "build_model", "nelbo", "generate", "restore", "load_tokenizer"]
 
@@ -37,25 +40,20 @@ def build_model(cfg: Config, vocab_size: int | None = None, *, mesh=None, seed: 
         return nnx.jit(lambda: make_model(cfg, V, cfg.train.seed if seed is None else seed))()
 
 
-def nelbo(model: Transformer, batch, diffusion: DiffusionConfig, rng):
-    """Monte-Carlo NELBO (nats/token) of a batch [B, L] of clean tokens -> (loss, metrics).
+def nelbo(model: Transformer, batch, diffusion: DiffusionConfig, rng, t_samples: int = 1):
+    """Monte-Carlo NELBO (nats/token) of a batch [B, L] of clean tokens -> (value, metrics).
 
-    For a Prime model (diffusion.prime.l > 1) the loss is the one it trains on and
-    metrics['nelbo'] is the valid bound."""
-    apply_fn = lambda xt, t: model(xt, noise=t)
-    if diffusion.process.value == "gamma_hybrid":
-        from dlm.diffusion.hybrid import gamma_hybrid_loss
-
-        return gamma_hybrid_loss(apply_fn, batch, rng, diffusion, model.vocab_size, model.cfg.noise_conditioning)
-    if diffusion.process.value == "epsilon_hybrid":
-        from dlm.diffusion.hybrid import epsilon_hybrid_loss
-
-        return epsilon_hybrid_loss(apply_fn, batch, rng, diffusion, model.vocab_size, model.cfg.noise_conditioning)
+    The estimate of the run's objective (its process, hyperschedule and Prime setting): each row
+    at K = t_samples stratified times (dlm.objectives.Objective.bound), averaged over rows; the
+    same draws as the evaluator and the trainer's validation for the same key. metrics holds
+    'nelbo_per_sequence' [B] and, for Prime, 'prime_joint_objective' (not a bound)."""
+    objective = objective_for(diffusion, model.vocab_size, model.cfg.noise_conditioning)
+    per, joint = objective.bound(denoiser(model), batch, rng, t_samples)
+    value = per.mean()
+    metrics = {"nelbo": value, "bits_per_token": value / LN2, "nelbo_per_sequence": per}
     if diffusion.prime.l > 1:
-        from dlm.diffusion.prime import Codec, prime_loss
-
-        return prime_loss(apply_fn, batch, rng, diffusion, Codec(model.vocab_size, diffusion.prime.l), model.cfg.noise_conditioning)
-    return diffusion_loss(apply_fn, batch, rng, diffusion, model.vocab_size, model.cfg.noise_conditioning)
+        metrics["prime_joint_objective"] = joint.mean()
+    return value, metrics
 
 
 def restore(workdir: str | pathlib.Path, *, use_ema: bool = True, mesh=None, step: int | None = None):
@@ -71,10 +69,19 @@ def restore(workdir: str | pathlib.Path, *, use_ema: bool = True, mesh=None, ste
     if ckpt.latest_step() is None:
         raise ConfigError(f"No checkpoint found in {str(ckpt.directory)!r}; train first or point --workdir at a trained run.")
     mesh = mesh or make_mesh(cfg.mesh)
-    graphdef, abstract, _ = create_train_state(cfg, tok.vocab_size, mesh, abstract=True)
-    state = ckpt.restore(abstract, step=step)
+    # The restore target holds only the parameters that are used (the EMA or the raw ones); the
+    # rest of the train state is a placeholder that is never read from disk.
+    graphdef, params = abstract_model_state(cfg, tok.vocab_size, mesh)
+    skip = lambda tree: jax.tree.map(lambda _: ocp.PLACEHOLDER, tree)
+    has_ema = cfg.train.ema_decay > 0
+    use_ema = use_ema and has_ema
+    wanted = TrainState(step=ocp.PLACEHOLDER, params=skip(params) if use_ema else params,
+                        opt_state=skip(jax.eval_shape(make_optimizer(cfg.train).init, params)),
+                        ema=(params if use_ema else skip(params)) if has_ema else None, rng=ocp.PLACEHOLDER,
+                        nonfinite=ocp.PLACEHOLDER)
+    state = ckpt.restore(wanted, step=step)
     ckpt.close()
-    params = state.ema if (use_ema and state.ema is not None) else state.params
+    params = state.ema if use_ema else state.params
     with mesh_context(mesh):
         model = nnx.merge(graphdef, params)
     return model, cfg

@@ -53,11 +53,12 @@ def train_main(argv=None) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
         init_distributed(args)
+        from dlm.train.checkpoint import RestoreError
         from dlm.train.trainer import TrainingError, train
 
         try:
             train(cfg)
-        except TrainingError as e:
+        except (TrainingError, RestoreError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
     except ConfigError as e:
@@ -81,6 +82,8 @@ def sample_main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="JSONL output (default: <workdir>/samples.jsonl).")
     parser.add_argument("overrides", nargs="*", help="sampling.* keys, e.g. sampling.sampler=parallel sampling.decode.tau=0.8")
     args = parser.parse_args(argv)
+    from dlm.train.checkpoint import RestoreError
+
     try:
         import dlm
 
@@ -110,12 +113,15 @@ def sample_main(argv=None) -> None:
         if length > cfg.data.seq_len:
             raise ConfigError(f"--length {length} exceeds the model context data.seq_len={cfg.data.seq_len}.")
         prompt = tok.encode(args.prompt) if args.prompt else None
-        from dlm.parallel.mesh import make_mesh
+        from dlm.mesh import make_mesh
 
         out = dlm.generate(model, prompt, s, diffusion=cfg.diffusion, length=length, mesh=make_mesh(cfg.mesh),
                            eos_id=getattr(tok, "eos_id", -1))
     except ConfigError as e:
         _fail(e)
+    except RestoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     path = pathlib.Path(args.out) if args.out else workdir / "samples.jsonl"
     per = out["seconds"] / len(out["tokens"])
     with path.open("a") as f:

@@ -243,7 +243,7 @@ class TrainConfig:
     lr: float = _field(3e-3, "Peak learning rate.")
     warmup_steps: int = _field(50, "Linear warmup steps.")
     min_lr_ratio: float = _field(0.1, "Cosine decay ends at lr * min_lr_ratio.")
-    weight_decay: float = _field(0.01, "AdamW weight decay.")
+    weight_decay: float = _field(0.01, "AdamW weight decay of the matrices (not of norm scales or the token embedding: dlm.train.state.decays).")
     b1: float = _field(0.9, "Adam beta1.")
     b2: float = _field(0.99, "Adam beta2.")
     grad_clip: float = _field(1.0, "Global gradient-norm clip (0 disables).")
@@ -501,11 +501,10 @@ def validate(cfg: Config) -> Config:
     if not 0.0 <= dc.gamma < 1.0:
         raise ConfigError(f"diffusion.gamma={dc.gamma} must be in [0, 1) (the uniform share of the rate matrix).")
     if dc.process == Process.GAMMA_HYBRID:
-        from dlm.diffusion.schedules import make_schedule
-
-        if float(make_schedule(dc).alpha(1.0)) <= 0:
+        if not (dc.schedule == Schedule.LOGLINEAR and 0 < dc.loglinear_eps < 1):  # the only family with alpha(1) > 0
             raise ConfigError(f"diffusion.process=gamma_hybrid needs alpha(1) > 0 (a finite total noise); diffusion.schedule="
-                              f"{dc.schedule.value} has alpha(1) = 0: use diffusion.schedule=loglinear.")
+                              f"{dc.schedule.value} with loglinear_eps={dc.loglinear_eps} does not have it: use "
+                              "diffusion.schedule=loglinear with diffusion.loglinear_eps in (0, 1).")
         if not m.noise_conditioning:
             raise ConfigError("diffusion.process=gamma_hybrid needs per-token noise conditioning: set model.noise_conditioning=true.")
         if dc.time != TimeMode.CONTINUOUS:

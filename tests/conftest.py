@@ -12,6 +12,6 @@ sys.path.insert(0, str(ROOT))
 import pytest  # noqa: E402
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def root():
     return ROOT

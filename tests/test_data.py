@@ -130,6 +130,27 @@ def test_bpe_pipeline_saves_the_tokenizer(tmp_path):
     assert (again.val_rows == data.val_rows).all()
 
 
+def test_bpe_is_trained_once_by_the_leader_and_read_by_the_others(tmp_path, monkeypatch):
+    import dlm.data.pipeline as pipeline
+
+    built = []
+    real = pipeline.build_tokenizer
+    monkeypatch.setattr(pipeline, "build_tokenizer", lambda *a: built.append(1) or real(*a))
+    cfg = DataConfig(tokenizer=TokenizerKind.BPE, bpe_vocab_size=400, seq_len=64, max_documents=30)
+    order = []
+
+    def barrier():  # where process 1 waits, process 0 trains and writes the tokenizer
+        order.append("barrier")
+        order.append(load_data(cfg, tmp_path, leader=True))
+
+    follower = load_data(cfg, tmp_path, leader=False, barrier=barrier)
+    leader = order[1]
+    assert built == [1] and order[0] == "barrier"
+    assert (follower.val_rows == leader.val_rows).all() and (follower.train_rows == leader.train_rows).all()
+    with pytest.raises(ConfigError, match="wrote no tokenizer"):
+        load_data(cfg, tmp_path / "empty", leader=False, barrier=lambda: None)
+
+
 def _files_cfg(paths, **kw):
     return DataConfig(source=Source.FILES, paths=[str(p) for p in paths], seq_len=16, **kw)
 

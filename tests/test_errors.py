@@ -47,7 +47,8 @@ def test_sample_cli_errors(root, tmp_path):
 
 def test_prompt_longer_than_the_context(root, tmp_path):
     work = tmp_path / "run"
-    _run(root, "train.py", "--config", "configs/test.yaml", f"workdir={work}", "train.steps=2", "data.max_documents=30")
+    t = _run(root, "train.py", "--config", "configs/test.yaml", f"workdir={work}", "train.steps=2", "data.max_documents=30")
+    assert t.returncode == 0, t.stderr[-2000:]
     p = _run(root, "sample.py", "--workdir", str(work), "--prompt", "x" * 40)
     assert p.returncode == 2 and "longer than the generation length 32" in _one_sentence(p.stderr)
     p = _run(root, "sample.py", "--workdir", str(work), "--prompt", "def ", "--num-samples", "2", "--steps", "4")

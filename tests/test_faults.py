@@ -1,5 +1,6 @@
 """Faults during training: preemption signals, damaged checkpoints, non-finite losses."""
 
+import errno
 import os
 import pathlib
 import signal
@@ -52,12 +53,15 @@ def _damage_newest(work: pathlib.Path, how: str) -> int:
     target = files[-1]  # the largest file holds the array data
     if how == "truncate":
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    elif how == "metadata":
+        meta = work / "checkpoints" / str(newest) / "state" / "_METADATA"
+        meta.write_text(meta.read_text()[:40])
     else:
         target.unlink()
     return newest
 
 
-@pytest.mark.parametrize("how", ["truncate", "delete"])
+@pytest.mark.parametrize("how", ["truncate", "delete", "metadata"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(root, tmp_path, how):
     work = tmp_path / "run"
     Trainer(_cfg(root, work, "train.steps=20", "train.checkpoint_every=10")).run()
@@ -80,24 +84,64 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(root, tmp_path, ho
     assert Checkpointer(work).latest_step() == 20
 
 
-def test_nonfinite_loss_is_skipped_and_counted(root, tmp_path):
+@pytest.fixture(scope="module")
+def trained(root, tmp_path_factory):
+    """A finished 10-step run with checkpoints 5 and 10."""
+    work = tmp_path_factory.mktemp("trained") / "run"
+    Trainer(_cfg(root, work, "train.steps=10", "train.checkpoint_every=5")).run()
+    return work
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ECONNRESET, "Connection reset by peer"),
+                                   ValueError("UNAVAILABLE: the storage service is unavailable; try again"),
+                                   MemoryError()], ids=["oserror", "unavailable", "memory"])
+def test_a_restore_error_that_is_not_damage_leaves_the_checkpoint_and_stops(root, tmp_path, trained, monkeypatch, error):
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    from dlm.train.checkpoint import RestoreError
+
     work = tmp_path / "run"
-    result = Trainer(_cfg(root, work, "train.steps=8", "train.inject_nonfinite_at=[3,4]", "train.nonfinite=skip")).run()
+    shutil.copytree(trained, work)
+    cfg = _cfg(root, work, "train.steps=10", "train.checkpoint_every=5")
+
+    def fail(*a, **k):
+        raise error
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", fail)
+    with pytest.raises(RestoreError) as info:
+        Trainer(cfg)
+    msg = str(info.value)
+    assert len(msg.splitlines()) == 1 and msg.startswith("Restoring checkpoint 10 in ") and "left in place" in msg
+    assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "5"]
+    assert not (work / "damaged").exists()
+    monkeypatch.undo()
+    assert Trainer(cfg).start_step == 10  # the error is gone: the newest checkpoint is still there to resume
+
+
+def test_nonfinite_loss_is_skipped_and_counted(root, tmp_path):
+    from dlm.mesh import make_mesh
+    from dlm.train.state import create_train_state
+
+    work = tmp_path / "run"
+    skip = _cfg(root, work, "train.steps=6", "train.checkpoint_every=5", "train.inject_nonfinite_at=[3,4]", "train.nonfinite=skip")
+    result = Trainer(skip).run()
     assert result["nonfinite"] == 2
     losses = per_step_losses(work)
     assert np.isnan(losses[3]) and np.isnan(losses[4]) and np.isfinite(losses[5])
     ref = tmp_path / "ref"
     Trainer(_cfg(root, ref, "train.steps=3")).run()
-    # steps 3 and 4 changed nothing: the state after 5 steps with two skipped = 3 clean steps + step 5's batch
-    from dlm.train.state import create_train_state
 
-    cfg = _cfg(root, work, "train.steps=8")
-    from dlm.parallel.mesh import make_mesh
-
-    _, abstract, _ = create_train_state(cfg, 257, make_mesh(cfg.mesh), abstract=True)
-    state = Checkpointer(work).restore(abstract)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
-    assert int(state.nonfinite) == 2 and int(state.step) == 8
+    _, abstract, _ = create_train_state(skip, 257, make_mesh(skip.mesh), abstract=True)
+    state = Checkpointer(work).restore(abstract, step=5)
+    clean = Checkpointer(ref).restore(abstract, step=3)
+    assert (int(state.step), int(state.nonfinite)) == (5, 2) and (int(clean.step), int(clean.nonfinite)) == (3, 0)
+    # the two skipped steps changed nothing else: parameters, Adam moments and count, EMA and rng
+    # after 5 steps with steps 3 and 4 skipped are those of 3 clean steps, bit for bit
+    for name in ("params", "opt_state", "ema", "rng"):
+        for a, b in zip(jax.tree.leaves(getattr(state, name)), jax.tree.leaves(getattr(clean, name))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
 
 
 def test_nonfinite_loss_stops_with_an_intact_checkpoint(root, tmp_path):
@@ -108,7 +152,7 @@ def test_nonfinite_loss_stops_with_an_intact_checkpoint(root, tmp_path):
         Trainer(cfg).run()
     ck = Checkpointer(work)
     assert ck.latest_step() == 5
-    from dlm.parallel.mesh import make_mesh
+    from dlm.mesh import make_mesh
     from dlm.train.state import create_train_state
 
     _, abstract, _ = create_train_state(cfg, 257, make_mesh(cfg.mesh), abstract=True)

@@ -16,8 +16,9 @@ import pytest
 
 from brute import ExactDenoiser
 from dlm.config import DiffusionConfig, Schedule, TimeMode
-from dlm.diffusion.losses import diffusion_loss, nelbo_terms, time_and_weight
+from dlm.diffusion.losses import nelbo_terms, time_and_weight
 from dlm.diffusion.schedules import make_schedule
+from dlm.objectives import objective_for
 
 V, L = 3, 3
 
@@ -79,12 +80,13 @@ def test_wrong_denoiser_is_above_the_likelihood(den):
 
 
 def test_monte_carlo_loss_is_unbiased(den):
-    """diffusion_loss (antithetic times, random masks) averages to the brute-force NELBO."""
+    """The MDLM objective's training loss (antithetic times, random masks) averages to the brute-force NELBO."""
     cfg = DiffusionConfig()
     x = den.seqs[7]
     exact = -den.log_prob(x)
     batch = jnp.asarray(np.tile(x, (256, 1)))
-    loss = jax.jit(lambda k: diffusion_loss(lambda xt, t: den.logits(xt), batch, k, cfg, den.mask)[0] * L)
+    objective = objective_for(cfg, den.mask, False)
+    loss = jax.jit(lambda k: objective.loss(lambda xt, t: den.logits(xt), batch, k)[0] * L)
     vals = np.array([float(loss(jax.random.key(i))) for i in range(200)])
     mean, err = vals.mean(), vals.std(ddof=1) / np.sqrt(len(vals))
     assert abs(mean - exact) < 4 * err + 1e-6, (mean, exact, err)
@@ -108,3 +110,33 @@ def test_discrete_time_nelbo_converges_to_continuous(den):
     assert all(g >= -1e-9 for g in gaps), gaps  # the discrete-time bound is looser
     assert all(a > b for a, b in zip(gaps, gaps[1:])), gaps  # and tightens as T grows
     assert gaps[-1] < 1e-3 * cont
+
+
+def test_evaluator_is_unbiased_for_minus_log_p_with_the_exact_denoiser(den):
+    """evaluate() over every sequence (a partial last batch included) with K = 3 stratified times per
+    row: the mean NELBO matches the exact mean of -log p(x) / L within its own standard error."""
+    from dlm.eval.likelihood import evaluate
+
+    objective = objective_for(DiffusionConfig(), den.mask, False)
+    eval_fn = jax.jit(lambda params, rows, key: objective.bound(lambda xt, t, *a, **k: den.logits(xt), rows, key, 3))
+    rows = np.repeat(den.seqs, 40, axis=0)  # 1080 rows: the last batch of 64 is padded
+    r = evaluate(eval_fn, None, rows, 64, seed=3)
+    exact = np.mean([-den.log_prob(x) for x in rows]) / L
+    assert 0 < r["nelbo_stderr"] < 0.05 * exact
+    assert abs(r["nelbo"] - exact) < 4 * r["nelbo_stderr"], (r, exact)
+
+
+def test_evaluate_averages_exactly_the_given_rows_with_paired_draws():
+    from dlm.eval.likelihood import evaluate
+
+    def eval_fn(params, rows, key):  # a per-row value from the row and from the batch's key
+        return rows.sum(-1).astype(jnp.float32) + jax.random.uniform(key, (rows.shape[0],)), jnp.zeros(rows.shape[0])
+
+    rows = np.arange(50 * 4).reshape(50, 4) % 7
+    a, b, c = (evaluate(eval_fn, None, rows, 16, seed=s) for s in (1, 1, 2))
+    assert a == b and a["nelbo"] != c["nelbo"]  # the same seed gives the same draws
+    padded = np.concatenate([rows, np.repeat(rows[:1], 14, 0)])  # 4 batches of 16
+    per = np.concatenate([np.asarray(eval_fn(None, padded[i: i + 16], jax.random.fold_in(jax.random.key(1), i))[0])
+                          for i in range(0, 64, 16)])[:50].astype(np.float64)
+    assert a["nelbo"] == pytest.approx(per.mean(), rel=1e-7)  # 50 rows: the two padded ones are not counted
+    assert a["nelbo_stderr"] == pytest.approx(per.std(ddof=1) / np.sqrt(50), rel=1e-7)

@@ -10,7 +10,7 @@ import pytest
 import dlm
 from dlm.config import ConfigError, DecodeConfig, SamplingConfig, load_config
 from dlm.models.attention import AttentionSpec
-from dlm.parallel.mesh import make_mesh
+from dlm.mesh import make_mesh
 from dlm.sampling import parallel as par
 
 V = 257

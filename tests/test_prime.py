@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from dlm.config import ConfigError, DiffusionConfig, load_config
-from dlm.diffusion.losses import diffusion_loss
-from dlm.diffusion.prime import Codec, carry_over, prime_loss, prime_terms
+from dlm.diffusion.prime import Codec, carry_over, prime_terms
+from dlm.objectives import MaskedDiffusion, PrimeDiffusion
 from dlm.diffusion.schedules import make_schedule
 
 
@@ -73,13 +73,28 @@ def brute_force_objectives(p, l):
     return valid, joint
 
 
-@pytest.mark.parametrize("p,entropy,joint", [((.5, 0, 0, .5), 0.6931, 0.3466), ((.4, .1, .1, .4), 1.1935, 1.0969)])
+def joint_closed_form(p, l=2):
+    """The joint objective of the exact model of a single-token source with l = 2 digits under the
+    linear schedule: each digit pattern (both masked, one masked, none) has weight 1/2 after the
+    time integral, so it is 1/2 sum_x p(x) [-log p(x) - log p(x | d0) - log p(x | d1)], d_j being
+    x's digit j (the other digit masked)."""
+    digits = Codec(len(p), l).digits
+    total = 0.0
+    for x, px in enumerate(p):
+        if px > 0:
+            given = [px / p[digits[:, j] == digits[x, j]].sum() for j in range(l)]
+            total += px * (-np.log(px) - sum(np.log(g) for g in given))
+    return 0.5 * total
+
+
+@pytest.mark.parametrize("p,entropy,joint", [((.5, 0, 0, .5), 0.6931, 0.34657), ((.4, .1, .1, .4), 1.1935, 1.09718)])
 def test_valid_bound_equals_entropy_while_the_joint_objective_falls_below(p, entropy, joint):
     valid, j = brute_force_objectives(np.array(p), l=2)
     H = float(-sum(q * np.log(q) for q in p if q > 0))
     assert H == pytest.approx(entropy, abs=1e-4)
-    assert valid == pytest.approx(H, rel=1e-4)
-    assert j == pytest.approx(joint, abs=1e-3) and j < H - 0.05
+    assert valid == pytest.approx(H, rel=1e-5)
+    assert joint_closed_form(np.array(p)) == pytest.approx(joint, abs=1e-5)
+    assert j == pytest.approx(joint_closed_form(np.array(p)), abs=1e-5) and j < H - 0.05
 
 
 def test_l1_prime_loss_equals_the_mdlm_nelbo():
@@ -93,8 +108,8 @@ def test_l1_prime_loss_equals_the_mdlm_nelbo():
     x0 = jax.random.randint(jax.random.key(1), (B, L), 0, V)
     for k in range(5):
         key = jax.random.key(10 + k)
-        a, ma = diffusion_loss(apply_tokens, x0, key, cfg, V)
-        b, mb = prime_loss(lambda yt, t: apply_tokens(yt[..., 0], t), x0, key, cfg, Codec(V, 1))
+        a, ma = MaskedDiffusion(cfg, V, False).loss(apply_tokens, x0, key)
+        b, mb = PrimeDiffusion(cfg, V, False).loss(lambda yt, t: apply_tokens(yt[..., 0], t), x0, key)
         assert float(b) == pytest.approx(float(a), rel=1e-6)
         assert float(mb["prime_joint_objective"]) == pytest.approx(float(a), rel=1e-6)
 
@@ -127,7 +142,7 @@ def test_digit_sampler_draws_from_the_exact_model():
     """With the exact model of a one-token source and many steps, digits are revealed one at a time
     from the carried-over marginals, which is exact sampling from p; idle steps cost no NFE."""
     from dlm.config import SamplingConfig
-    from dlm.sampling.api import prime_ancestral_loop, time_grid
+    from dlm.sampling.ancestral import prime_ancestral_loop, time_grid
 
     p = np.array([0.4, 0.05, 0.15, 0.1, 0.3])
     c = Codec(5, 2)  # b = 3: codes 5..8 are invalid and must never appear

@@ -14,7 +14,8 @@ import pytest
 
 from brute import ExactDenoiser
 from dlm.config import ConfigError, SamplingConfig, TimeGrid
-from dlm.sampling.api import ancestral_loop, prepare_prompts, time_grid
+from dlm.sampling.ancestral import ancestral_loop, time_grid
+from dlm.sampling.generate import prepare_prompts
 
 
 def sample(den, n, steps, seed, fixed=None, x=None, grid=TimeGrid.UNIFORM, float64=False):
@@ -118,7 +119,7 @@ def test_infill_spec_and_errors():
 def test_float64_grade_gumbel_noise_without_x64():
     """Without jax_enable_x64 the precise noise is built from two 23-bit words: it is Gumbel
     distributed (KS against the exact CDF) and its tail reaches far beyond float32 noise's cap."""
-    from dlm.sampling.api import fine_uniform, gumbel
+    from dlm.sampling.draws import fine_uniform, gumbel
 
     assert not jax.config.jax_enable_x64
     n = 400_000

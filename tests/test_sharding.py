@@ -6,7 +6,7 @@ import pytest
 
 import dlm
 from dlm.config import ConfigError, MeshConfig, load_config
-from dlm.parallel.mesh import global_batch, make_mesh
+from dlm.mesh import global_batch, make_mesh
 from dlm.train.checkpoint import Checkpointer
 from dlm.train.state import create_train_state, make_train_step
 

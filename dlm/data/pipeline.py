@@ -56,10 +56,13 @@ def unigram_entropy_bits(rows: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def load_data(cfg: DataConfig, workdir: pathlib.Path | None = None, seed: int = 0, save_tokenizer: bool = True) -> Data:
+def load_data(cfg: DataConfig, workdir: pathlib.Path | None = None, seed: int = 0, leader: bool = True,
+              barrier=None) -> Data:
     """Build the tokenizer (or reload the one saved in `workdir`) and pack both splits.
 
-    Only one process should write the tokenizer (`save_tokenizer`)."""
+    With several processes, only the leader (process 0) builds the tokenizer (a BPE is trained
+    once) and writes it to the shared workdir; `barrier()` is then called on every process, and
+    the others read the leader's tokenizer after it."""
     if cfg.source == Source.MARKOV:
         chain = MarkovChain.random(cfg.markov)
         tok = MarkovTokenizer(cfg.markov.num_states)
@@ -69,16 +72,24 @@ def load_data(cfg: DataConfig, workdir: pathlib.Path | None = None, seed: int = 
             train = chain.sample_rows(seed, np.arange(cfg.markov.num_train), cfg.seq_len)
         desc = (f"Markov source: K={chain.K}, entropy {chain.entropy_per_token(cfg.seq_len):.4f} nats/token "
                 f"at length {cfg.seq_len}")
-        if workdir is not None and save_tokenizer:
+        if workdir is not None and leader:
             tok.save(workdir)
         return Data(tok, train, val, 1.0, chain, desc)
 
     train_docs, val_docs = sources.load_documents(cfg)
-    tok = load_tokenizer(workdir) if workdir is not None else None
+    tok = None
+    if leader:
+        tok = load_tokenizer(workdir) if workdir is not None else None
+        if tok is None:
+            tok = build_tokenizer(cfg, train_docs)
+            if workdir is not None:
+                tok.save(workdir)
+    if barrier is not None:
+        barrier()
     if tok is None:
-        tok = build_tokenizer(cfg, train_docs)
-        if workdir is not None and save_tokenizer:
-            tok.save(workdir)
+        tok = load_tokenizer(workdir) if workdir is not None else None
+        if tok is None:
+            raise ConfigError(f"Process 0 wrote no tokenizer into {str(workdir)!r}; the workdir must be storage that every process shares.")
     train = pack(tok.encode_batch(train_docs), tok.eos_id, cfg.seq_len)
     val = pack(tok.encode_batch(val_docs), tok.eos_id, cfg.seq_len)
     if len(val) == 0:

@@ -127,7 +127,7 @@ def width_for(kind: Kind, length: int, block_width: int) -> int:
 
 def from_config(cfg, length: int) -> Hyperschedule:
     """The hyperschedule of a DiffusionConfig over `length` positions."""
-    kind = Kind(cfg.hyperschedule.value)
+    kind = cfg.hyperschedule
     width = width_for(kind, length, cfg.block_width)
     steps = {Kind.FLAT: cfg.num_steps, Kind.BLOCK_SLIDE: cfg.block_steps}.get(kind, 1)
     return Hyperschedule(kind, length, width=width, steps=steps)
@@ -210,16 +210,3 @@ def double_nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
     return (schedule.weight(tau) * jnp.where(xt == mask_id, nll, 0.0)).sum(-1) / L
-
-
-def hyperschedule_loss(apply_fn, x0, key, cfg, h: Hyperschedule, mask_id: int, noise_conditioning: bool = False):
-    """Monte-Carlo NELBO (nats/token) of a batch under h, antithetic steps -> (loss, metrics).
-    cfg.layout = double trains every block at once on [clean | noised] (double_nelbo_per_sequence)."""
-    from dlm.diffusion.losses import LN2, sample_times
-
-    k_u, k_m = jax.random.split(key)
-    u = 1.0 - sample_times(k_u, x0.shape[0], cfg)  # in [0, 1)
-    per_row = double_nelbo_per_sequence if cfg.layout.value == "double" else nelbo_per_sequence
-    per = per_row(apply_fn, x0, u, k_m, cfg, h, mask_id, noise_conditioning)
-    loss = per.mean()
-    return loss, {"nelbo": loss, "bits_per_token": loss / LN2}

@@ -73,12 +73,3 @@ def nelbo_per_sequence(apply_fn, x0, t, key, cfg: DiffusionConfig, mask_id: int,
     xt = absorbing_corrupt(key, x0, schedule.alpha(t)[:, None], mask_id)
     logits = apply_fn(xt, jnp.broadcast_to(t[:, None], (B, L)) if noise_conditioning else None)
     return nelbo_terms(logits, x0, xt, w, mask_id).sum(-1) / L, xt
-
-
-def diffusion_loss(apply_fn, x0, key, cfg: DiffusionConfig, mask_id: int, noise_conditioning: bool = False):
-    """Monte-Carlo NELBO in nats/token of a batch x0 [B, L] (antithetic times). Returns (loss, metrics)."""
-    k_t, k_mask = jax.random.split(key)
-    per_seq, xt = nelbo_per_sequence(apply_fn, x0, sample_times(k_t, x0.shape[0], cfg), k_mask, cfg, mask_id, noise_conditioning)
-    loss = per_seq.mean()
-    metrics = {"nelbo": loss, "bits_per_token": loss / LN2, "mask_fraction": (xt == mask_id).mean()}
-    return loss, metrics

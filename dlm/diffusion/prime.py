@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlm.config import ConfigError, DiffusionConfig, PrimeObjective
-from dlm.diffusion.losses import LN2, sample_times, time_and_weight
+from dlm.config import ConfigError, DiffusionConfig
+from dlm.diffusion.losses import time_and_weight
 from dlm.diffusion.schedules import make_schedule
 
 
@@ -141,16 +141,3 @@ def prime_nelbo_per_sequence(apply_fn, x0, t, key, cfg: DiffusionConfig, codec: 
     logits = apply_fn(yt, jnp.broadcast_to(t[:, None], (B, L)) if noise_conditioning else None)
     valid, joint = prime_terms(logits, x0, yt, w, codec)
     return valid.sum(-1) / L, joint.sum(-1) / L, yt
-
-
-def prime_loss(apply_fn, x0, key, cfg: DiffusionConfig, codec: Codec, noise_conditioning: bool = False):
-    """Monte-Carlo loss of a batch -> (loss, metrics). The loss trained on is the valid NELBO unless
-    diffusion.prime.objective=joint; both are reported, the bound under the name nelbo."""
-    k_t, k_mask = jax.random.split(key)
-    valid, joint, yt = prime_nelbo_per_sequence(apply_fn, x0, sample_times(k_t, x0.shape[0], cfg), k_mask, cfg, codec,
-                                                noise_conditioning)
-    valid, joint = valid.mean(), joint.mean()
-    loss = joint if cfg.prime.objective == PrimeObjective.JOINT else valid
-    metrics = {"nelbo": valid, "bits_per_token": valid / LN2, "prime_joint_objective": joint,
-               "mask_fraction": (yt == codec.mask_id).mean()}
-    return loss, metrics

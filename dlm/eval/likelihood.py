@@ -9,58 +9,19 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dlm.config import DiffusionConfig
-from dlm.diffusion.losses import nelbo_per_sequence
-from dlm.models.attention import FULL
-from dlm.parallel.mesh import batch_sharding, mesh_context, replicated
+from dlm.mesh import batch_sharding, mesh_context, replicated
+from dlm.objectives import Objective, denoiser
 
 
-def make_eval_fn(graphdef, diffusion: DiffusionConfig, mask_id: int, cond: bool, t_samples: int, mesh=None, seq_len: int = 0):
-    """Jitted (params, rows [B, L], key) -> per-row (NELBO [B], Prime joint objective [B]) in nats/token,
-    averaged over K draws. `mask_id` is the vocabulary size; the joint objective is 0 without Prime."""
-    codec = None
-    if diffusion.prime.l > 1:
-        from dlm.diffusion.prime import Codec, prime_nelbo_per_sequence
-
-        codec = Codec(mask_id, diffusion.prime.l)
-
-    hyper = None
-    if diffusion.hyperschedule.value != "flat":
-        from dlm.diffusion import hyperschedules
-
-        hyper = hyperschedules.from_config(diffusion, seq_len)
+def make_eval_fn(graphdef, objective: Objective, t_samples: int, mesh=None):
+    """Jitted (params, rows [B, L], key) -> per-row (NELBO [B], Prime joint objective [B]) in nats/token:
+    the objective's bound averaged over K = t_samples stratified draws (0 joint without Prime)."""
 
     def fn(params, rows, key):
-        model = nnx.merge(graphdef, params)
-        apply_fn = lambda xt, tt, attention=FULL, positions=None: model(xt, noise=tt, attention=attention, positions=positions)
-        B = rows.shape[0]
-        k_u, k_m = jax.random.split(key)
-        u = jax.random.uniform(k_u, (B,))
-        total, joint = jnp.zeros((B,), jnp.float32), jnp.zeros((B,), jnp.float32)
-        for k in range(t_samples):
-            t = jnp.clip(jnp.mod(u + k / t_samples, 1.0), diffusion.t_min, 1.0)
-            if hyper is not None:
-                per = hyperschedules.nelbo_per_sequence(apply_fn, rows, 1.0 - t, jax.random.fold_in(k_m, k), diffusion,
-                                                        hyper, mask_id, cond)
-            elif diffusion.process.value == "gamma_hybrid":
-                from dlm.diffusion import hybrid
-
-                per, _ = hybrid.gamma_nelbo_per_sequence(apply_fn, rows, t, jax.random.fold_in(k_m, k), diffusion, mask_id, cond)
-            elif diffusion.process.value == "epsilon_hybrid":
-                from dlm.diffusion import hybrid
-
-                per, _ = hybrid.nelbo_per_sequence(apply_fn, rows, t, jax.random.fold_in(k_m, k), diffusion, mask_id, cond)
-            elif codec is None:
-                per, _ = nelbo_per_sequence(apply_fn, rows, t, jax.random.fold_in(k_m, k), diffusion, mask_id, cond)
-            else:
-                per, j, _ = prime_nelbo_per_sequence(apply_fn, rows, t, jax.random.fold_in(k_m, k), diffusion, codec, cond)
-                joint = joint + j
-            total = total + per
-        return total / t_samples, joint / t_samples
+        return objective.bound(denoiser(nnx.merge(graphdef, params)), rows, key, t_samples)
 
     if mesh is None:
         return jax.jit(fn)

@@ -36,6 +36,7 @@ import numpy as np
 from dlm.config import TimeGrid
 from dlm.diffusion import hyperschedules as hs
 from dlm.models.attention import AttentionSpec
+from dlm.sampling.draws import categorical
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +96,6 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
     kv_shape = (layers, B, L, H, D). draw_logits(logits) -> the logits reveals draw from (the
     process's prediction of the next state; identity for absorbing). Returns (x, nfe, commits,
     trace) where trace = (inputs [N, B, L], window logits [N, B, A, V], recomputed [N]) or None."""
-    from dlm.sampling.api import categorical
-
     B, L = x.shape
     A, C, bw = plan.width, plan.commit_width, plan.block_width
     cache = cache and C > 0  # nothing ever settles before the end (flat): the window is everything

@@ -55,6 +55,7 @@ import numpy as np
 
 from dlm.config import CommitRule, DecodeCache, DecodeConfig, Score
 from dlm.models.attention import AttentionSpec
+from dlm.sampling.draws import categorical
 
 
 def keep_probabilities(dc: DecodeConfig) -> np.ndarray:
@@ -253,8 +254,6 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
     row needed: what decoding it alone would take), steps, finished [B] and, with trace, 'refresh_logits' [blocks, B, block, V] (the block
     logits of each block's first pass), 'block_inputs' [blocks, B, L] (x at each block start) and
     'keep' [blocks, B, W] (each block's suffix-dropout pattern)."""
-    from dlm.sampling.api import categorical
-
     B, L = x.shape
     P, Bk = prompt_len, dc.block_length
     G = L - P

@@ -4,25 +4,58 @@ Layout: <workdir>/checkpoints/<step>/{state, data}. Orbax writes each checkpoint
 temporary folder and renames it when complete, so a kill mid-save leaves the older ones
 restorable. The data item is the iterator's global batch index (the same for any process
 count), written as JSON. Restores take an abstract target whose shardings come from the
-*current* mesh, so a checkpoint restores onto any mesh and any number of processes. A
-checkpoint that fails to restore (a truncated or deleted file) is reported in one line, moved
-to <workdir>/damaged/, and the next older one is used.
+*current* mesh, so a checkpoint restores onto any mesh and any number of processes; leaves of
+the target that are `ocp.PLACEHOLDER` are not read at all (sampling reads only the parameters
+it uses). Paths go through etils.epath, so a `gs://` workdir works like a local one.
+
+Damage is told apart from other failures. A checkpoint whose files are missing, truncated or
+fail their checksums or metadata parsing (`is_corruption`) is reported in one line, moved to
+<workdir>/damaged/ and the next older one is used. Any other error (a storage outage, a
+permission, memory) leaves every checkpoint where it is and stops with `RestoreError`.
 """
 
 from __future__ import annotations
 
-import pathlib
-import shutil
+import json
+import re
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from dlm.config import ConfigError
 
+# Status codes with which TensorStore reports bytes that are not there or do not decode.
+_CORRUPT_STATUS = re.compile(r"\b(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND)\b|truncated|corrupt|checksum|decompress", re.IGNORECASE)
+
+
+class RestoreError(RuntimeError):
+    """A checkpoint could not be read for a reason other than damage; it was left in place."""
+
+
+def is_corruption(error: BaseException) -> bool:
+    """True when an exception (or one it was raised from) says the checkpoint's bytes are damaged:
+    a missing file, metadata that does not parse, or TensorStore reading past the end of a
+    truncated file or failing to decode it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, EOFError)):
+            return True
+        if isinstance(error, ValueError) and _CORRUPT_STATUS.search(str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _path(workdir) -> epath.Path:
+    p = epath.Path(workdir)
+    return p if "://" in str(workdir) else p.resolve()
+
 
 class Checkpointer:
-    def __init__(self, workdir: str | pathlib.Path, keep: int = 3, async_save: bool = True, create: bool = True):
-        self.workdir = pathlib.Path(workdir).resolve()
+    def __init__(self, workdir, keep: int = 3, async_save: bool = True, create: bool = True):
+        self.workdir = _path(workdir)
         self.directory = self.workdir / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=create)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
@@ -31,19 +64,25 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iterator=None) -> None:
-        items = {"state": ocp.args.StandardSave(state)}
+        items = {"state": ocp.args.PyTreeSave(state)}
         if data_iterator is not None:
             items["data"] = ocp.args.JsonSave({"next_index": int(data_iterator.get_state()["next_index"])})
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process at the same step once any process got a preemption signal
+        (Orbax's multihost sync point; a plain flag on one process)."""
+        return self.manager.reached_preemption(step)
+
     def _restore_step(self, step: int, abstract_state, data_iterator):
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        items = {"state": ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args)}
         if data_iterator is not None:
             items["data"] = ocp.args.JsonRestore()
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except ValueError as e:
-            if "MISSING" not in str(e) and "mismatch" not in str(e).lower():
+            if "MISSING" not in str(e) and "mismatch" not in str(e).lower() and "not compatible" not in str(e):
                 raise
             raise ConfigError(f"Checkpoint {step} in {str(self.directory)!r} does not match the model and optimizer of the "
                               "config (its parameter tree differs); restore it with the config it was trained with.") from None
@@ -65,8 +104,11 @@ class Checkpointer:
                 return self._restore_step(s, abstract_state, data_iterator)
             except ConfigError:
                 raise
-            except Exception as e:  # a damaged checkpoint: any read or decode failure
+            except Exception as e:
                 reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                if not is_corruption(e):
+                    raise RestoreError(f"Restoring checkpoint {s} in {self.directory} failed ({type(e).__name__}: {reason}); "
+                                       "nothing in it looks damaged, so it was left in place: fix the cause and run again.") from e
                 nxt = f"restoring checkpoint {steps[i + 1]} instead" if i + 1 < len(steps) else "no older checkpoint is left"
                 log(f"Checkpoint {s} in {self.directory} is damaged ({type(e).__name__}: {reason}); {nxt}.")
                 self._set_aside(s)
@@ -81,7 +123,7 @@ class Checkpointer:
             n = 1
             while target.exists():
                 target, n = dest / f"{step}.{n}", n + 1
-            shutil.move(str(self.directory / str(step)), str(target))
+            (self.directory / str(step)).rename(target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

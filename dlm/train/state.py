@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dlm.config import Config, HyperscheduleKind, TrainConfig
-from dlm.diffusion.losses import diffusion_loss
-from dlm.models.attention import FULL
+from dlm.config import Config, TrainConfig
+from dlm.mesh import batch_sharding, mesh_context, replicated
 from dlm.models.transformer import Transformer
-from dlm.parallel.mesh import batch_sharding, mesh_context, replicated
+from dlm.objectives import denoiser, objective_for
 
 
 @flax.struct.dataclass
@@ -38,9 +37,22 @@ def learning_rate(cfg: TrainConfig):
     return lambda n: jnp.where(n < warm, cfg.lr * (n + 1) / warm, cosine(n - warm))
 
 
+def decays(path) -> bool:
+    """Whether the parameter at a tree path gets weight decay: every matrix of the blocks, the
+    output head and the noise-conditioning layers do; RMSNorm scales (`*_scale`, stacked to
+    [layers, d] by the layer scan, so their rank says nothing) and the token embedding do not.
+    The embedding is a lookup table: decoupled decay would shrink the rows of rare tokens (and
+    the mask row) every step whether or not they were used."""
+    name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+    return not (name.endswith("_scale") or name == "embed")
+
+
+def decay_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW (no decay on vectors: norms) with gradient clipping."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    """AdamW (decay by parameter path: see `decays`) with gradient clipping."""
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     parts.append(optax.adamw(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask))
     return optax.chain(*parts)
@@ -54,28 +66,13 @@ def model_graphdef(cfg: Config, vocab_size: int):
     return nnx.split(nnx.eval_shape(lambda: make_model(cfg, vocab_size, 0)))[0]
 
 
-def loss_fn_for(cfg: Config, vocab_size: int):
-    """(apply_fn, x0, key) -> (loss, metrics): the MDLM NELBO, or the Prime loss when l > 1."""
-    cond = cfg.model.noise_conditioning
-    if cfg.diffusion.hyperschedule != HyperscheduleKind.FLAT:
-        from dlm.diffusion import hyperschedules
-
-        h = hyperschedules.from_config(cfg.diffusion, cfg.data.seq_len)
-        return lambda apply_fn, x0, key: hyperschedules.hyperschedule_loss(apply_fn, x0, key, cfg.diffusion, h, vocab_size, cond)
-    if cfg.diffusion.process.value == "gamma_hybrid":
-        from dlm.diffusion.hybrid import gamma_hybrid_loss
-
-        return lambda apply_fn, x0, key: gamma_hybrid_loss(apply_fn, x0, key, cfg.diffusion, vocab_size, cond)
-    if cfg.diffusion.process.value == "epsilon_hybrid":
-        from dlm.diffusion.hybrid import epsilon_hybrid_loss
-
-        return lambda apply_fn, x0, key: epsilon_hybrid_loss(apply_fn, x0, key, cfg.diffusion, vocab_size, cond)
-    if cfg.diffusion.prime.l > 1:
-        from dlm.diffusion.prime import Codec, prime_loss
-
-        codec = Codec(vocab_size, cfg.diffusion.prime.l)
-        return lambda apply_fn, x0, key: prime_loss(apply_fn, x0, key, cfg.diffusion, codec, cond)
-    return lambda apply_fn, x0, key: diffusion_loss(apply_fn, x0, key, cfg.diffusion, vocab_size, cond)
+def abstract_model_state(cfg: Config, vocab_size: int, mesh):
+    """(graphdef, parameters as ShapeDtypeStructs with their shardings on `mesh`), from the
+    parameters' logical axis names: nothing is compiled or allocated (a restore target)."""
+    with mesh_context(mesh):
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: make_model(cfg, vocab_size, 0)))
+        shardings = nnx.get_named_sharding(params, mesh)
+    return graphdef, jax.tree.map(lambda p, sh: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=sh), params, shardings)
 
 
 def init_state(cfg: Config, vocab_size: int, tx) -> TrainState:
@@ -110,7 +107,7 @@ def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
     tx = make_optimizer(cfg.train)
     lr_fn = learning_rate(cfg.train)
     ema_decay = cfg.train.ema_decay
-    objective = loss_fn_for(cfg, vocab_size)
+    objective = objective_for(cfg.diffusion, vocab_size, cfg.model.noise_conditioning)
     inject = jnp.asarray(sorted(cfg.train.inject_nonfinite_at) or [-1], jnp.int32)
 
     def step(state: TrainState, batch):
@@ -118,7 +115,7 @@ def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params)
-            loss, metrics = objective(lambda xt, t, attention=FULL, positions=None: model(xt, noise=t, attention=attention, positions=positions), batch, key)
+            loss, metrics = objective.loss(denoiser(model), batch, key)
             poison = jnp.where(jnp.any(inject == state.step), jnp.nan, 1.0)
             return loss * poison, metrics
 

@@ -19,7 +19,8 @@ from dlm.config import Config, ConfigError, NonFinitePolicy, save_config
 from dlm.data.pipeline import load_data, train_iterator, unigram_entropy_bits, validation_windows
 from dlm.diffusion.losses import LN2
 from dlm.eval.likelihood import evaluate, make_eval_fn
-from dlm.parallel.mesh import check_batch, global_batch, make_mesh
+from dlm.mesh import check_batch, global_batch, make_mesh
+from dlm.objectives import objective_for
 from dlm.train.checkpoint import Checkpointer
 from dlm.train.metrics import MetricWriter
 from dlm.train.state import create_train_state, make_train_step
@@ -35,16 +36,24 @@ class TrainingError(RuntimeError):
 
 
 class Preemption:
-    """SIGTERM / SIGINT set a flag; the loop finishes the step, checkpoints and exits cleanly."""
+    """Stop requests: the loop finishes the step, checkpoints and exits cleanly.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    One process: SIGTERM / SIGINT set a flag that the next step reads. Several processes must
+    agree on the step at which all of them save, or a signalled process would enter the save's
+    barriers while the others run the next collective step. So there SIGTERM is left to JAX's
+    preemption service (the cluster's preemption notice), and every step asks Orbax's multihost
+    sync point (`reached_preemption`), which turns on at the same step on every process; a
+    SIGINT is shared with an all-gather at logging steps, which every process runs at the same
+    step. A process never acts on its own flag alone."""
 
-    def __init__(self):
+    def __init__(self, checkpointer):
+        self.checkpointer = checkpointer
+        self.multi = jax.process_count() > 1
         self.signum = None
         self.previous = {}
 
     def __enter__(self):
-        for s in self.SIGNALS:
+        for s in (signal.SIGINT,) if self.multi else (signal.SIGTERM, signal.SIGINT):
             self.previous[s] = signal.signal(s, self._handle)
         return self
 
@@ -55,14 +64,18 @@ class Preemption:
         for s, h in self.previous.items():
             signal.signal(s, h)
 
-    def requested(self, sync: bool) -> bool:
-        """True if any process was signalled; `sync` agrees on it across processes (a collective)."""
-        flag = self.signum is not None
-        if jax.process_count() > 1 and sync:
+    def requested(self, step: int, log_step: bool) -> str | None:
+        """The reason to stop after `step` (the same on every process), or None."""
+        if not self.multi:
+            return signal.Signals(self.signum).name if self.signum is not None else None
+        if self.checkpointer.reached_preemption(step):
+            return "a preemption notice (SIGTERM) to one of the processes"
+        if log_step:
             from jax.experimental import multihost_utils
 
-            flag = bool(multihost_utils.process_allgather(np.array([flag])).any())
-        return flag
+            if multihost_utils.process_allgather(np.array([self.signum is not None])).any():
+                return "SIGINT to one of the processes"
+        return None
 
 
 class Trainer:
@@ -76,26 +89,30 @@ class Trainer:
         check_batch(cfg.train.batch_size, self.mesh)
         if jax.process_index() == 0:
             save_config(cfg, self.workdir / "config.yaml")
-        self.data = load_data(cfg.data, self.workdir, cfg.train.seed, save_tokenizer=jax.process_index() == 0)
+        barrier = None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            barrier = lambda: multihost_utils.sync_global_devices("dlm-tokenizer")
+        self.data = load_data(cfg.data, self.workdir, cfg.train.seed, leader=jax.process_index() == 0, barrier=barrier)
         self.vocab_size = self.data.vocab_size
         self.val_rows = validation_windows(self.data, cfg.train.eval_windows)
         self.unigram_bits = unigram_entropy_bits(self.data.val_rows, self.vocab_size) / self.data.bytes_per_token
-        self.graphdef, self.state, self.shardings = create_train_state(cfg, self.vocab_size, self.mesh)
         self.iterator = train_iterator(self.data, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed,
                                        jax.process_index(), jax.process_count())
         self.checkpointer = Checkpointer(self.workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpointing)
         self.start_step = 0
-        if self.checkpointer.latest_step() is not None:
-            self.state = self.checkpointer.restore(self._abstract_state(), self.iterator, log=_log)
+        resume = self.checkpointer.latest_step() is not None
+        # resuming restores into the abstract state: the state is allocated once, by the restore
+        self.graphdef, self.state, self.shardings = create_train_state(cfg, self.vocab_size, self.mesh, abstract=resume)
+        if resume:
+            self.state = self.checkpointer.restore(self.state, self.iterator, log=_log)
             self.start_step = int(self.state.step)
             _log(f"Resumed from {self.checkpointer.directory}/{self.start_step}")
         self.step_fn = make_train_step(cfg, self.graphdef, self.vocab_size, self.mesh, self.shardings)
-        self.eval_fn = make_eval_fn(self.graphdef, cfg.diffusion, self.vocab_size, cfg.model.noise_conditioning,
-                                    cfg.train.eval_t_samples, self.mesh, cfg.data.seq_len)
+        self.objective = objective_for(cfg.diffusion, self.vocab_size, cfg.model.noise_conditioning)
+        self.eval_fn = make_eval_fn(self.graphdef, self.objective, cfg.train.eval_t_samples, self.mesh)
         self.writer = MetricWriter(self.workdir)
-
-    def _abstract_state(self):
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, self.shardings)
 
     def unit(self) -> str:
         return "bits/token" if self.data.markov is not None else "bits/byte"
@@ -139,8 +156,7 @@ class Trainer:
         losses, first, t0, t_log = [], self.start_step, time.time(), time.time()
         step = self.start_step
         self.nonfinite_seen = int(self.state.nonfinite)
-        multi = jax.process_count() > 1
-        with Preemption() as preempt:
+        with Preemption(self.checkpointer) as preempt:
             while step < cfg.steps:
                 batch = global_batch(next(self.iterator), self.mesh)
                 self.state, metrics = self.step_fn(self.state, batch)
@@ -167,7 +183,8 @@ class Trainer:
                     self.report(ev, step)
                 if save_now:
                     self.checkpointer.save(step, self.state, self.iterator)
-                if preempt.requested(sync=log_now or not multi):
+                reason = preempt.requested(step, log_now)
+                if reason:
                     if losses:
                         vals = [float(x) for x in jax.device_get(losses)]
                         self.writer.write(step, dict(losses=vals, first_step=first, loss=vals[-1]))
@@ -176,8 +193,8 @@ class Trainer:
                     self.checkpointer.close()
                     self.writer.close()
                     bar.close()
-                    name = signal.Signals(preempt.signum).name if preempt.signum else "another process"
-                    _log(f"Stopped by {name} at step {step}; checkpoint saved to {self.checkpointer.directory / str(step)}.")
+                    msg = f"Stopped by {reason} at step {step}; checkpoint saved to {self.checkpointer.directory / str(step)}."
+                    tqdm.write(msg if jax.process_count() == 1 else f"process {jax.process_index()}: {msg}")
                     return {"step": step, "preempted": True, "seconds": time.time() - t0, "workdir": str(self.workdir)}
         bar.close()
         ev = self.evaluate()

@@ -1,0 +1,196 @@
+"""The Objective registry: which process / hyperschedule / Prime combination a run uses.
+
+`objective_for(diffusion, mask_id, noise_conditioning)` is the one place that reads those
+settings. The objective it returns gives everything that depends on them:
+
+- `per_sequence(apply_fn, x0, t, key)`: a one-sample bound of each row at times t [B]
+  (nats/token), with the Prime joint objective beside it where there is one;
+- `loss(apply_fn, x0, key) -> (loss, metrics)`: the training loss (antithetic times across the
+  batch; the loss is the bound, or Prime's joint objective when the config trains on it);
+- `bound(apply_fn, x0, key, t_samples) -> (nelbo [B], joint [B])`: the evaluation estimate,
+  K stratified times t_k = (u + k/K) mod 1 per row (u drawn per row from `key`) averaged. The
+  evaluator, the trainer's validation and `dlm.nelbo` all call this, so they agree on the
+  same draws;
+- `sampler`: the exact sampler family that matches the process (dlm.sampling.generate
+  dispatches on it).
+
+apply_fn(xt, noise, attention=FULL, positions=None) -> logits [B, L, V]: `noise` is the
+per-token time [B, L] (None unless the model is noise-conditioned); `denoiser(model)` builds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import jax
+import jax.numpy as jnp
+
+from dlm.config import DiffusionConfig, HyperscheduleKind, Layout, PrimeObjective, Process
+from dlm.diffusion import hybrid, hyperschedules
+from dlm.diffusion.losses import LN2, nelbo_per_sequence, sample_times
+from dlm.diffusion.prime import Codec, prime_nelbo_per_sequence
+from dlm.models.attention import FULL
+
+
+class SamplerFamily(enum.Enum):
+    """The exact sampler of a process."""
+
+    TOKENS = "tokens"  # ancestral reveals of whole tokens (MDLM / MD4)
+    DIGITS = "digits"  # ancestral reveals of Prime sub-tokens
+    GAMMA = "gamma"  # the analytic reverse kernel of the gamma-hybrid process
+    HYPERSCHEDULE = "hyperschedule"  # the table-driven loop with the settled-token KV cache (also epsilon-hybrid)
+
+
+def denoiser(model):
+    """The apply_fn of a Transformer."""
+    return lambda xt, noise, attention=FULL, positions=None: model(xt, noise=noise, attention=attention, positions=positions)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerSequence:
+    nelbo: jax.Array  # [B] nats/token, a valid bound
+    corrupted: jax.Array  # the model input x_t (Prime: sub-tokens [B, L, l])
+    joint: jax.Array | None = None  # [B] Prime's joint objective (not a bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """Base: the absorbing-process NELBO (MDLM / MD4) on the flat hyperschedule."""
+
+    diffusion: DiffusionConfig
+    mask_id: int  # dlm-trained models: the vocabulary size (the mask is the id after the last token)
+    noise_conditioning: bool
+
+    sampler = SamplerFamily.TOKENS
+    decodes_clean = False  # the sampler ends with one pass that decodes x0 from the last state
+
+    def reveal_logits(self, logits):
+        """Logits of the token a reveal writes: the denoiser's own for absorbing processes."""
+        return logits
+
+    def per_sequence(self, apply_fn, x0, t, key) -> PerSequence:
+        nelbo, xt = nelbo_per_sequence(apply_fn, x0, t, key, self.diffusion, self.mask_id, self.noise_conditioning)
+        return PerSequence(nelbo, xt)
+
+    def loss(self, apply_fn, x0, key):
+        """(loss, metrics) of a training batch x0 [B, L]: the mean bound at antithetic times."""
+        k_t, k_x = jax.random.split(key)
+        r = self.per_sequence(apply_fn, x0, sample_times(k_t, x0.shape[0], self.diffusion), k_x)
+        loss = r.nelbo.mean()
+        return loss, {"nelbo": loss, "bits_per_token": loss / LN2, "mask_fraction": self.mask_fraction(r.corrupted)}
+
+    def mask_fraction(self, corrupted):
+        return (corrupted == self.mask_id).mean()
+
+    def bound(self, apply_fn, x0, key, t_samples: int = 1):
+        """(nelbo [B], joint [B]) in nats/token averaged over K stratified times per row; the
+        joint objective is 0 without Prime."""
+        B = x0.shape[0]
+        k_u, k_x = jax.random.split(key)
+        u = jax.random.uniform(k_u, (B,))
+        total = joint = jnp.zeros((B,), jnp.float32)
+        for k in range(t_samples):
+            t = jnp.clip(jnp.mod(u + k / t_samples, 1.0), self.diffusion.t_min, 1.0)
+            r = self.per_sequence(apply_fn, x0, t, jax.random.fold_in(k_x, k))
+            total = total + r.nelbo
+            if r.joint is not None:
+                joint = joint + r.joint
+        return total / t_samples, joint / t_samples
+
+
+class MaskedDiffusion(Objective):
+    pass
+
+
+class PrimeDiffusion(Objective):
+    """MDM-Prime: tokens split into l sub-tokens masked independently; the bound is over digit
+    marginals, and `diffusion.prime.objective=joint` trains on the published joint objective."""
+
+    sampler = SamplerFamily.DIGITS
+
+    @property
+    def codec(self) -> Codec:
+        return Codec(self.mask_id, self.diffusion.prime.l)
+
+    def per_sequence(self, apply_fn, x0, t, key) -> PerSequence:
+        valid, joint, yt = prime_nelbo_per_sequence(apply_fn, x0, t, key, self.diffusion, self.codec, self.noise_conditioning)
+        return PerSequence(valid, yt, joint)
+
+    def mask_fraction(self, corrupted):
+        return (corrupted == self.codec.mask_id).mean()
+
+    def loss(self, apply_fn, x0, key):
+        k_t, k_x = jax.random.split(key)
+        r = self.per_sequence(apply_fn, x0, sample_times(k_t, x0.shape[0], self.diffusion), k_x)
+        valid, joint = r.nelbo.mean(), r.joint.mean()
+        loss = joint if self.diffusion.prime.objective == PrimeObjective.JOINT else valid
+        return loss, {"nelbo": valid, "bits_per_token": valid / LN2, "prime_joint_objective": joint,
+                      "mask_fraction": self.mask_fraction(r.corrupted)}
+
+
+class EpsilonHybrid(Objective):
+    """Masking plus a uniform replacement with probability epsilon (dlm.diffusion.hybrid)."""
+
+    sampler = SamplerFamily.HYPERSCHEDULE
+    decodes_clean = True  # reveals write y ~ (1 - eps) mu + eps / V; a last pass decodes x ~ mu(. | y)
+
+    def reveal_logits(self, logits):
+        return hybrid.y_log_probs(logits, self.diffusion.epsilon)
+
+    def per_sequence(self, apply_fn, x0, t, key) -> PerSequence:
+        nelbo, z = hybrid.nelbo_per_sequence(apply_fn, x0, t, key, self.diffusion, self.mask_id, self.noise_conditioning)
+        return PerSequence(nelbo, z)
+
+    def loss(self, apply_fn, x0, key):
+        """One forward pass per row: the decoder term on B // 8 rows, the diffusion term on the rest."""
+        B = x0.shape[0]
+        if B < 2:
+            return super().loss(apply_fn, x0, key)
+        return hybrid.epsilon_hybrid_loss(apply_fn, x0, key, self.diffusion, self.mask_id, self.noise_conditioning)
+
+
+class GammaHybrid(Objective):
+    """Rate matrix (1 - gamma) absorbing + gamma uniform, SEDD score entropy (dlm.diffusion.hybrid)."""
+
+    sampler = SamplerFamily.GAMMA
+
+    def per_sequence(self, apply_fn, x0, t, key) -> PerSequence:
+        nelbo, z = hybrid.gamma_nelbo_per_sequence(apply_fn, x0, t, key, self.diffusion, self.mask_id, self.noise_conditioning)
+        return PerSequence(nelbo, z)
+
+
+class Hyperschedule(Objective):
+    """A noise level per position (autoregressive, block, slide, block_slide): t picks the step
+    through u = 1 - t; layout=double trains every block at once on [clean | noised]."""
+
+    sampler = SamplerFamily.HYPERSCHEDULE
+
+    def schedule(self, length: int) -> hyperschedules.Hyperschedule:
+        return hyperschedules.from_config(self.diffusion, length)
+
+    def per_sequence(self, apply_fn, x0, t, key, layout: Layout = Layout.SINGLE) -> PerSequence:
+        per_row = hyperschedules.double_nelbo_per_sequence if layout == Layout.DOUBLE else hyperschedules.nelbo_per_sequence
+        nelbo = per_row(apply_fn, x0, 1.0 - t, key, self.diffusion, self.schedule(x0.shape[1]), self.mask_id,
+                        self.noise_conditioning)
+        return PerSequence(nelbo, x0)
+
+    def loss(self, apply_fn, x0, key):
+        k_t, k_x = jax.random.split(key)
+        r = self.per_sequence(apply_fn, x0, sample_times(k_t, x0.shape[0], self.diffusion), k_x, self.diffusion.layout)
+        loss = r.nelbo.mean()
+        return loss, {"nelbo": loss, "bits_per_token": loss / LN2}
+
+
+def objective_for(diffusion: DiffusionConfig, mask_id: int, noise_conditioning: bool) -> Objective:
+    """The objective of a diffusion config (validated by dlm.config: hybrids and Prime use the flat
+    hyperschedule, hybrids use l = 1)."""
+    if diffusion.hyperschedule != HyperscheduleKind.FLAT:
+        return Hyperschedule(diffusion, mask_id, noise_conditioning)
+    if diffusion.process == Process.GAMMA_HYBRID:
+        return GammaHybrid(diffusion, mask_id, noise_conditioning)
+    if diffusion.process == Process.EPSILON_HYBRID:
+        return EpsilonHybrid(diffusion, mask_id, noise_conditioning)
+    if diffusion.prime.l > 1:
+        return PrimeDiffusion(diffusion, mask_id, noise_conditioning)
+    return MaskedDiffusion(diffusion, mask_id, noise_conditioning)

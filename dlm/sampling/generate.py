@@ -1,0 +1,245 @@
+"""generate(): prompts in, one compiled sampling loop, tokens and statistics out.
+
+The loop follows from the run's objective (dlm.objectives: its exact sampler family) and the
+sampling config:
+
+- `sampling.sampler=parallel`: the parallel decoder (dlm.sampling.parallel), flat absorbing models;
+- `sampling.sampler=acs`, or the hyperschedule family (block / autoregressive / slide schedules,
+  epsilon-hybrid): the hyperschedule loop with its KV cache (dlm.sampling.hyper);
+- otherwise the objective's ancestral loop: whole tokens (MDLM), Prime digits, or the
+  gamma-hybrid analytic kernel (dlm.sampling.ancestral).
+
+Each sampler below is one function (setup, module, x, fixed, key, alphas, times) -> dict of
+arrays with one key per meaning: tokens, nfe (forward passes of the batch), steps (loop steps),
+idle_steps (steps that needed no forward pass), and where they apply cache_writes (passes that
+wrote settled keys/values) and nfe_per_sample (passes each row needed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dlm.config import ConfigError, DiffusionConfig, Sampler, SamplingConfig, check_decode
+from dlm.diffusion import hyperschedules as hs
+from dlm.diffusion.prime import Codec
+from dlm.diffusion.schedules import make_schedule
+from dlm.mesh import batch_sharding, mesh_context
+from dlm.objectives import Objective, SamplerFamily, objective_for
+from dlm.sampling.ancestral import ancestral_loop, gamma_loop, prime_ancestral_loop, time_grid
+from dlm.sampling.draws import categorical
+from dlm.sampling.hyper import Plan, hyper_loop, make_plan
+from dlm.sampling.parallel import parallel_decode
+
+
+def prepare_prompts(prompt, num_samples: int, length: int, mask_id: int, vocab_size: int):
+    """prompt: None, a 1-D list of ids (a prefix), or an [L] / [B, L] infill spec with mask_id at the
+    positions to generate. Returns (x [B, L] int32, fixed [B, L] bool)."""
+    x = np.full((num_samples, length), mask_id, np.int32)
+    if prompt is None:
+        return x, np.zeros_like(x, bool)
+    p = np.asarray(prompt, np.int64)
+    if p.ndim == 1 and p.shape[0] > length:
+        raise ConfigError(f"The prompt has {p.shape[0]} tokens, longer than the generation length {length}; shorten it or raise sampling.length (at most data.seq_len).")
+    if p.ndim == 2 and p.shape[1] != length:
+        raise ConfigError(f"The infill spec has length {p.shape[1]} but the generation length is {length}.")
+    bad = (p < 0) | ((p >= vocab_size) & (p != mask_id))
+    if bad.any():
+        raise ConfigError(f"The prompt holds token ids outside the vocabulary [0, {vocab_size}) (e.g. {int(p[bad][0])}); mask_id {mask_id} marks positions to fill.")
+    if p.ndim == 1:
+        x[:, : p.shape[0]] = p
+    else:
+        x[:] = np.broadcast_to(p, x.shape)
+    return x, x != mask_id
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every sampler reads besides the arrays."""
+
+    cfg: SamplingConfig
+    objective: Objective
+    vocab_size: int
+    length: int
+    model_cfg: object  # the denoiser's ModelConfig
+    plan: Plan | None = None
+    prompt_len: int = 0
+    eos_id: int = -1
+
+    @property
+    def cond(self) -> bool:
+        return self.model_cfg.noise_conditioning
+
+    @property
+    def mask_id(self) -> int:
+        return self.objective.mask_id
+
+
+def ancestral(s: Setup, module, x, fixed, key, alphas, times):
+    apply_fn = lambda xt, t: module()(xt, noise=t)
+    tokens, nfe = ancestral_loop(apply_fn, x, fixed, key, alphas, s.cfg, s.vocab_size, s.cond)
+    return {"tokens": tokens, "nfe": nfe, "steps": jnp.int32(s.cfg.steps), "idle_steps": s.cfg.steps - nfe}
+
+
+def prime_digits(s: Setup, module, x, fixed, key, alphas, times):
+    apply_fn = lambda yt, t: module()(yt, noise=t)
+    codec = Codec(s.vocab_size, s.objective.diffusion.prime.l)
+    tokens, nfe, idle = prime_ancestral_loop(apply_fn, x, fixed, key, alphas, s.cfg, codec, s.cond)
+    return {"tokens": tokens, "nfe": nfe, "steps": jnp.int32(s.cfg.steps), "idle_steps": idle}
+
+
+def gamma_analytic(s: Setup, module, x, fixed, key, alphas, times):
+    apply_fn = lambda xt, t: module()(xt, noise=t)
+    tokens, nfe = gamma_loop(apply_fn, x, fixed, key, times, alphas, s.cfg, s.vocab_size, s.objective.diffusion.gamma)
+    return {"tokens": tokens, "nfe": nfe, "steps": jnp.int32(s.cfg.steps), "idle_steps": jnp.int32(0)}
+
+
+def hyperschedule(s: Setup, module, x, fixed, key, alphas, times):
+    cfg, objective, cond = s.cfg, s.objective, s.cond
+    acs = cfg.sampler == Sampler.ACS
+
+    def model_fn(tokens, positions, attention, noise, kv_cache, return_kv):
+        return module()(tokens, positions=positions, attention=attention, noise=noise if cond else None,
+                        kv_cache=kv_cache, return_kv=return_kv)
+
+    m = s.model_cfg
+    B = x.shape[0]
+    kv_shape = (m.num_layers, B, s.length, m.num_heads, m.d_model // m.num_heads)
+    decode = objective.decodes_clean and not acs  # ACS keeps its corrected tokens
+    key, k_dec = jax.random.split(key)
+    tokens, nfe, writes, _ = hyper_loop(model_fn, x, fixed, key, s.plan, make_schedule(objective.diffusion).alpha,
+                                        mask_id=s.mask_id, kv_shape=kv_shape, kv_dtype=jnp.dtype(m.dtype.value),
+                                        temperature=cfg.temperature, float64=cfg.float64, noise_conditioning=cond,
+                                        cache=cfg.cache, eta=cfg.eta if acs else 0.0,
+                                        draw_logits=None if acs else objective.reveal_logits)
+    steps = s.plan.num_steps
+    idle = steps - nfe
+    if decode:
+        t0 = jnp.zeros(tokens.shape, jnp.float32) if cond else None
+        dec = categorical(k_dec, module()(tokens, noise=t0), cfg.temperature, cfg.float64)
+        tokens, nfe = jnp.where(fixed, tokens, dec), nfe + 1
+    return {"tokens": tokens, "nfe": nfe, "steps": jnp.int32(steps), "idle_steps": idle, "cache_writes": writes}
+
+
+def parallel(s: Setup, module, x, fixed, key, alphas, times):
+    mask_id, cond = s.mask_id, s.cond
+
+    def model_fn(tokens, positions, attention, kv_cache, return_kv):
+        t = jnp.where(tokens == mask_id, 1.0, 0.0) if cond else None  # a clean/masked flag for noise-conditioned models
+        return module()(tokens, positions=positions, attention=attention, noise=t, kv_cache=kv_cache, return_kv=return_kv)
+
+    out = parallel_decode(model_fn, x, s.prompt_len, key, s.cfg.decode, mask_id=mask_id, eos_id=s.eos_id,
+                          temperature=s.cfg.temperature, float64=s.cfg.float64, kv_dtype=jnp.dtype(s.model_cfg.dtype.value))
+    return {"tokens": out["tokens"], "nfe": out["nfe"], "steps": out["steps"], "idle_steps": jnp.int32(0),
+            "nfe_per_sample": out["row_nfe"]}
+
+
+EXACT: dict[SamplerFamily, Callable] = {SamplerFamily.TOKENS: ancestral, SamplerFamily.DIGITS: prime_digits,
+                                        SamplerFamily.GAMMA: gamma_analytic, SamplerFamily.HYPERSCHEDULE: hyperschedule}
+
+
+def sampler_for(objective: Objective, cfg: SamplingConfig) -> Callable:
+    """The sampler function for a run's objective under `cfg.sampler`."""
+    if cfg.sampler == Sampler.PARALLEL:
+        if objective.sampler != SamplerFamily.TOKENS:
+            raise ConfigError("sampling.sampler=parallel decodes flat absorbing models (MDLM); this model's hyperschedule, "
+                              "process or Prime setting needs sampler=ancestral.")
+        return parallel
+    if cfg.sampler == Sampler.ACS:
+        if objective.sampler == SamplerFamily.GAMMA:
+            raise ConfigError("sampling.sampler=acs corrects epsilon-hybrid models; sample gamma_hybrid models with "
+                              "sampler=ancestral (the analytic sampler).")
+        return hyperschedule
+    return EXACT[objective.sampler]
+
+
+def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, *, diffusion: DiffusionConfig | None = None,
+             num_samples: int | None = None, length: int | None = None, mesh=None, key=None, plan=None,
+             eos_id: int = -1) -> dict:
+    """Sample from a denoiser. Returns {'tokens' [B, L] np.int32, 'nfe', 'steps', 'idle_step_ratio',
+    'seconds' (the run, compiled), 'compile_seconds'}, plus 'cache_writes' from the hyperschedule
+    loop and 'nfe_per_sample' from the parallel decoder.
+
+    `diffusion` is the run's DiffusionConfig (default: flat MDLM); its objective picks the loop.
+    `plan` runs the hyperschedule loop on that plan (e.g. a truncated one, for timing, or the flat
+    one as the loop's baseline). `eos_id` (-1: none)
+    drives the parallel decoder's early termination. `model` is a Transformer (possibly with
+    sharded parameters); `mesh`, when given, shards the batch over (data, fsdp).
+    """
+    cfg = cfg or SamplingConfig()
+    if cfg.eta < 0:
+        raise ConfigError(f"sampling.eta={cfg.eta} must be >= 0.")
+    if cfg.temperature < 0:
+        raise ConfigError(f"sampling.temperature={cfg.temperature} must be >= 0 (0 decodes by argmax).")
+    V = model.vocab_size
+    objective = objective_for(diffusion or DiffusionConfig(), V, model.cfg.noise_conditioning)
+    sampler = sampler_for(objective, cfg)
+    if plan is not None and sampler is not parallel:
+        sampler = hyperschedule
+    length = length or cfg.length or None
+    if length is None:
+        raise ConfigError("Pass a generation length (sampling.length or length=...).")
+    B = num_samples or cfg.num_samples
+    x, fixed = prepare_prompts(prompt, B, length, objective.mask_id, V)
+    setup = Setup(cfg, objective, V, length, model.cfg, eos_id=eos_id)
+    if sampler is parallel:
+        P = int(fixed[0].sum())
+        if not (fixed[:, :P].all() and not fixed[:, P:].any()):
+            raise ConfigError("sampling.sampler=parallel takes a prompt prefix (a list of token ids), not an infill spec.")
+        check_decode(cfg.decode, length - P)
+        setup = dataclasses.replace(setup, prompt_len=P)
+    if sampler is hyperschedule:
+        if plan is None:
+            kind = objective.diffusion.hyperschedule
+            width = hs.width_for(kind, length, objective.diffusion.block_width)
+            if length % width:
+                raise ConfigError(f"diffusion.block_width={width} must divide the generation length {length}.")
+            plan = make_plan(hs.Hyperschedule(kind, length, width=width, steps=cfg.steps), cfg.grid)
+        setup = dataclasses.replace(setup, plan=plan)
+
+    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    pad = (-B) % shards
+    if pad:
+        x, fixed = np.concatenate([x, np.repeat(x[:1], pad, 0)]), np.concatenate([fixed, np.repeat(fixed[:1], pad, 0)])
+    graphdef, params = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(params)
+    key = jax.random.key(cfg.seed) if key is None else key
+
+    def run(leaves, x, fixed, key, alphas, times):
+        # The module is rebuilt from plain arrays where it is used, so that NNX sees Variables
+        # created at the trace level of the loop body, not at the level of this jit.
+        module = lambda: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        return sampler(setup, module, x, fixed, key, alphas, times)
+
+    start = time.time()
+    with jax.enable_x64(cfg.float64):
+        times = jnp.asarray(time_grid(cfg.steps, cfg.grid), jnp.float64 if cfg.float64 else jnp.float32)
+        alphas = make_schedule(objective.diffusion).alpha(times)
+        if mesh is not None:
+            with mesh_context(mesh):
+                args = (leaves, jax.device_put(x, batch_sharding(mesh)), jax.device_put(fixed, batch_sharding(mesh)), key,
+                        alphas, times)
+                compiled = jax.jit(run).lower(*args).compile()
+                compile_s, start = time.time() - start, time.time()
+                out = jax.block_until_ready(compiled(*args))
+        else:
+            args = (leaves, jnp.asarray(x), jnp.asarray(fixed), key, alphas, times)
+            compiled = jax.jit(run).lower(*args).compile()
+            compile_s, start = time.time() - start, time.time()
+            out = jax.block_until_ready(compiled(*args))
+        out = jax.device_get(out)
+    seconds = time.time() - start
+    steps = int(out["steps"])
+    result = {"tokens": np.asarray(out["tokens"])[:B], "nfe": int(out["nfe"]), "steps": steps,
+              "idle_step_ratio": int(out["idle_steps"]) / max(steps, 1), "seconds": seconds, "compile_seconds": compile_s}
+    if "cache_writes" in out:
+        result["cache_writes"] = int(out["cache_writes"])
+    if "nfe_per_sample" in out:
+        result["nfe_per_sample"] = np.asarray(out["nfe_per_sample"])[:B].tolist()
+    return result
