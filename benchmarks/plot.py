@@ -10,6 +10,16 @@ matplotlib.use("Agg")  # files only, no display
 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
+
+
+def _save(fig, path, title: str):
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
 
 
 def speed_quality(path, panels: list[dict], title: str = ""):
@@ -32,9 +42,33 @@ def speed_quality(path, panels: list[dict], title: str = ""):
         ax.set_ylabel(panel["ylabel"])
         ax.set_title(panel["title"])
         ax.grid(True, alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return fig
+    return _save(fig, path, title)
+
+
+def accuracy_vs_nfe(path, panels: list[dict], title: str = ""):
+    """panels: [{'title', 'points': [(decoder, nfe, accuracy)], 'curves': {label: [decoder, ...]}}]: every
+    decoder a point in its own colour, each curve a line through its decoders in the order given
+    (e.g. top-k at k = 1, 2, 5; a threshold rule at tau = 0.9, 0.7). Writes a PNG, returns the figure."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.0 * len(panels), 7.0), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    for ax, panel in zip(axes[0], panels):
+        where = {d: (x, y) for d, x, y in panel["points"]}
+        for i, (d, x, y) in enumerate(panel["points"]):
+            ax.scatter([x], [y], s=50, color=cmap(i % 20), label=d, zorder=3)
+        for j, (label, names) in enumerate(panel.get("curves", {}).items()):
+            xy = [where[n] for n in names if n in where]
+            if len(xy) > 1:
+                ax.plot(*zip(*xy), color=f"C{j % 10}", linestyle=["-", "--", ":", "-."][j % 4], linewidth=1.2, alpha=0.7,
+                        label=label, zorder=2)
+        ax.set_xscale("log")
+        xs = [x for _, x, _ in panel["points"]]
+        ax.set_xticks([v for v in (1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 500) if min(xs) / 1.5 <= v <= max(xs) * 1.5])
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("forward passes (NFE) per puzzle, log scale")
+        ax.set_ylabel("exact-solve rate")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(panel["title"])
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)  # below the axes, off the points
+    return _save(fig, path, title)

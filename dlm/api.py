@@ -25,6 +25,8 @@ def default_vocab_size(cfg: Config) -> int:
     """Real-token vocabulary implied by the data config (the mask is one more id)."""
     if cfg.data.source == Source.MARKOV:
         return cfg.data.markov.num_states
+    if cfg.data.source == Source.SUDOKU:
+        return cfg.data.sudoku.size
     if cfg.data.tokenizer == TokenizerKind.BYTE:
         return 257
     if cfg.data.tokenizer == TokenizerKind.BPE:

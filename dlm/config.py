@@ -108,6 +108,7 @@ class Source(str, enum.Enum):
     HF = "hf"
     TFDS = "tfds"
     MARKOV = "markov"
+    SUDOKU = "sudoku"
 
 
 class MarkovStructure(str, enum.Enum):
@@ -160,6 +161,8 @@ class ModelConfig:
     rope_theta: float = _field(10000.0, "RoPE base frequency.")
     embed_init_std: float = _field(1.0, "Std of the token-embedding init (N(0, 1) trains much faster than small inits).")
     attention: str = _field("einsum", "Attention kernel: einsum (plain XLA matmuls, fastest on CPU), or xla / cudnn (jax.nn.dot_product_attention).")
+    learned_positions: int = _field(0, "Learned absolute position embeddings for this many positions, added to the token embedding (0: none; RoPE is applied either way).")
+    grid: list = _field([], "A task's 2-D structure [rows, cols, box_rows, box_cols]: learned row, column and box embeddings of each position (row-major) added to the token embedding; empty: none.")
 
 
 class PrimeObjective(str, enum.Enum):
@@ -199,6 +202,15 @@ class DiffusionConfig:
 
 
 @dataclasses.dataclass
+class SudokuConfig:
+    size: int = _field(9, "Grid size n (9: 3x3 boxes, 6: 2x3 boxes, 4: 2x2); data.seq_len must be n * n.")
+    base_grids: int = _field(2000, "Solved grids generated once (cached); every training row is a random symmetry of one of them.")
+    validation: int = _field(256, "Held-out solved grids (another seed) for the validation NELBO.")
+    seed: int = _field(0, "Seed of the base grids; held-out grids and evaluation puzzles use seeds derived from it.")
+    cache_dir: str = _field("runs/cache", "Where generated grids and puzzles are cached (by size, seed, count and givens).")
+
+
+@dataclasses.dataclass
 class MarkovConfig:
     num_states: int = _field(8, "K, the alphabet size of the chain.")
     structure: MarkovStructure = _field(MarkovStructure.DIRICHLET,
@@ -214,7 +226,7 @@ class MarkovConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    source: Source = _field(Source.BUILTIN, "builtin (Python stdlib sources), files, hf, tfds or markov.")
+    source: Source = _field(Source.BUILTIN, "builtin (Python stdlib sources), files, hf, tfds, markov, or sudoku (solved grids of dlm.tasks.sudoku).")
     paths: list = _field([], "Local text or JSONL files (source=files); *.jsonl/*.json are read as JSON lines.")
     validation_paths: list = _field([], "Local validation files; empty means a deterministic split of `paths`.")
     text_field: str = _field("text", "Field holding the text in JSONL, HF and TFDS records.")
@@ -230,10 +242,13 @@ class DataConfig:
     pretrained_tokenizer: str = _field("", "HF tokenizer name (tokenizer=pretrained), e.g. 'gpt2'.")
     seq_len: int = _field(256, "Tokens per packed row (the model context).")
     markov: MarkovConfig = _field(None, "Synthetic Markov source (source=markov).")
+    sudoku: SudokuConfig = _field(None, "Sudoku grids (source=sudoku): the task of dlm.tasks.sudoku.")
 
     def __post_init__(self):
         if self.markov is None:
             self.markov = MarkovConfig()
+        if self.sudoku is None:
+            self.sudoku = SudokuConfig()
 
 
 @dataclasses.dataclass
@@ -271,7 +286,7 @@ class MeshConfig:
 
 @dataclasses.dataclass
 class DecodeConfig:
-    block_length: int = _field(32, "Semi-autoregressive block length; must divide the generation length.")
+    block_length: int = _field(32, "Semi-autoregressive block length (at most the generation length; when it does not divide it, the last block is aligned to the end).")
     score: Score = _field(Score.CONFIDENCE, "Rank masked positions by confidence p(x_hat) (the drawn token's probability: LLaDA's and Fast-dLLM's rule), top1 p1 (the top probability: the order ignores the draw), margin p1 - p2, or entropy (exp(-H)).")
     rule: CommitRule = _field(CommitRule.THRESHOLD, "topk (k per step, LLaDA), threshold (score > tau, at least the best: Fast-dLLM) or factor.")
     k: int = _field(1, "Tokens per step of the topk rule.")
@@ -330,8 +345,9 @@ def check_decode(dc: "DecodeConfig", length: int | None = None) -> None:
     """One-sentence errors for a parallel-decoding config (and a generation length, when known)."""
     if dc.block_length < 1:
         raise ConfigError(f"sampling.decode.block_length={dc.block_length} must be at least 1.")
-    if length is not None and length % dc.block_length:
-        raise ConfigError(f"sampling.decode.block_length={dc.block_length} must divide the generation length {length}.")
+    if length is not None and dc.block_length > length:
+        raise ConfigError(f"sampling.decode.block_length={dc.block_length} is longer than the generation length {length}; "
+                          "use a block length at most that.")
     if not 0.0 < dc.tau <= 1.0:
         raise ConfigError(f"sampling.decode.tau={dc.tau} must be in (0, 1].")
     if dc.window < 1:
@@ -483,8 +499,22 @@ def validate(cfg: Config) -> Config:
     if mk.structure == MarkovStructure.CYCLE and not (0 <= mk.branches <= mk.num_states and 0 < mk.noise < 1):
         raise ConfigError(f"data.markov.branches={mk.branches} must be in [0, num_states={mk.num_states}] and "
                           f"data.markov.noise={mk.noise} in (0, 1) (the noise keeps every transition possible).")
-    if d.source == Source.MARKOV and d.tokenizer != TokenizerKind.BYTE:
-        raise ConfigError("data.source=markov has its own alphabet; leave data.tokenizer at byte.")
+    if d.source == Source.SUDOKU:
+        n = d.sudoku.size
+        if n not in (4, 6, 9):
+            raise ConfigError(f"data.sudoku.size={n} is not supported; use 4, 6 or 9.")
+        if d.seq_len != n * n:
+            raise ConfigError(f"data.source=sudoku with data.sudoku.size={n} needs data.seq_len={n * n} (one token per cell).")
+        if d.sudoku.base_grids < 1 or d.sudoku.validation < 1:
+            raise ConfigError("data.sudoku.base_grids and data.sudoku.validation must be at least 1.")
+    if m.grid and (len(m.grid) != 4 or any(not isinstance(v, int) or v < 1 for v in m.grid)
+                   or m.grid[0] % m.grid[2] or m.grid[1] % m.grid[3] or m.grid[0] * m.grid[1] < d.seq_len):
+        raise ConfigError(f"model.grid={m.grid} must be [rows, cols, box_rows, box_cols] with box_rows dividing rows, box_cols "
+                          f"dividing cols and rows * cols >= data.seq_len={d.seq_len}.")
+    if m.learned_positions < 0 or (m.learned_positions and m.learned_positions < d.seq_len):
+        raise ConfigError(f"model.learned_positions={m.learned_positions} must be 0 or at least data.seq_len={d.seq_len}.")
+    if d.source in (Source.MARKOV, Source.SUDOKU) and d.tokenizer != TokenizerKind.BYTE:
+        raise ConfigError(f"data.source={d.source.value} has its own alphabet; leave data.tokenizer at byte.")
     hk = cfg.diffusion.hyperschedule
     if hk in (HyperscheduleKind.BLOCK, HyperscheduleKind.SLIDE, HyperscheduleKind.BLOCK_SLIDE) and (cfg.diffusion.block_width < 1 or d.seq_len % cfg.diffusion.block_width):
         raise ConfigError(f"diffusion.block_width={cfg.diffusion.block_width} must divide data.seq_len={d.seq_len}.")

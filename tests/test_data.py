@@ -188,3 +188,19 @@ def test_non_utf8_bytes(tmp_path):
     assert bytes(stream[stream < 256].astype(np.uint8).tolist()) == raw[: len(stream[stream < 256])]
     with pytest.raises(ConfigError, match="latin1.txt' is not valid UTF-8"):
         load_data(_files_cfg([f], tokenizer=TokenizerKind.BPE, bpe_vocab_size=300))
+
+
+def test_sudoku_source_draws_valid_grids_per_row_index(tmp_path):
+    from dlm.config import SudokuConfig
+    from dlm.tasks import sudoku
+
+    cfg = DataConfig(source=Source.SUDOKU, seq_len=36, sudoku=SudokuConfig(size=6, base_grids=20, validation=8, cache_dir=str(tmp_path)))
+    data = load_data(cfg, tmp_path)
+    geo = sudoku.Geometry(6)
+    rows = data.draw_rows(3, np.arange(50), 36)
+    assert rows.shape == (50, 36) and data.vocab_size == 6 and data.tokenizer.mask_id == 6
+    assert all(sudoku.check(geo, sudoku.decode(r, 6), np.zeros((6, 6), int)) for r in np.concatenate([rows, data.val_rows]))
+    assert len({r.tobytes() for r in rows}) == 50  # symmetries make every row new
+    np.testing.assert_array_equal(data.draw_rows(3, np.arange(10, 20), 36), rows[10:20])  # row k of a seed is fixed
+    assert data.tokenizer.decode(rows[0][:6]) == "".join(str(d) for d in sudoku.decode(rows[0], 6)[0])
+    assert list(tmp_path.glob("sudoku6_grids_seed0_n20.npy"))  # cached

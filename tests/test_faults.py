@@ -45,6 +45,14 @@ def test_signal_finishes_the_step_checkpoints_and_exits_zero(root, tmp_path, sig
     assert sorted(per_step_losses(work)) == list(range(step))  # every step up to the checkpoint is logged
 
 
+@pytest.fixture(scope="module")
+def trained(root, tmp_path_factory):
+    """A finished 10-step run with checkpoints 5 and 10."""
+    work = tmp_path_factory.mktemp("trained") / "run"
+    Trainer(_cfg(root, work, "train.steps=10", "train.checkpoint_every=5")).run()
+    return work
+
+
 def _damage_newest(work: pathlib.Path, how: str) -> int:
     ck = Checkpointer(work)
     newest = ck.latest_step()
@@ -62,12 +70,14 @@ def _damage_newest(work: pathlib.Path, how: str) -> int:
 
 
 @pytest.mark.parametrize("how", ["truncate", "delete", "metadata"])
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(root, tmp_path, how):
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(root, tmp_path, trained, how):
+    import shutil
+
     work = tmp_path / "run"
-    Trainer(_cfg(root, work, "train.steps=20", "train.checkpoint_every=10")).run()
-    assert _damage_newest(work, how) == 20
+    shutil.copytree(trained, work)
+    assert _damage_newest(work, how) == 10
     logged = []
-    trainer_cfg = _cfg(root, work, "train.steps=20", "train.checkpoint_every=10")
+    trainer_cfg = _cfg(root, work, "train.steps=10", "train.checkpoint_every=5")
     import dlm.train.trainer as trainer_mod
 
     original = trainer_mod._log
@@ -76,20 +86,12 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(root, tmp_path, ho
         t = Trainer(trainer_cfg)
     finally:
         trainer_mod._log = original
-    assert t.start_step == 10
+    assert t.start_step == 5
     damaged = [m for m in logged if " is damaged " in m]
-    assert len(damaged) == 1 and "Checkpoint 20" in damaged[0] and "restoring checkpoint 10" in damaged[0]
-    assert (work / "damaged" / "20").exists()  # set aside, not deleted
-    t.run()  # and training carries on to the end, writing step 20 again
-    assert Checkpointer(work).latest_step() == 20
-
-
-@pytest.fixture(scope="module")
-def trained(root, tmp_path_factory):
-    """A finished 10-step run with checkpoints 5 and 10."""
-    work = tmp_path_factory.mktemp("trained") / "run"
-    Trainer(_cfg(root, work, "train.steps=10", "train.checkpoint_every=5")).run()
-    return work
+    assert len(damaged) == 1 and "Checkpoint 10" in damaged[0] and "restoring checkpoint 5" in damaged[0]
+    assert (work / "damaged" / "10").exists()  # set aside, not deleted
+    t.run()  # and training carries on to the end, writing step 10 again
+    assert Checkpointer(work).latest_step() == 10
 
 
 @pytest.mark.parametrize("error", [OSError(errno.ECONNRESET, "Connection reset by peer"),

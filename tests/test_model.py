@@ -84,3 +84,16 @@ def test_attention_kernels_agree(root):
     empty = jnp.zeros((1, 1, 16, 16), bool).at[..., 1:, :].set(True)
     out = dot_product_attention(q, k, v, empty, "einsum")
     assert bool(jnp.isfinite(out).all()) and float(jnp.abs(out[:, 0]).max()) == 0.0
+
+
+def test_grid_and_absolute_position_embeddings_follow_row_column_and_box(root):
+    model = dlm.build_model(_cfg(root, "data.seq_len=36", "model.grid=[6,6,2,3]", "model.learned_positions=40"))
+    pos = jnp.arange(36)[None]
+    emb = np.asarray(model._position_embedding(pos))[0]
+    row, col, box, ab = (np.asarray(getattr(model, n)[...]) for n in ("row_embed", "col_embed", "box_embed", "pos_embed"))
+    for p in range(36):
+        r, c = divmod(p, 6)
+        np.testing.assert_allclose(emb[p], ab[p] + row[r] + col[c] + box[(r // 2) * 2 + c // 3], rtol=1e-6, atol=1e-6)
+    # and they reach the logits: the same tokens at shifted positions give other logits
+    x = jnp.zeros((1, 36), jnp.int32)
+    assert float(jnp.abs(model(x) - model(x, positions=pos[:, ::-1])).max()) > 1e-3

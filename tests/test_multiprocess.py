@@ -30,7 +30,7 @@ from dlm.train.checkpoint import Checkpointer
 from dlm.train.metrics import per_step_losses, read_metrics
 from dlm.train.state import create_train_state
 
-STEPS = 24
+STEPS = 16
 ARGS = [f"train.steps={STEPS}", "data.max_documents=60", "train.eval_windows=16"]
 EVERY_STEP = ["train.checkpoint_every=1", f"train.keep_checkpoints={STEPS + 1}"]
 

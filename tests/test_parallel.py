@@ -183,15 +183,15 @@ def test_early_termination_on_eos_in_a_finished_block():
 
 
 def test_parallel_decoding_errors(model, root):
-    with pytest.raises(ConfigError, match="block_length=7 must divide the generation length 32"):
-        _gen(model, block_length=7)
+    with pytest.raises(ConfigError, match="block_length=64 is longer than the generation length 40"):
+        _gen(model, block_length=64)
     for bad in ("0", "1.5"):
         with pytest.raises(ConfigError, match=r"tau=.* must be in \(0, 1\]"):
             load_config(root / "configs/test.yaml", [f"sampling.decode.tau={bad}"])
     with pytest.raises(ConfigError, match="window=0 must be at least 1"):
         load_config(root / "configs/test.yaml", ["sampling.decode.window=0"])
-    with pytest.raises(ConfigError, match="prompt prefix"):
-        sc = SamplingConfig(sampler="parallel", num_samples=1)
+    with pytest.raises(ConfigError, match="suffix_dropout=false"):
+        sc = SamplingConfig(sampler="parallel", num_samples=1, decode=DecodeConfig(suffix_dropout=True, block_length=4))
         dlm.generate(model, [V] * 4 + [5] * 36, sc, length=40)
     with pytest.raises(ConfigError, match="sampling.temperature=-1.0 must be >= 0"):  # built in code, not from a config
         dlm.generate(model, None, SamplingConfig(sampler="parallel", num_samples=1, temperature=-1.0), length=40)

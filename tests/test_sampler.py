@@ -26,7 +26,10 @@ def sample(den, n, steps, seed, fixed=None, x=None, grid=TimeGrid.UNIFORM, float
     alphas = jnp.asarray(1.0 - time_grid(steps, grid), jnp.float32)  # linear schedule
     run = jax.jit(lambda k: ancestral_loop(lambda xt, t: den.logits(xt), x, fixed, k, alphas, cfg, den.V, False))
     with jax.enable_x64(float64):
-        return run(jax.random.key(seed))
+        tokens, nfe, row_nfe = run(jax.random.key(seed))
+    # a row needs a pass only when its input changed and it still has masks: at most once per position
+    assert int(np.asarray(row_nfe).max()) <= min(int(nfe), den.L) and int(np.asarray(row_nfe).min()) >= 1
+    return tokens, nfe
 
 
 def empirical(den, tokens):

@@ -10,14 +10,15 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import sys
+from typing import Callable
 
 import grain
 import numpy as np
 
 from dlm.config import ConfigError, DataConfig, Source
 from dlm.data import sources
-from dlm.data.synthetic import MarkovChain, MarkovTokenizer
-from dlm.data.tokenizers import build_tokenizer, load_tokenizer
+from dlm.data.synthetic import MarkovChain
+from dlm.data.tokenizers import SymbolTokenizer, build_tokenizer, letters, load_tokenizer
 
 _READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 
@@ -38,11 +39,13 @@ class Data:
     """Packed data and what is needed to report it: rows [N, L], tokenizer, bytes per token."""
 
     tokenizer: object
-    train_rows: np.ndarray | None  # None: drawn fresh (Markov)
+    train_rows: np.ndarray | None  # None: drawn fresh by draw_rows
     val_rows: np.ndarray
     bytes_per_token: float
     markov: MarkovChain | None = None
     description: str = ""
+    draw_rows: Callable | None = None  # (seed, row indices, seq_len) -> rows [n, seq_len]: endless synthetic data
+    unit: str = "bits/byte"  # what NELBOs are reported in
 
     @property
     def vocab_size(self) -> int:
@@ -65,7 +68,7 @@ def load_data(cfg: DataConfig, workdir: pathlib.Path | None = None, seed: int = 
     the others read the leader's tokenizer after it."""
     if cfg.source == Source.MARKOV:
         chain = MarkovChain.random(cfg.markov)
-        tok = MarkovTokenizer(cfg.markov.num_states)
+        tok = SymbolTokenizer(letters(cfg.markov.num_states))
         val = chain.sample_rows(seed + 1_000_003, np.arange(cfg.markov.num_validation), cfg.seq_len)
         train = None
         if cfg.markov.num_train:
@@ -74,7 +77,9 @@ def load_data(cfg: DataConfig, workdir: pathlib.Path | None = None, seed: int = 
                 f"at length {cfg.seq_len}")
         if workdir is not None and leader:
             tok.save(workdir)
-        return Data(tok, train, val, 1.0, chain, desc)
+        return Data(tok, train, val, 1.0, chain, desc, draw_rows=chain.sample_rows, unit="bits/token")
+    if cfg.source == Source.SUDOKU:
+        return sudoku_data(cfg, workdir if leader else None)
 
     train_docs, val_docs = sources.load_documents(cfg)
     tok = None
@@ -101,6 +106,31 @@ def load_data(cfg: DataConfig, workdir: pathlib.Path | None = None, seed: int = 
     return Data(tok, train, val, nbytes / ntok, None, desc)
 
 
+def sudoku_data(cfg: DataConfig, workdir: pathlib.Path | None) -> Data:
+    """Solved grids as rows of n * n cell tokens: training rows are random symmetries of
+    `base_grids` generated grids (row k of seed s is always the same), validation rows are
+    held-out grids of another seed."""
+    from dlm.tasks import sudoku
+
+    sc = cfg.sudoku
+    geo = sudoku.Geometry(sc.size)
+    tok = SymbolTokenizer("".join(str(d) for d in range(1, sc.size + 1)))
+    base = sudoku.cached_grids(geo, sc.seed, sc.base_grids, sc.cache_dir)
+    val = sudoku.encode(sudoku.cached_grids(geo, sc.seed + 1_000_003, sc.validation, sc.cache_dir), tok.mask_id)
+
+    def draw_rows(seed, rows, seq_len):
+        out = np.empty((len(rows), seq_len), np.int32)
+        for j, r in enumerate(rows):
+            rng = np.random.default_rng([seed, int(r)])
+            out[j] = sudoku.encode(sudoku.augment(geo, base[rng.integers(len(base))], rng), tok.mask_id)
+        return out
+
+    if workdir is not None:
+        tok.save(workdir)
+    desc = f"Sudoku {sc.size}x{sc.size}: random symmetries of {len(base)} solved grids, {len(val)} held-out grids"
+    return Data(tok, None, val, 1.0, None, desc, draw_rows=draw_rows, unit="bits/cell")
+
+
 class _Batches:
     """Random-access map: global batch index k -> this process's rows of batch k."""
 
@@ -119,7 +149,7 @@ class _Batches:
     def __call__(self, k: int) -> np.ndarray:
         rows = np.arange(k * self.B + self.offset, k * self.B + self.offset + self.b)
         if self.data.train_rows is None:
-            return self.data.markov.sample_rows(self.seed, rows, self.seq_len)
+            return self.data.draw_rows(self.seed, rows, self.seq_len)
         return self.data.train_rows[[self.order[int(r)] for r in rows]]
 
 

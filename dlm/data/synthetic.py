@@ -11,8 +11,6 @@ regime where parallel decoding pays). The exact entropy of a length-L sequence, 
 
 from __future__ import annotations
 
-import json
-import pathlib
 
 import numpy as np
 
@@ -85,33 +83,3 @@ class MarkovChain:
         x = np.asarray(x)
         lp = np.log(self.pi[x[:, 0]])
         return lp + np.log(self.P[x[:, :-1], x[:, 1:]]).sum(1)
-
-
-class MarkovTokenizer:
-    """Symbols 0..K-1 shown as letters; there is no EOS (vocab = K), mask = K."""
-
-    kind = "markov"
-    eos_id = -1
-
-    def __init__(self, num_states: int):
-        self.vocab_size = num_states
-
-    @property
-    def mask_id(self) -> int:
-        return self.vocab_size
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.asarray([ord(c) - 97 for c in text], np.int32)
-
-    def decode(self, ids) -> str:
-        return "".join(chr(97 + int(i)) if i < self.vocab_size else "_" for i in np.asarray(ids).tolist())
-
-    def token_bytes(self) -> np.ndarray:
-        return np.ones(self.vocab_size, np.int64)
-
-    def save(self, workdir: pathlib.Path) -> None:
-        (workdir / "tokenizer.json").write_text(json.dumps({"kind": "markov", "num_states": self.vocab_size}))
-
-    @classmethod
-    def load(cls, workdir: pathlib.Path) -> "MarkovTokenizer":
-        return cls(json.loads((workdir / "tokenizer.json").read_text())["num_states"])

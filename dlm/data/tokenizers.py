@@ -16,6 +16,43 @@ from dlm.config import ConfigError, DataConfig, TokenizerKind
 EOS_TEXT = "<|eos|>"
 
 
+class SymbolTokenizer:
+    """A small alphabet of symbols, one token each (Markov states as letters, Sudoku digits); there
+    is no EOS (vocab = the alphabet's size), mask = vocab_size."""
+
+    kind = "symbols"
+    eos_id = -1
+
+    def __init__(self, alphabet: str):
+        self.alphabet = alphabet
+        self.vocab_size = len(alphabet)
+        self._index = {c: i for i, c in enumerate(alphabet)}
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str) -> np.ndarray:
+        bad = [c for c in text if c not in self._index]
+        if bad:
+            raise ConfigError(f"{bad[0]!r} is not a symbol of this tokenizer; use characters from {self.alphabet!r}.")
+        return np.asarray([self._index[c] for c in text], np.int32)
+
+    def decode(self, ids) -> str:
+        return "".join(self.alphabet[i] if 0 <= i < self.vocab_size else "_" for i in np.asarray(ids).tolist())
+
+    def token_bytes(self) -> np.ndarray:
+        return np.ones(self.vocab_size, np.int64)
+
+    def save(self, workdir: pathlib.Path) -> None:
+        (pathlib.Path(workdir) / "tokenizer.json").write_text(json.dumps({"kind": "symbols", "alphabet": self.alphabet}))
+
+
+def letters(n: int) -> str:
+    """n distinct one-character names: a-z, then A-Z, then Latin Extended-A (Markov states)."""
+    return "".join(chr(97 + i) if i < 26 else chr(65 + i - 26) if i < 52 else chr(0x100 + i) for i in range(n))
+
+
 class ByteTokenizer:
     """UTF-8 bytes 0..255 and EOS = 256; mask = 257."""
 
@@ -142,10 +179,10 @@ def load_tokenizer(workdir: str | pathlib.Path):
     kind = json.loads(meta.read_text())["kind"]
     if kind == "byte":
         return ByteTokenizer()
-    if kind == "markov":
-        from dlm.data.synthetic import MarkovTokenizer
-
-        return MarkovTokenizer.load(workdir)
+    if kind == "symbols":
+        return SymbolTokenizer(json.loads(meta.read_text())["alphabet"])
+    if kind == "markov":  # workdirs written before SymbolTokenizer
+        return SymbolTokenizer(letters(json.loads(meta.read_text())["num_states"]))
     from tokenizers import Tokenizer
 
     return HFTokenizer(Tokenizer.from_file(str(workdir / "tokenizer.hf.json")), kind)

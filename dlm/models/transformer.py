@@ -1,6 +1,7 @@
 """Bidirectional transformer denoiser (Flax NNX).
 
-RoPE, RMSNorm, SwiGLU, optional per-token noise conditioning (adaLN shift/scale), blocks
+RoPE (plus optional learned absolute or 2-D grid position embeddings), RMSNorm, SwiGLU, optional
+per-token noise conditioning (adaLN shift/scale), blocks
 created with nnx.vmap and run with nnx.scan (compile time flat in depth), optional remat.
 Parameters are float32 and carry logical axis names (embed, heads, kv, mlp, vocab, layers,
 cond); matmuls run in `dtype`; logits are float32.
@@ -144,6 +145,16 @@ class Transformer(nnx.Module):
             return Block(cfg, rngs=rngs)
 
         self.blocks = make_blocks(rngs)
+        # additive position information beside RoPE: absolute positions, and a task's 2-D grid
+        std = cfg.embed_init_std
+        self.pos_embed = _param(rngs, (cfg.learned_positions, d), std, (None, "embed")) if cfg.learned_positions else None
+        if cfg.grid:
+            rows, cols, box_rows, box_cols = cfg.grid
+            self.row_embed = _param(rngs, (rows, d), std, (None, "embed"))
+            self.col_embed = _param(rngs, (cols, d), std, (None, "embed"))
+            self.box_embed = _param(rngs, (rows // box_rows * (cols // box_cols), d), std, (None, "embed"))
+        else:
+            self.row_embed = self.col_embed = self.box_embed = None
         self.final_scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
         self.head = _param(rngs, (d, _pad(vocab_size)), d**-0.5, ("embed", "vocab"))
         if cfg.noise_conditioning:
@@ -161,6 +172,7 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(L), (B, L))
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, L, d] (Prime: [B, L, l, d/l]) float32 residual stream
         x = x.reshape(B, L, cfg.d_model)
+        x = x + self._position_embedding(positions)
         cos, sin = rope_tables(positions, cfg.d_model // cfg.num_heads, cfg.rope_theta)
         Lc = 0 if kv_cache is None else kv_cache[0].shape[2]
         mask = attention.mask(L, Lc + L)
@@ -192,6 +204,19 @@ class Transformer(nnx.Module):
         scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
                         transform_metadata={nnx.PARTITION_NAME: "layers"})
         return self._head(scan(self.blocks, x))
+
+    def _position_embedding(self, positions):
+        """[B, L, d] learned absolute and grid (row, column, box of a row-major cell) embeddings; 0 without."""
+        out = jnp.zeros((), jnp.float32)
+        if self.pos_embed is not None:
+            out = out + jnp.take(self.pos_embed[...], positions, axis=0)
+        if self.row_embed is not None:
+            rows, cols, box_rows, box_cols = self.cfg.grid
+            r, c = positions // cols, positions % cols
+            box = (r // box_rows) * (cols // box_cols) + c // box_cols
+            out = out + (jnp.take(self.row_embed[...], r, axis=0) + jnp.take(self.col_embed[...], c, axis=0)
+                         + jnp.take(self.box_embed[...], box, axis=0))
+        return out
 
     def _head(self, x):
         dt = jnp.dtype(self.cfg.dtype.value)

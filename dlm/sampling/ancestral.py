@@ -36,7 +36,9 @@ def time_grid(steps: int, grid: TimeGrid) -> np.ndarray:
 def ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_size: int, noise_conditioning: bool):
     """x [B, L] with the mask id (= vocab_size) at positions to generate; alphas [N + 1] = alpha(t_i).
 
-    apply_fn(x, t_tokens | None) -> logits [B, L, V]. Returns (tokens, nfe)."""
+    apply_fn(x, t_tokens | None) -> logits [B, L, V]. Returns (tokens, nfe, row_nfe): the batch's
+    forward passes, and per row [B] the passes that row needed (what decoding it alone would
+    take: a pass when its input changed since its last one and it still has masks)."""
     mask_id = vocab_size
     B, L = x.shape
     steps = alphas.shape[0] - 1
@@ -48,20 +50,23 @@ def ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_s
         return apply_fn(x, t).astype(jnp.float32)
 
     def body(carry):
-        i, x, logits, changed, nfe, key = carry
+        i, x, logits, changed, nfe, row_nfe, key = carry
         key, k_cat, k_rev = jax.random.split(key, 3)
-        recompute = changed | noise_conditioning
+        recompute = changed.any() | noise_conditioning
         logits = jax.lax.cond(recompute, lambda: forward(x, i), lambda: logits)
         nfe = nfe + recompute.astype(jnp.int32)
+        masked = x == mask_id
+        row_nfe = row_nfe + ((changed | noise_conditioning) & masked.any(-1)).astype(jnp.int32)
         a_t, a_s = alphas[i], alphas[i + 1]
         p_reveal = jnp.where(i + 1 == steps, 1.0, (a_s - a_t) / (1.0 - a_t))
         draw = categorical(k_cat, logits, cfg.temperature, cfg.float64)
-        reveal = (x == mask_id) & (jax.random.uniform(k_rev, (B, L), fdt) < p_reveal)
-        return i + 1, jnp.where(reveal, draw, x), logits, reveal.any(), nfe, key
+        reveal = masked & (jax.random.uniform(k_rev, (B, L), fdt) < p_reveal)
+        return i + 1, jnp.where(reveal, draw, x), logits, reveal.any(-1), nfe, row_nfe, key
 
-    init = (jnp.int32(0), x, jnp.zeros((B, L, vocab_size), jnp.float32), jnp.bool_(True), jnp.int32(0), key)
-    _, x, _, _, nfe, _ = jax.lax.while_loop(lambda c: c[0] < steps, body, init)
-    return x, nfe
+    init = (jnp.int32(0), x, jnp.zeros((B, L, vocab_size), jnp.float32), jnp.ones((B,), bool), jnp.int32(0),
+            jnp.zeros((B,), jnp.int32), key)
+    _, x, _, _, nfe, row_nfe, _ = jax.lax.while_loop(lambda c: c[0] < steps, body, init)
+    return x, nfe, row_nfe
 
 
 def gamma_loop(apply_fn, x, fixed, key, times, alphas, cfg: SamplingConfig, vocab_size: int, gamma: float):

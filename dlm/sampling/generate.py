@@ -83,8 +83,9 @@ class Setup:
 
 def ancestral(s: Setup, module, x, fixed, key, alphas, times):
     apply_fn = lambda xt, t: module()(xt, noise=t)
-    tokens, nfe = ancestral_loop(apply_fn, x, fixed, key, alphas, s.cfg, s.vocab_size, s.cond)
-    return {"tokens": tokens, "nfe": nfe, "steps": jnp.int32(s.cfg.steps), "idle_steps": s.cfg.steps - nfe}
+    tokens, nfe, row_nfe = ancestral_loop(apply_fn, x, fixed, key, alphas, s.cfg, s.vocab_size, s.cond)
+    return {"tokens": tokens, "nfe": nfe, "steps": jnp.int32(s.cfg.steps), "idle_steps": s.cfg.steps - nfe,
+            "nfe_per_sample": row_nfe}
 
 
 def prime_digits(s: Setup, module, x, fixed, key, alphas, times):
@@ -164,7 +165,8 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
              eos_id: int = -1) -> dict:
     """Sample from a denoiser. Returns {'tokens' [B, L] np.int32, 'nfe', 'steps', 'idle_step_ratio',
     'seconds' (the run, compiled), 'compile_seconds'}, plus 'cache_writes' from the hyperschedule
-    loop and 'nfe_per_sample' from the parallel decoder.
+    loop and 'nfe_per_sample' (the passes each row needed) from the token ancestral loop and the
+    parallel decoder.
 
     `diffusion` is the run's DiffusionConfig (default: flat MDLM); its objective picks the loop.
     `plan` runs the hyperschedule loop on that plan (e.g. a truncated one, for timing, or the flat
@@ -189,10 +191,11 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
     x, fixed = prepare_prompts(prompt, B, length, objective.mask_id, V)
     setup = Setup(cfg, objective, V, length, model.cfg, eos_id=eos_id)
     if sampler is parallel:
-        P = int(fixed[0].sum())
-        if not (fixed[:, :P].all() and not fixed[:, P:].any()):
-            raise ConfigError("sampling.sampler=parallel takes a prompt prefix (a list of token ids), not an infill spec.")
-        check_decode(cfg.decode, length - P)
+        P = int((~fixed).argmax(1).min()) if (~fixed).any() else length  # the given prefix of every row
+        if cfg.decode.suffix_dropout and fixed[:, P:].any():
+            raise ConfigError("sampling.decode.suffix_dropout (DPad) drops masked suffix positions after a prompt prefix; "
+                              "an infill spec with given tokens after the first position to fill needs suffix_dropout=false.")
+        check_decode(cfg.decode, length - P if cfg.decode.suffix_dropout else length)
         setup = dataclasses.replace(setup, prompt_len=P)
     if sampler is hyperschedule:
         if plan is None:

@@ -1,6 +1,7 @@
 """Parallel decoding for masked diffusion: one composable, compiled sampler.
 
-The generation [P, P + G) after a prompt of P tokens is decoded in semi-autoregressive blocks of
+The generation [P, P + G) after a prompt of P tokens (or the masked positions of an infill spec,
+blocks over [P, L) where P is the given prefix) is decoded in semi-autoregressive blocks of
 `block_length`. Each step of a block:
 
 1. logits of the block's positions from the denoiser (see *forward passes* below);
@@ -246,7 +247,11 @@ def canvas_sizes(L: int, first_end: int, block_length: int, buckets: int = 16) -
 
 def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask_id: int, eos_id: int, temperature: float,
                     float64: bool, kv_dtype=jnp.float32, trace: bool = False):
-    """x [B, L] with the prompt in [0, prompt_len) and mask_id after it.
+    """x [B, L] with mask_id at the positions to fill and given tokens everywhere else (a prompt
+    prefix, or any set of fixed positions: infill). Blocks start at `prompt_len` (the given prefix
+    common to all rows, P) and tile [P, L); when block_length does not divide L - P the last block
+    is aligned to the end of the sequence (it overlaps the one before, whose positions are already
+    decoded). Within a block only masked positions are scored and committed; given tokens stay.
 
     model_fn(tokens, positions, attention, kv_cache, return_kv) -> logits | (logits, kv).
     kv_dtype: the caches' dtype (their shapes follow the passes). Returns a dict of tokens [B, L], nfe (forward
@@ -257,7 +262,8 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
     B, L = x.shape
     P, Bk = prompt_len, dc.block_length
     G = L - P
-    nb = G // Bk
+    nb = -(-G // Bk)
+    given = x != mask_id
     pos = jnp.arange(L)
     cached = dc.cache != DecodeCache.NONE
     drop = dc.suffix_dropout
@@ -310,8 +316,8 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
             blk = jax.lax.dynamic_slice_in_dim(x, start, Bk, axis=1)
             return (it < Bk) & ((blk == mask_id) & ~done[:, None]).any()
 
-        # a row not yet done has a fully masked block here, so the first step always runs; it
-        # builds the cache (None without one)
+        # the first step always runs (it builds the cache, None without one); a row with nothing
+        # masked in the block commits nothing in it and is not counted in its row_nfe
         credit = jnp.zeros((B, Bk, V) if dc.credit else (1, 1, 1), jnp.float32)
         fl = jnp.zeros((B, Bk, V) if trace else (1, 1, 1), jnp.float32)
         c = step((jnp.int32(0), x, credit, None, None, nfe, row_nfe, key, fl), first)
@@ -322,7 +328,7 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
 
     def block_body(carry):
         b, x, done, nfe, row_nfe, steps, key, tr = carry
-        start = P + b * Bk
+        start = jnp.minimum(P + b * Bk, L - Bk)
         key, k_blk = jax.random.split(key)
         k_drop, k_loop = jax.random.split(k_blk)
         keep = suffix_keep(k_drop, dc, B) if drop else None
@@ -339,7 +345,7 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
         if dc.early_stop and eos_id >= 0:
             blk = jax.lax.dynamic_slice_in_dim(x, start, Bk, axis=1)
             finished = (blk == eos_id).any(-1) & ~done
-            x = jnp.where(finished[:, None] & (pos >= start + Bk)[None], eos_id, x)
+            x = jnp.where(finished[:, None] & (pos >= start + Bk)[None] & ~given, eos_id, x)
             done = done | finished
         return b + 1, x, done, nfe, row_nfe, steps + it, key, tr
 

@@ -40,11 +40,11 @@ def learning_rate(cfg: TrainConfig):
 def decays(path) -> bool:
     """Whether the parameter at a tree path gets weight decay: every matrix of the blocks, the
     output head and the noise-conditioning layers do; RMSNorm scales (`*_scale`, stacked to
-    [layers, d] by the layer scan, so their rank says nothing) and the token embedding do not.
-    The embedding is a lookup table: decoupled decay would shrink the rows of rare tokens (and
-    the mask row) every step whether or not they were used."""
+    [layers, d] by the layer scan, so their rank says nothing) and the embedding tables (token,
+    position, grid: `embed`, `*_embed`) do not. An embedding is a lookup table: decoupled decay
+    would shrink the rows of rare tokens (and the mask row) every step whether or not they were used."""
     name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-    return not (name.endswith("_scale") or name == "embed")
+    return not (name.endswith("_scale") or name == "embed" or name.endswith("_embed"))
 
 
 def decay_mask(params):

@@ -115,7 +115,7 @@ class Trainer:
         self.writer = MetricWriter(self.workdir)
 
     def unit(self) -> str:
-        return "bits/token" if self.data.markov is not None else "bits/byte"
+        return self.data.unit
 
     def evaluate(self) -> dict:
         cfg = self.cfg.train

@@ -1,0 +1,104 @@
+"""Sudoku: generated puzzles have exactly one solution (by an independent brute-force counter), the
+checker rejects every corruption, symmetries keep grids valid."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from dlm.tasks import sudoku
+
+GEOS = {n: sudoku.Geometry(n) for n in (4, 6, 9)}
+
+
+def brute_count(geo, puzzle, limit=3):
+    """Solutions counted by plain row-major backtracking with set lookups (no bitmasks, no ordering)."""
+    n = geo.size
+    g = [list(map(int, row)) for row in np.asarray(puzzle)]
+
+    def ok(r, c, d):
+        if d in g[r] or any(g[i][c] == d for i in range(n)):
+            return False
+        r0, c0 = r - r % geo.box_rows, c - c % geo.box_cols
+        return all(g[i][j] != d for i in range(r0, r0 + geo.box_rows) for j in range(c0, c0 + geo.box_cols))
+
+    def go(k):
+        if k == n * n:
+            return 1
+        r, c = divmod(k, n)
+        if g[r][c]:
+            return go(k + 1)
+        total = 0
+        for d in range(1, n + 1):
+            if ok(r, c, d):
+                g[r][c] = d
+                total += go(k + 1)
+                g[r][c] = 0
+                if total >= limit:
+                    break
+        return total
+
+    return go(0)
+
+
+def test_all_4x4_grids_are_counted_and_generated():
+    geo = GEOS[4]
+    assert brute_count(geo, np.zeros((4, 4), int), limit=10**6) == 288  # the known number of 4x4 Sudoku grids
+    assert sudoku.count_solutions(geo, np.zeros((4, 4), int), limit=10**6) == 288
+    rng = np.random.default_rng(0)
+    seen = {sudoku.full_grid(geo, rng).tobytes() for _ in range(3000)}
+    assert len(seen) == 288  # the generator reaches every grid
+
+
+@pytest.mark.parametrize("n,givens,count", [(6, 0, 12), (9, 30, 4)])
+def test_generated_puzzles_have_exactly_one_solution(n, givens, count):
+    geo = GEOS[n]
+    puzzles, solutions = sudoku.generate_set(geo, seed=11, count=count, givens=givens)
+    for p, s in zip(puzzles, solutions):
+        assert sudoku.check(geo, s, p)
+        assert brute_count(geo, p) == 1
+        if givens:
+            assert (p != 0).sum() == givens
+        else:  # minimal: removing any given makes the solution ambiguous
+            for i in zip(*np.nonzero(p)):
+                q = p.copy()
+                q[i] = 0
+                assert brute_count(geo, q, limit=2) >= 2
+    np.testing.assert_array_equal(sudoku.generate_set(geo, seed=11, count=count, givens=givens)[0], puzzles)
+
+
+@pytest.mark.parametrize("n", [6, 9])
+def test_checker_rejects_every_single_cell_corruption(n):
+    geo = GEOS[n]
+    grid = sudoku.full_grid(geo, np.random.default_rng(n))
+    puzzle = sudoku.dig(geo, grid, np.random.default_rng(1), givens=geo.cells // 2)
+    assert sudoku.check(geo, grid, puzzle) and sudoku.check(geo, grid, np.zeros_like(grid))
+    for r, c in itertools.product(range(n), repeat=2):
+        for d in range(1, n + 1):
+            if d != grid[r, c]:
+                bad = grid.copy()
+                bad[r, c] = d
+                assert not sudoku.check(geo, bad, np.zeros_like(grid)), (r, c, d)
+    other = sudoku.augment(geo, grid, np.random.default_rng(3))
+    assert sudoku.check(geo, other, np.zeros_like(grid)) and not sudoku.check(geo, other, puzzle)
+
+
+def test_symmetries_keep_validity_and_unique_solutions():
+    geo = GEOS[9]
+    rng = np.random.default_rng(5)
+    puzzles, solutions = sudoku.generate_set(geo, seed=3, count=2, givens=30)
+    for p, s in zip(puzzles, solutions):
+        for _ in range(5):
+            seed = int(rng.integers(1 << 30))
+            q, t = sudoku.augment(geo, p, np.random.default_rng(seed)), sudoku.augment(geo, s, np.random.default_rng(seed))
+            assert sudoku.check(geo, t, q) and sudoku.count_solutions(geo, q) == 1 and (q != 0).sum() == 30
+
+
+def test_encoding_round_trips():
+    geo = GEOS[6]
+    grid = sudoku.full_grid(geo, np.random.default_rng(0))
+    puzzle = sudoku.dig(geo, grid, np.random.default_rng(0))
+    tokens = sudoku.encode(puzzle, mask_id=6)
+    assert tokens.shape == (36,) and set(np.unique(tokens)) <= set(range(7)) and (tokens == 6).sum() == (puzzle == 0).sum()
+    np.testing.assert_array_equal(sudoku.decode(tokens, 6), puzzle)
+    np.testing.assert_array_equal(sudoku.decode(sudoku.encode(grid, 6), 6), grid)
