@@ -50,7 +50,7 @@ def denoiser(model):
 @dataclasses.dataclass(frozen=True)
 class PerSequence:
     nelbo: jax.Array  # [B] nats/token, a valid bound
-    corrupted: jax.Array  # the model input x_t (Prime: sub-tokens [B, L, l])
+    corrupted: jax.Array | None = None  # the model input x_t (Prime: sub-tokens [B, L, l]); None for hyperschedules
     joint: jax.Array | None = None  # [B] Prime's joint objective (not a bound)
 
 
@@ -115,7 +115,7 @@ class PrimeDiffusion(Objective):
 
     def per_sequence(self, apply_fn, x0, t, key) -> PerSequence:
         valid, joint, yt = prime_nelbo_per_sequence(apply_fn, x0, t, key, self.diffusion, self.codec, self.noise_conditioning)
-        return PerSequence(valid, yt, joint)
+        return PerSequence(valid, yt, joint=joint)
 
     def mask_fraction(self, corrupted):
         return (corrupted == self.codec.mask_id).mean()
@@ -173,7 +173,7 @@ class Hyperschedule(Objective):
         per_row = hyperschedules.double_nelbo_per_sequence if layout == Layout.DOUBLE else hyperschedules.nelbo_per_sequence
         nelbo = per_row(apply_fn, x0, 1.0 - t, key, self.diffusion, self.schedule(x0.shape[1]), self.mask_id,
                         self.noise_conditioning)
-        return PerSequence(nelbo, x0)
+        return PerSequence(nelbo)
 
     def loss(self, apply_fn, x0, key):
         k_t, k_x = jax.random.split(key)
