@@ -47,28 +47,41 @@ def speed_quality(path, panels: list[dict], title: str = ""):
 
 def accuracy_vs_nfe(path, panels: list[dict], title: str = ""):
     """panels: [{'title', 'points': [(decoder, nfe, accuracy)], 'curves': {label: [decoder, ...]}}]: every
-    decoder a point in its own colour, each curve a line through its decoders in the order given
-    (e.g. top-k at k = 1, 2, 5; a threshold rule at tau = 0.9, 0.7). Writes a PNG, returns the figure."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(7.0 * len(panels), 7.0), squeeze=False)
-    cmap = plt.get_cmap("tab20")
+    decoder a point with its own colour and marker (the same in every panel), each curve a line
+    through its decoders in the order given (e.g. top-k at k = 1, 2, 5; a threshold rule at tau =
+    0.99 .. 0.7). One legend below the panels. Writes a PNG, returns the figure."""
+    decoders = list(dict.fromkeys(d for panel in panels for d, _, _ in panel["points"]))
+    curves = list(dict.fromkeys(c for panel in panels for c in panel.get("curves", {})))
+    cmap, markers = plt.get_cmap("tab10"), "osD^vP*Xh<>"
+    style = {d: (cmap(i % 10), markers[(i // 10) % len(markers)]) for i, d in enumerate(decoders)}
+    line = {c: (f"C{j % 10}", ["-", "--", ":", "-."][j % 4]) for j, c in enumerate(curves)}
+    rows = -(-(len(decoders) + len(curves)) // 4)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.0 * len(panels), 5.5 + 0.22 * rows), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         where = {d: (x, y) for d, x, y in panel["points"]}
-        for i, (d, x, y) in enumerate(panel["points"]):
-            ax.scatter([x], [y], s=50, color=cmap(i % 20), label=d, zorder=3)
-        for j, (label, names) in enumerate(panel.get("curves", {}).items()):
+        for d, x, y in panel["points"]:
+            ax.scatter([x], [y], s=55, color=style[d][0], marker=style[d][1], zorder=3, edgecolors="black", linewidths=0.4)
+        for label, names in panel.get("curves", {}).items():
             xy = [where[n] for n in names if n in where]
             if len(xy) > 1:
-                ax.plot(*zip(*xy), color=f"C{j % 10}", linestyle=["-", "--", ":", "-."][j % 4], linewidth=1.2, alpha=0.7,
-                        label=label, zorder=2)
+                ax.plot(*zip(*xy), color=line[label][0], linestyle=line[label][1], linewidth=1.2, alpha=0.7, zorder=2)
         ax.set_xscale("log")
         xs = [x for _, x, _ in panel["points"]]
         ax.set_xticks([v for v in (1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 500) if min(xs) / 1.5 <= v <= max(xs) * 1.5])
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("forward passes (NFE) per puzzle, log scale")
+        ax.set_xlabel("forward passes (NFE) per problem, log scale")
         ax.set_ylabel("exact-solve rate")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(panel["title"])
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)  # below the axes, off the points
-    return _save(fig, path, title)
+    handles = [Line2D([], [], linestyle="", marker=style[d][1], color=style[d][0], markeredgecolor="black", markeredgewidth=0.4,
+                      label=d) for d in decoders]
+    handles += [Line2D([], [], color=line[c][0], linestyle=line[c][1], label=c) for c in curves]
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.035 * rows, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7.5, frameon=False)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig

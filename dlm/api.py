@@ -42,15 +42,18 @@ def build_model(cfg: Config, vocab_size: int | None = None, *, mesh=None, seed: 
         return nnx.jit(lambda: make_model(cfg, V, cfg.train.seed if seed is None else seed))()
 
 
-def nelbo(model: Transformer, batch, diffusion: DiffusionConfig, rng, t_samples: int = 1):
+def nelbo(model: Transformer, batch, diffusion: DiffusionConfig, rng, t_samples: int = 1, given=None):
     """Monte-Carlo NELBO (nats/token) of a batch [B, L] of clean tokens -> (value, metrics).
+
+    With `given` [B, L] (bool; a condition such as a prompt) the estimate is of
+    -log p(batch[~given] | batch[given]) per position not given.
 
     The estimate of the run's objective (its process, hyperschedule and Prime setting): each row
     at K = t_samples stratified times (dlm.objectives.Objective.bound), averaged over rows; the
     same draws as the evaluator and the trainer's validation for the same key. metrics holds
     'nelbo_per_sequence' [B] and, for Prime, 'prime_joint_objective' (not a bound)."""
     objective = objective_for(diffusion, model.vocab_size, model.cfg.noise_conditioning)
-    per, joint = objective.bound(denoiser(model), batch, rng, t_samples)
+    per, joint = objective.bound(denoiser(model), batch, rng, t_samples, given=given)
     value = per.mean()
     metrics = {"nelbo": value, "bits_per_token": value / LN2, "nelbo_per_sequence": per}
     if diffusion.prime.l > 1:

@@ -109,6 +109,14 @@ class Source(str, enum.Enum):
     TFDS = "tfds"
     MARKOV = "markov"
     SUDOKU = "sudoku"
+    ADDITION = "addition"
+
+
+class DataFormat(str, enum.Enum):
+    """How records become training rows."""
+
+    STREAM = "stream"  # documents packed into rows; every position is noised and scored
+    PAIRS = "pairs"  # one prompt/response record per row; the prompt is a condition (never masked, never scored)
 
 
 class MarkovStructure(str, enum.Enum):
@@ -162,7 +170,7 @@ class ModelConfig:
     embed_init_std: float = _field(1.0, "Std of the token-embedding init (N(0, 1) trains much faster than small inits).")
     attention: str = _field("einsum", "Attention kernel: einsum (plain XLA matmuls, fastest on CPU), or xla / cudnn (jax.nn.dot_product_attention).")
     learned_positions: int = _field(0, "Learned absolute position embeddings for this many positions, added to the token embedding (0: none; RoPE is applied either way).")
-    grid: list = _field([], "A task's 2-D structure [rows, cols, box_rows, box_cols]: learned row, column and box embeddings of each position (row-major) added to the token embedding; empty: none.")
+    grid: list = _field([], "A task's 2-D structure [rows, cols, box_rows, box_cols] or [rows, cols, box_rows, box_cols, pages]: learned row, column and box embeddings of each position (row-major) added to the token embedding, and with pages > 1 a page embedding (grids one after another, e.g. a puzzle then its solution); empty: none.")
 
 
 class PrimeObjective(str, enum.Enum):
@@ -211,6 +219,13 @@ class SudokuConfig:
 
 
 @dataclasses.dataclass
+class AdditionConfig:
+    digits: int = _field(8, "n: both operands are uniform n-digit numbers (leading zeros allowed); rows are 3 x (n + 1) digits, least significant first.")
+    validation: int = _field(512, "Held-out problems (another seed) for the validation NELBO.")
+    seed: int = _field(0, "Seed of the training stream; held-out problems and evaluation sets use seeds derived from it.")
+
+
+@dataclasses.dataclass
 class MarkovConfig:
     num_states: int = _field(8, "K, the alphabet size of the chain.")
     structure: MarkovStructure = _field(MarkovStructure.DIRICHLET,
@@ -226,7 +241,7 @@ class MarkovConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    source: Source = _field(Source.BUILTIN, "builtin (Python stdlib sources), files, hf, tfds, markov, or sudoku (solved grids of dlm.tasks.sudoku).")
+    source: Source = _field(Source.BUILTIN, "builtin (Python stdlib sources), files, hf, tfds, markov, sudoku (solved grids of dlm.tasks.sudoku) or addition (dlm.tasks.addition).")
     paths: list = _field([], "Local text or JSONL files (source=files); *.jsonl/*.json are read as JSON lines.")
     validation_paths: list = _field([], "Local validation files; empty means a deterministic split of `paths`.")
     text_field: str = _field("text", "Field holding the text in JSONL, HF and TFDS records.")
@@ -243,12 +258,18 @@ class DataConfig:
     seq_len: int = _field(256, "Tokens per packed row (the model context).")
     markov: MarkovConfig = _field(None, "Synthetic Markov source (source=markov).")
     sudoku: SudokuConfig = _field(None, "Sudoku grids (source=sudoku): the task of dlm.tasks.sudoku.")
+    addition: AdditionConfig = _field(None, "Multi-digit addition (source=addition): the task of dlm.tasks.addition.")
+    format: DataFormat = _field(DataFormat.STREAM, "stream: documents packed into rows, every position trained. pairs: one prompt/response record per row (the LLaDA SFT recipe): prompt positions are never masked and never scored, and the NELBO is -log p(response | prompt) per response token; a text record is prompt + response + EOS, padded with EOS (scored as response). Sources: files/hf (JSON fields data.prompt_field and data.response_field), sudoku (the puzzle, then its solution: seq_len 2 n^2), addition.")
+    prompt_field: str = _field("prompt", "format=pairs: field holding the prompt in JSONL and HF records.")
+    response_field: str = _field("response", "format=pairs: field holding the response in JSONL and HF records.")
 
     def __post_init__(self):
         if self.markov is None:
             self.markov = MarkovConfig()
         if self.sudoku is None:
             self.sudoku = SudokuConfig()
+        if self.addition is None:
+            self.addition = AdditionConfig()
 
 
 @dataclasses.dataclass
@@ -499,21 +520,35 @@ def validate(cfg: Config) -> Config:
     if mk.structure == MarkovStructure.CYCLE and not (0 <= mk.branches <= mk.num_states and 0 < mk.noise < 1):
         raise ConfigError(f"data.markov.branches={mk.branches} must be in [0, num_states={mk.num_states}] and "
                           f"data.markov.noise={mk.noise} in (0, 1) (the noise keeps every transition possible).")
+    pairs = d.format == DataFormat.PAIRS
     if d.source == Source.SUDOKU:
         n = d.sudoku.size
         if n not in (4, 6, 9):
             raise ConfigError(f"data.sudoku.size={n} is not supported; use 4, 6 or 9.")
-        if d.seq_len != n * n:
-            raise ConfigError(f"data.source=sudoku with data.sudoku.size={n} needs data.seq_len={n * n} (one token per cell).")
+        if d.seq_len != n * n * (2 if pairs else 1):
+            raise ConfigError(f"data.source=sudoku with data.sudoku.size={n} and data.format={d.format.value} needs data.seq_len="
+                              f"{n * n * (2 if pairs else 1)} ({'the puzzle, then the solution' if pairs else 'one token per cell'}).")
         if d.sudoku.base_grids < 1 or d.sudoku.validation < 1:
             raise ConfigError("data.sudoku.base_grids and data.sudoku.validation must be at least 1.")
-    if m.grid and (len(m.grid) != 4 or any(not isinstance(v, int) or v < 1 for v in m.grid)
-                   or m.grid[0] % m.grid[2] or m.grid[1] % m.grid[3] or m.grid[0] * m.grid[1] < d.seq_len):
-        raise ConfigError(f"model.grid={m.grid} must be [rows, cols, box_rows, box_cols] with box_rows dividing rows, box_cols "
-                          f"dividing cols and rows * cols >= data.seq_len={d.seq_len}.")
+    if d.source == Source.ADDITION:
+        a = d.addition
+        if a.digits < 1 or a.validation < 1:
+            raise ConfigError("data.addition.digits and data.addition.validation must be at least 1.")
+        if d.seq_len != 3 * (a.digits + 1):
+            raise ConfigError(f"data.source=addition with data.addition.digits={a.digits} needs data.seq_len={3 * (a.digits + 1)} "
+                              "(three rows of digits + 1 digits: the operands, then the sum).")
+    if pairs and d.source not in (Source.FILES, Source.HF, Source.SUDOKU, Source.ADDITION):
+        raise ConfigError(f"data.format=pairs needs a source of prompt/response records (files, hf, sudoku or addition), not {d.source.value}.")
+    if pairs and cfg.diffusion.process != Process.ABSORBING:
+        raise ConfigError(f"data.format=pairs is not supported with diffusion.process={cfg.diffusion.process.value} (it corrupts every "
+                          "position, the prompt included); use the absorbing process.")
+    if m.grid and (len(m.grid) not in (4, 5) or any(not isinstance(v, int) or v < 1 for v in m.grid)
+                   or m.grid[0] % m.grid[2] or m.grid[1] % m.grid[3] or m.grid[0] * m.grid[1] * (m.grid[4] if len(m.grid) == 5 else 1) < d.seq_len):
+        raise ConfigError(f"model.grid={m.grid} must be [rows, cols, box_rows, box_cols] (or with pages last) with box_rows dividing rows, "
+                          f"box_cols dividing cols and rows * cols * pages >= data.seq_len={d.seq_len}.")
     if m.learned_positions < 0 or (m.learned_positions and m.learned_positions < d.seq_len):
         raise ConfigError(f"model.learned_positions={m.learned_positions} must be 0 or at least data.seq_len={d.seq_len}.")
-    if d.source in (Source.MARKOV, Source.SUDOKU) and d.tokenizer != TokenizerKind.BYTE:
+    if d.source in (Source.MARKOV, Source.SUDOKU, Source.ADDITION) and d.tokenizer != TokenizerKind.BYTE:
         raise ConfigError(f"data.source={d.source.value} has its own alphabet; leave data.tokenizer at byte.")
     hk = cfg.diffusion.hyperschedule
     if hk in (HyperscheduleKind.BLOCK, HyperscheduleKind.SLIDE, HyperscheduleKind.BLOCK_SLIDE) and (cfg.diffusion.block_width < 1 or d.seq_len % cfg.diffusion.block_width):

@@ -76,9 +76,9 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def global_batch(local: np.ndarray, mesh) -> jax.Array:
-    """This process's rows -> one global array sharded over (data, fsdp)."""
-    return jax.make_array_from_process_local_data(batch_sharding(mesh), local)
+def global_batch(local, mesh):
+    """This process's rows (an array, or a dict of arrays) -> global arrays sharded over (data, fsdp)."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh), x), local)
 
 
 def check_batch(batch_size: int, mesh) -> None:

@@ -3,16 +3,21 @@
 `objective_for(diffusion, mask_id, noise_conditioning)` is the one place that reads those
 settings. The objective it returns gives everything that depends on them:
 
-- `per_sequence(apply_fn, x0, t, key)`: a one-sample bound of each row at times t [B]
+- `per_sequence(apply_fn, x0, t, key, given)`: a one-sample bound of each row at times t [B]
   (nats/token), with the Prime joint objective beside it where there is one;
-- `loss(apply_fn, x0, key) -> (loss, metrics)`: the training loss (antithetic times across the
-  batch; the loss is the bound, or Prime's joint objective when the config trains on it);
-- `bound(apply_fn, x0, key, t_samples) -> (nelbo [B], joint [B])`: the evaluation estimate,
+- `loss(apply_fn, x0, key, given) -> (loss, metrics)`: the training loss (antithetic times across
+  the batch; the loss is the bound, or Prime's joint objective when the config trains on it);
+- `bound(apply_fn, x0, key, t_samples, given) -> (nelbo [B], joint [B])`: the evaluation estimate,
   K stratified times t_k = (u + k/K) mod 1 per row (u drawn per row from `key`) averaged. The
   evaluator, the trainer's validation and `dlm.nelbo` all call this, so they agree on the
   same draws;
 - `sampler`: the exact sampler family that matches the process (dlm.sampling.generate
   dispatches on it).
+
+`given` [B, L] (bool, optional; data.format=pairs) marks a condition such as a prompt: those
+positions are never masked and never scored, and every bound is of -log p(x[~given] | x[given])
+per position not given (LLaDA's SFT loss). The hybrid processes corrupt every position and take
+no condition.
 
 apply_fn(xt, noise, attention=FULL, positions=None) -> logits [B, L, V]: `noise` is the
 per-token time [B, L] (None unless the model is noise-conditioned); `denoiser(model)` builds it.
@@ -26,7 +31,7 @@ import enum
 import jax
 import jax.numpy as jnp
 
-from dlm.config import DiffusionConfig, HyperscheduleKind, Layout, PrimeObjective, Process
+from dlm.config import ConfigError, DiffusionConfig, HyperscheduleKind, Layout, PrimeObjective, Process
 from dlm.diffusion import hybrid, hyperschedules
 from dlm.diffusion.losses import LN2, nelbo_per_sequence, sample_times
 from dlm.diffusion.prime import Codec, prime_nelbo_per_sequence
@@ -69,21 +74,21 @@ class Objective:
         """Logits of the token a reveal writes: the denoiser's own for absorbing processes."""
         return logits
 
-    def per_sequence(self, apply_fn, x0, t, key) -> PerSequence:
-        nelbo, xt = nelbo_per_sequence(apply_fn, x0, t, key, self.diffusion, self.mask_id, self.noise_conditioning)
+    def per_sequence(self, apply_fn, x0, t, key, given=None) -> PerSequence:
+        nelbo, xt = nelbo_per_sequence(apply_fn, x0, t, key, self.diffusion, self.mask_id, self.noise_conditioning, given)
         return PerSequence(nelbo, xt)
 
-    def loss(self, apply_fn, x0, key):
+    def loss(self, apply_fn, x0, key, given=None):
         """(loss, metrics) of a training batch x0 [B, L]: the mean bound at antithetic times."""
         k_t, k_x = jax.random.split(key)
-        r = self.per_sequence(apply_fn, x0, sample_times(k_t, x0.shape[0], self.diffusion), k_x)
+        r = self.per_sequence(apply_fn, x0, sample_times(k_t, x0.shape[0], self.diffusion), k_x, given)
         loss = r.nelbo.mean()
         return loss, {"nelbo": loss, "bits_per_token": loss / LN2, "mask_fraction": self.mask_fraction(r.corrupted)}
 
     def mask_fraction(self, corrupted):
         return (corrupted == self.mask_id).mean()
 
-    def bound(self, apply_fn, x0, key, t_samples: int = 1):
+    def bound(self, apply_fn, x0, key, t_samples: int = 1, given=None):
         """(nelbo [B], joint [B]) in nats/token averaged over K stratified times per row; the
         joint objective is 0 without Prime."""
         B = x0.shape[0]
@@ -92,7 +97,7 @@ class Objective:
         total = joint = jnp.zeros((B,), jnp.float32)
         for k in range(t_samples):
             t = jnp.clip(jnp.mod(u + k / t_samples, 1.0), self.diffusion.t_min, 1.0)
-            r = self.per_sequence(apply_fn, x0, t, jax.random.fold_in(k_x, k))
+            r = self.per_sequence(apply_fn, x0, t, jax.random.fold_in(k_x, k), given=given)
             total = total + r.nelbo
             if r.joint is not None:
                 joint = joint + r.joint
@@ -113,16 +118,16 @@ class PrimeDiffusion(Objective):
     def codec(self) -> Codec:
         return Codec(self.mask_id, self.diffusion.prime.l)
 
-    def per_sequence(self, apply_fn, x0, t, key) -> PerSequence:
-        valid, joint, yt = prime_nelbo_per_sequence(apply_fn, x0, t, key, self.diffusion, self.codec, self.noise_conditioning)
+    def per_sequence(self, apply_fn, x0, t, key, given=None) -> PerSequence:
+        valid, joint, yt = prime_nelbo_per_sequence(apply_fn, x0, t, key, self.diffusion, self.codec, self.noise_conditioning, given)
         return PerSequence(valid, yt, joint=joint)
 
     def mask_fraction(self, corrupted):
         return (corrupted == self.codec.mask_id).mean()
 
-    def loss(self, apply_fn, x0, key):
+    def loss(self, apply_fn, x0, key, given=None):
         k_t, k_x = jax.random.split(key)
-        r = self.per_sequence(apply_fn, x0, sample_times(k_t, x0.shape[0], self.diffusion), k_x)
+        r = self.per_sequence(apply_fn, x0, sample_times(k_t, x0.shape[0], self.diffusion), k_x, given)
         valid, joint = r.nelbo.mean(), r.joint.mean()
         loss = joint if self.diffusion.prime.objective == PrimeObjective.JOINT else valid
         return loss, {"nelbo": valid, "bits_per_token": valid / LN2, "prime_joint_objective": joint,
@@ -138,12 +143,14 @@ class EpsilonHybrid(Objective):
     def reveal_logits(self, logits):
         return hybrid.y_log_probs(logits, self.diffusion.epsilon)
 
-    def per_sequence(self, apply_fn, x0, t, key) -> PerSequence:
+    def per_sequence(self, apply_fn, x0, t, key, given=None) -> PerSequence:
+        no_condition(self, given)
         nelbo, z = hybrid.nelbo_per_sequence(apply_fn, x0, t, key, self.diffusion, self.mask_id, self.noise_conditioning)
         return PerSequence(nelbo, z)
 
-    def loss(self, apply_fn, x0, key):
+    def loss(self, apply_fn, x0, key, given=None):
         """One forward pass per row: the decoder term on B // 8 rows, the diffusion term on the rest."""
+        no_condition(self, given)
         B = x0.shape[0]
         if B < 2:
             return super().loss(apply_fn, x0, key)
@@ -155,7 +162,8 @@ class GammaHybrid(Objective):
 
     sampler = SamplerFamily.GAMMA
 
-    def per_sequence(self, apply_fn, x0, t, key) -> PerSequence:
+    def per_sequence(self, apply_fn, x0, t, key, given=None) -> PerSequence:
+        no_condition(self, given)
         nelbo, z = hybrid.gamma_nelbo_per_sequence(apply_fn, x0, t, key, self.diffusion, self.mask_id, self.noise_conditioning)
         return PerSequence(nelbo, z)
 
@@ -169,17 +177,23 @@ class Hyperschedule(Objective):
     def schedule(self, length: int) -> hyperschedules.Hyperschedule:
         return hyperschedules.from_config(self.diffusion, length)
 
-    def per_sequence(self, apply_fn, x0, t, key, layout: Layout = Layout.SINGLE) -> PerSequence:
+    def per_sequence(self, apply_fn, x0, t, key, given=None, layout: Layout = Layout.SINGLE) -> PerSequence:
         per_row = hyperschedules.double_nelbo_per_sequence if layout == Layout.DOUBLE else hyperschedules.nelbo_per_sequence
         nelbo = per_row(apply_fn, x0, 1.0 - t, key, self.diffusion, self.schedule(x0.shape[1]), self.mask_id,
-                        self.noise_conditioning)
+                        self.noise_conditioning, given)
         return PerSequence(nelbo)
 
-    def loss(self, apply_fn, x0, key):
+    def loss(self, apply_fn, x0, key, given=None):
         k_t, k_x = jax.random.split(key)
-        r = self.per_sequence(apply_fn, x0, sample_times(k_t, x0.shape[0], self.diffusion), k_x, self.diffusion.layout)
+        r = self.per_sequence(apply_fn, x0, sample_times(k_t, x0.shape[0], self.diffusion), k_x, given, self.diffusion.layout)
         loss = r.nelbo.mean()
         return loss, {"nelbo": loss, "bits_per_token": loss / LN2}
+
+
+def no_condition(objective, given) -> None:
+    if given is not None:
+        raise ConfigError(f"The {type(objective).__name__} objective corrupts every position and takes no condition; "
+                          "train prompt/response data with the absorbing process.")
 
 
 def objective_for(diffusion: DiffusionConfig, mask_id: int, noise_conditioning: bool) -> Objective:

@@ -24,3 +24,23 @@ def test_speed_quality_plot_has_titles_axis_labels_and_a_legend_per_panel(root, 
         assert len(ax.collections) == len(panel["points"])
     img = matplotlib.image.imread(tmp_path / "p.png")
     assert img.shape[0] > 300 and img.shape[1] > 600
+
+
+def test_accuracy_plot_marks_every_decoder_apart_and_draws_each_curve(root, tmp_path):
+    sys.path.insert(0, str(root / "benchmarks"))
+    from plot import accuracy_vs_nfe
+
+    names = [f"decoder_{i}" for i in range(23)]  # more than one colour cycle
+    points = [(n, 2.0 + i, i / 30) for i, n in enumerate(names)]
+    curves = {"first three": names[:3], "a missing one": ["decoder_5", "absent"]}
+    panels = [{"title": "tier a", "points": points, "curves": curves}, {"title": "tier b", "points": points[:10], "curves": curves}]
+    fig = accuracy_vs_nfe(tmp_path / "a.png", panels, title="t")
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == names + list(curves)
+    handles = fig.legends[0].legend_handles[: len(names)]
+    styles = {(tuple(h.get_color()) if not isinstance(h.get_color(), str) else h.get_color(), h.get_marker()) for h in handles}
+    assert len(styles) == len(names)
+    for ax, panel in zip(fig.axes, panels):
+        assert ax.get_title() == panel["title"] and "NFE" in ax.get_xlabel() and ax.get_ylabel() == "exact-solve rate"
+        assert len(ax.collections) == len(panel["points"]) and len(ax.lines) == 1  # the curve with one point left is not drawn
+    assert matplotlib.image.imread(tmp_path / "a.png").shape[1] > 1000

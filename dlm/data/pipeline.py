@@ -1,5 +1,9 @@
 """Tokenize -> pack into seq_len rows with EOS separators -> deterministic, resumable batches.
 
+Rows are an int32 array [N, L] (data.format=stream), or with data.format=pairs a dict
+{"tokens": [N, L] int32, "given": [N, L] bool}: `given` marks the condition (the prompt, or
+any set of positions), which the objectives never mask and never score.
+
 The order of rows is a seeded grain shuffle (a new permutation every epoch). Global batch k holds
 rows order[k*B : (k+1)*B]; process p of n reads only its contiguous slice of that batch, so the
 global batch is the same for any process count. The iterator's state goes into checkpoints.
@@ -15,7 +19,7 @@ from typing import Callable
 import grain
 import numpy as np
 
-from dlm.config import ConfigError, DataConfig, Source
+from dlm.config import ConfigError, DataConfig, DataFormat, Source
 from dlm.data import sources
 from dlm.data.synthetic import MarkovChain
 from dlm.data.tokenizers import SymbolTokenizer, build_tokenizer, letters, load_tokenizer
@@ -32,6 +36,48 @@ def pack(token_docs, eos_id: int, seq_len: int) -> np.ndarray:
     stream = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
     n = len(stream) // seq_len
     return stream[: n * seq_len].reshape(n, seq_len)
+
+
+def pair_rows(tok, pairs, seq_len: int, where: str) -> dict:
+    """Prompt/response records -> {"tokens", "given"} [N, seq_len]: prompt, response, EOS, then EOS
+    padding (the LLaDA SFT layout: the padding is part of the response, so the model learns where
+    an answer ends). A record that does not fit, or has no response, is one error."""
+    if tok.eos_id < 0:
+        raise ConfigError(f"The {tok.kind} tokenizer has no EOS token, which pairs rows end with; use the byte, bpe or a pretrained tokenizer.")
+    tokens = np.full((len(pairs), seq_len), tok.eos_id, np.int32)
+    given = np.zeros((len(pairs), seq_len), bool)
+    for i, (prompt, response) in enumerate(pairs):
+        p, r = tok.encode(prompt), tok.encode(response)
+        if len(r) == 0:
+            raise ConfigError(f"Record {i + 1} of {where} has an empty response; every prompt/response pair needs a response to train on.")
+        if len(p) >= seq_len:
+            raise ConfigError(f"Record {i + 1} of {where} has a prompt of {len(p)} tokens, which leaves no room for a response in "
+                              f"data.seq_len={seq_len}; raise data.seq_len or shorten the prompt.")
+        if len(p) + len(r) + 1 > seq_len:
+            raise ConfigError(f"Record {i + 1} of {where} needs {len(p) + len(r) + 1} tokens (prompt, response and EOS), more than "
+                              f"data.seq_len={seq_len}; raise data.seq_len or shorten the record.")
+        tokens[i, : len(p)], tokens[i, len(p): len(p) + len(r)] = p, r
+        given[i, : len(p)] = True
+    return {"tokens": tokens, "given": given}
+
+
+def row_tokens(rows) -> np.ndarray:
+    """The tokens of rows (an array, or a pairs dict)."""
+    return rows["tokens"] if isinstance(rows, dict) else rows
+
+
+def take_rows(rows, index):
+    """rows[index] for an array or a pairs dict."""
+    return {k: v[index] for k, v in rows.items()} if isinstance(rows, dict) else rows[index]
+
+
+def num_rows(rows) -> int:
+    return len(row_tokens(rows))
+
+
+def scored_tokens(rows) -> np.ndarray:
+    """The tokens the objectives score (all of them, or the responses of pairs rows), flattened."""
+    return rows["tokens"][~rows["given"]] if isinstance(rows, dict) else np.asarray(rows).reshape(-1)
 
 
 @dataclasses.dataclass
@@ -53,8 +99,8 @@ class Data:
 
 
 def unigram_entropy_bits(rows: np.ndarray, vocab_size: int) -> float:
-    """Entropy (bits/symbol) of the empirical unigram distribution of the rows."""
-    counts = np.bincount(rows.reshape(-1), minlength=vocab_size).astype(np.float64)
+    """Entropy (bits/symbol) of the empirical unigram distribution of the scored tokens of the rows."""
+    counts = np.bincount(scored_tokens(rows), minlength=vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log2(p)).sum())
 
@@ -80,8 +126,27 @@ def load_data(cfg: DataConfig, workdir: pathlib.Path | None = None, seed: int = 
         return Data(tok, train, val, 1.0, chain, desc, draw_rows=chain.sample_rows, unit="bits/token")
     if cfg.source == Source.SUDOKU:
         return sudoku_data(cfg, workdir if leader else None)
+    if cfg.source == Source.ADDITION:
+        return addition_data(cfg, workdir if leader else None)
+    if cfg.format == DataFormat.PAIRS:
+        return text_pairs_data(cfg, workdir, leader, barrier)
 
     train_docs, val_docs = sources.load_documents(cfg)
+    tok = shared_tokenizer(cfg, train_docs, workdir, leader, barrier)
+    train = pack(tok.encode_batch(train_docs), tok.eos_id, cfg.seq_len)
+    val = pack(tok.encode_batch(val_docs), tok.eos_id, cfg.seq_len)
+    if len(val) == 0:
+        raise ConfigError(f"The validation split holds fewer than data.seq_len={cfg.seq_len} tokens; use more validation text or a shorter seq_len.")
+    nbytes = sum(len(d.encode("utf-8", errors="surrogateescape")) + 1 for d in val_docs)
+    ntok = sum(len(x) + 1 for x in tok.encode_batch(val_docs))
+    desc = (f"{cfg.source.value} corpus: {len(train_docs)} train docs ({train.size / 1e6:.2f}M tokens, {len(train)} rows), "
+            f"{len(val_docs)} validation docs ({val.size / 1e3:.1f}k tokens), vocab {tok.vocab_size}")
+    return Data(tok, train, val, nbytes / ntok, None, desc)
+
+
+def shared_tokenizer(cfg: DataConfig, train_docs, workdir, leader: bool, barrier):
+    """The run's tokenizer: the leader reloads it from the workdir or builds it (a BPE is trained
+    on `train_docs`) and saves it; after `barrier()` the other processes read the leader's."""
     tok = None
     if leader:
         tok = load_tokenizer(workdir) if workdir is not None else None
@@ -95,15 +160,53 @@ def load_data(cfg: DataConfig, workdir: pathlib.Path | None = None, seed: int = 
         tok = load_tokenizer(workdir) if workdir is not None else None
         if tok is None:
             raise ConfigError(f"Process 0 wrote no tokenizer into {str(workdir)!r}; the workdir must be storage that every process shares.")
-    train = pack(tok.encode_batch(train_docs), tok.eos_id, cfg.seq_len)
-    val = pack(tok.encode_batch(val_docs), tok.eos_id, cfg.seq_len)
-    if len(val) == 0:
-        raise ConfigError(f"The validation split holds fewer than data.seq_len={cfg.seq_len} tokens; use more validation text or a shorter seq_len.")
-    nbytes = sum(len(d.encode("utf-8", errors="surrogateescape")) + 1 for d in val_docs)
-    ntok = sum(len(x) + 1 for x in tok.encode_batch(val_docs))
-    desc = (f"{cfg.source.value} corpus: {len(train_docs)} train docs ({train.size / 1e6:.2f}M tokens, {len(train)} rows), "
-            f"{len(val_docs)} validation docs ({val.size / 1e3:.1f}k tokens), vocab {tok.vocab_size}")
+    return tok
+
+
+def text_pairs_data(cfg: DataConfig, workdir, leader: bool, barrier) -> Data:
+    """Prompt/response records of JSONL files or an HF dataset, one per row (`pair_rows`)."""
+    train_pairs, val_pairs = sources.load_pairs(cfg)
+    tok = shared_tokenizer(cfg, [p + r for p, r in train_pairs], workdir, leader, barrier)
+    train = pair_rows(tok, train_pairs, cfg.seq_len, "the training pairs")
+    val = pair_rows(tok, val_pairs, cfg.seq_len, "the validation pairs")
+    response_docs = [r for _, r in val_pairs]
+    nbytes = sum(len(r.encode("utf-8", errors="surrogateescape")) + 1 for r in response_docs)
+    ntok = int((~val["given"]).sum())  # the response tokens with their EOS padding
+    desc = (f"{cfg.source.value} prompt/response pairs: {len(train_pairs)} train, {len(val_pairs)} validation, vocab {tok.vocab_size}; "
+            f"loss and NELBO on responses only")
     return Data(tok, train, val, nbytes / ntok, None, desc)
+
+
+def addition_data(cfg: DataConfig, workdir: pathlib.Path | None) -> Data:
+    """Endless uniform addition problems (row k of a seed is always the same); held-out problems of
+    another seed for validation. format=pairs makes the operands the condition."""
+    from dlm.tasks import addition
+
+    ac = cfg.addition
+    layout = addition.Layout(ac.digits)
+    tok = SymbolTokenizer(addition.ALPHABET)
+    pairs = cfg.format == DataFormat.PAIRS
+
+    def as_rows(a, b):
+        tokens = addition.rows(a, b)
+        if not pairs:
+            return tokens
+        given = np.zeros(tokens.shape, bool)
+        given[:, : layout.prompt_length] = True
+        return {"tokens": tokens, "given": given}
+
+    def draw_rows(seed, rows, seq_len):
+        a = np.empty((len(rows), ac.digits), np.int64)
+        b = np.empty_like(a)
+        for j, r in enumerate(rows):
+            a[j], b[j] = (x[0] for x in addition.problems(layout, 1, np.random.default_rng([seed, int(r)])))
+        return as_rows(a, b)
+
+    val = as_rows(*addition.problems(layout, ac.validation, np.random.default_rng(ac.seed + 1_000_003)))
+    if workdir is not None:
+        tok.save(workdir)
+    desc = f"Addition of two {ac.digits}-digit numbers (least significant digit first), {cfg.format.value} rows, {ac.validation} held-out problems"
+    return Data(tok, None, val, 1.0, None, desc, draw_rows=draw_rows, unit="bits/digit")
 
 
 def sudoku_data(cfg: DataConfig, workdir: pathlib.Path | None) -> Data:
@@ -114,20 +217,34 @@ def sudoku_data(cfg: DataConfig, workdir: pathlib.Path | None) -> Data:
 
     sc = cfg.sudoku
     geo = sudoku.Geometry(sc.size)
-    tok = SymbolTokenizer("".join(str(d) for d in range(1, sc.size + 1)))
+    pairs = cfg.format == DataFormat.PAIRS
+    tok = SymbolTokenizer("".join(str(d) for d in range(1, sc.size + 1)) + ("." if pairs else ""))
     base = sudoku.cached_grids(geo, sc.seed, sc.base_grids, sc.cache_dir)
-    val = sudoku.encode(sudoku.cached_grids(geo, sc.seed + 1_000_003, sc.validation, sc.cache_dir), tok.mask_id)
+
+    def as_row(grid, rng):
+        if not pairs:
+            return sudoku.encode(grid, tok.mask_id)
+        return sudoku.encode_pair(geo, grid, rng, blank_id=sc.size)
+
+    def stack(rows):
+        if not pairs:
+            return np.stack(rows)
+        return {"tokens": np.stack(rows), "given": np.broadcast_to(np.arange(2 * geo.cells) < geo.cells, (len(rows), 2 * geo.cells)).copy()}
+
+    held_out = sudoku.cached_grids(geo, sc.seed + 1_000_003, sc.validation, sc.cache_dir)
+    val = stack([as_row(g, np.random.default_rng([sc.seed + 1_000_003, i])) for i, g in enumerate(held_out)])
 
     def draw_rows(seed, rows, seq_len):
-        out = np.empty((len(rows), seq_len), np.int32)
-        for j, r in enumerate(rows):
+        out = []
+        for r in rows:
             rng = np.random.default_rng([seed, int(r)])
-            out[j] = sudoku.encode(sudoku.augment(geo, base[rng.integers(len(base))], rng), tok.mask_id)
-        return out
+            out.append(as_row(sudoku.augment(geo, base[rng.integers(len(base))], rng), rng))
+        return stack(out)
 
     if workdir is not None:
         tok.save(workdir)
-    desc = f"Sudoku {sc.size}x{sc.size}: random symmetries of {len(base)} solved grids, {len(val)} held-out grids"
+    desc = (f"Sudoku {sc.size}x{sc.size}: random symmetries of {len(base)} solved grids, {len(held_out)} held-out grids"
+            + (" (pairs: a random-givens puzzle, then its grid)" if pairs else ""))
     return Data(tok, None, val, 1.0, None, desc, draw_rows=draw_rows, unit="bits/cell")
 
 
@@ -141,20 +258,21 @@ class _Batches:
         self.b = global_batch // process_count
         self.offset = process_index * self.b
         if data.train_rows is not None:
-            if len(data.train_rows) < global_batch:
-                raise ConfigError(f"The training data holds {len(data.train_rows)} rows of {seq_len} tokens, fewer than one batch "
+            if num_rows(data.train_rows) < global_batch:
+                raise ConfigError(f"The training data holds {num_rows(data.train_rows)} rows of {seq_len} tokens, fewer than one batch "
                                   f"of train.batch_size={global_batch}; add data or lower the batch size.")
-            self.order = grain.MapDataset.range(len(data.train_rows)).seed(seed).shuffle().repeat()
+            self.order = grain.MapDataset.range(num_rows(data.train_rows)).seed(seed).shuffle().repeat()
 
     def __call__(self, k: int) -> np.ndarray:
         rows = np.arange(k * self.B + self.offset, k * self.B + self.offset + self.b)
         if self.data.train_rows is None:
             return self.data.draw_rows(self.seed, rows, self.seq_len)
-        return self.data.train_rows[[self.order[int(r)] for r in rows]]
+        return take_rows(self.data.train_rows, [self.order[int(r)] for r in rows])
 
 
 def train_iterator(data: Data, seq_len: int, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1):
-    """A grain iterator of this process's [B / process_count, seq_len] int32 batches; get_state/set_state resume it."""
+    """A grain iterator of this process's [B / process_count, seq_len] int32 batches (pairs: dicts of
+    tokens and given); get_state/set_state resume it."""
     ds = grain.MapDataset.range(sys.maxsize).map(_Batches(data, seq_len, global_batch, seed, process_index, process_count))
     return iter(ds.to_iter_dataset(read_options=_READ))
 
@@ -162,6 +280,6 @@ def train_iterator(data: Data, seq_len: int, global_batch: int, seed: int, proce
 def validation_windows(data: Data, n: int) -> np.ndarray:
     """n evenly spaced validation rows (all of them if there are fewer)."""
     rows = data.val_rows
-    if n >= len(rows):
+    if n >= num_rows(rows):
         return rows
-    return rows[np.linspace(0, len(rows) - 1, n).astype(int)]
+    return take_rows(rows, np.linspace(0, num_rows(rows) - 1, n).astype(int))

@@ -151,3 +151,64 @@ def load_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
     if not train or not val:
         raise ConfigError(f"Data source {cfg.source.value!r} gave {len(train)} training and {len(val)} validation documents; both must be non-empty.")
     return train, val
+
+
+def _pairs_of(records, prompt_field: str, response_field: str, where: str) -> list[tuple[str, str]]:
+    """(prompt, response) of each record; a missing or non-text field is one error naming the record."""
+    out = []
+    for i, rec in enumerate(records):
+        for field in (prompt_field, response_field):
+            if not isinstance(rec.get(field), str):
+                raise ConfigError(f"Record {i + 1} of {where} has no text in field {field!r}; fix that record or set "
+                                  f"data.{'prompt' if field == prompt_field else 'response'}_field.")
+        out.append((rec[prompt_field], rec[response_field]))
+    return out
+
+
+def _local_pairs(paths: list[str], cfg: DataConfig) -> list[tuple[str, str]]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    out = []
+    for p in paths:
+        path = pathlib.Path(p)
+        _check_file(path)
+        if path.suffix not in (".jsonl", ".json"):
+            raise ConfigError(f"data.format=pairs reads prompt/response records from JSON lines, and {p!r} is not a .jsonl file.")
+        try:
+            ds = datasets.load_dataset("json", data_files=str(path), split="train", keep_in_memory=True)
+        except Exception as e:
+            raise ConfigError(f"Data file {p!r} is not valid JSON lines ({type(e).__name__}); fix or remove it.") from None
+        out += _pairs_of(ds, cfg.prompt_field, cfg.response_field, repr(p))
+    return out
+
+
+def load_pairs(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train pairs, validation pairs) of (prompt, response) for data.format=pairs (files or hf)."""
+    if cfg.source == Source.FILES:
+        train = _local_pairs(cfg.paths, cfg)
+        val = _local_pairs(cfg.validation_paths, cfg) if cfg.validation_paths else None
+    elif cfg.source == Source.HF:
+        import datasets
+
+        def split(name):
+            try:
+                ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split=name)
+            except Exception as e:
+                raise ConfigError(f"Could not load HF dataset {cfg.hf_name!r} split {name!r} ({type(e).__name__}: {e}).") from None
+            if cfg.max_documents:
+                ds = ds.select(range(min(cfg.max_documents, len(ds))))
+            return _pairs_of(ds, cfg.prompt_field, cfg.response_field, f"HF dataset {cfg.hf_name!r} split {name!r}")
+
+        train = split(cfg.train_split)
+        val = split(cfg.validation_split) if cfg.validation_split else None
+    else:
+        raise ValueError(f"{cfg.source} has no prompt/response records")
+    if val is None:
+        keep = [not _held_out(f"{i}:{p[:64]}", cfg.validation_mod) for i, (p, _) in enumerate(train)]
+        train, val = [x for x, k in zip(train, keep) if k], [x for x, k in zip(train, keep) if not k]
+    if cfg.max_documents:
+        train, val = train[: cfg.max_documents], val[: cfg.max_documents]
+    if not train or not val:
+        raise ConfigError(f"Data source {cfg.source.value!r} gave {len(train)} training and {len(val)} validation pairs; both must be non-empty.")
+    return train, val

@@ -133,36 +133,63 @@ def from_config(cfg, length: int) -> Hyperschedule:
     return Hyperschedule(kind, length, width=width, steps=steps)
 
 
-def nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_id: int, noise_conditioning: bool = False):
+def pick_blocks(u, scored_blocks):
+    """Block b [B] drawn through u [B] uniformly among the blocks with a scored position
+    (`scored_blocks` [B, nb] bool), the count of those blocks n [B], and the time within the
+    block t = 1 - frac(u n): each block is active for an equal share of u."""
+    n = jnp.maximum(scored_blocks.sum(-1), 1)
+    k = jnp.minimum((u * n).astype(jnp.int32), n - 1)
+    rank = jnp.cumsum(scored_blocks, axis=-1) - 1
+    b = jnp.argmax(scored_blocks & (rank == k[:, None]), axis=-1)
+    return b, n.astype(jnp.float32), 1.0 - (u * n - k)
+
+
+def nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_id: int, noise_conditioning: bool = False,
+                       given=None):
     """One-sample NELBO estimate (nats/token) of each row of x0 [B, L] under hyperschedule h.
 
     u [B] in [0, 1) picks the step. For flat / autoregressive / block schedules the estimator is
     continuous in time within a block (BD3-LM): block b = floor(u * nb) is active at time
     t = 1 - frac(u * nb) (clipped to t_min), earlier blocks are settled and later ones future;
     each masked active token costs nb * w(t) * CE. Slide uses its step table: step n = floor(u * N),
-    N times the per-step terms. apply_fn(xt, t_tokens | None, attention) -> logits."""
+    N times the per-step terms. apply_fn(xt, t_tokens | None, attention) -> logits.
+
+    Blocks of one position (autoregressive) are Rao-Blackwellised over t: a one-token block's term
+    is w(t) 1[masked] CE with a CE that does not depend on t, whose mean over t is CE itself
+    (the integral of -alpha' is 1), so the token is always masked with weight 1: the causal LM's
+    cross-entropy, without the 1/t-weighted draws that make the continuous-time estimate
+    heavy-tailed (an AR model trained through them barely learned in 1000 steps).
+
+    `given` [B, L] (bool, optional) marks a condition (a prompt): those positions are settled at
+    every step and never scored; the draw of u runs over the blocks that hold a position to
+    score (nb is their count), and the estimate is per position not given."""
+    from dlm.diffusion.losses import scored_count
     from dlm.diffusion.schedules import make_schedule
     from dlm.models.attention import AttentionSpec
 
     schedule = make_schedule(cfg)
     B, L = x0.shape
     pos = jnp.arange(L)
+    settled_given = (lambda role: role) if given is None else (lambda role: jnp.where(given, SETTLED, role))
     if h.kind in (Kind.SLIDE, Kind.BLOCK_SLIDE):
         tau = jnp.asarray(h.table(), jnp.float32)
         N = tau.shape[0] - 1
         n = jnp.minimum((u * N).astype(jnp.int32), N - 1)
         tau_now, tau_next = tau[n], tau[n + 1]
-        role = roles(tau_now, tau_next)
+        role = settled_given(roles(tau_now, tau_next))
+        if given is not None:
+            tau_now, tau_next = jnp.where(given, 0.0, tau_now), jnp.where(given, 0.0, tau_next)
         a_now, a_next = schedule.alpha(tau_now), schedule.alpha(tau_next)
         xt = corrupt_step(key, x0, a_now, role, mask_id)
         logits = apply_fn(xt, tau_now if noise_conditioning else None, AttentionSpec("explicit", attention_mask(role, h.block_width)[:, None]))
-        return N * step_terms(logits, x0, xt, a_now, a_next, role, mask_id).sum(-1) / L
+        return N * step_terms(logits, x0, xt, a_now, a_next, role, mask_id).sum(-1) / scored_count(x0, given)
     w_blk = h.block_width
     nb = L // w_blk
-    b = jnp.minimum((u * nb).astype(jnp.int32), nb - 1)  # [B]
-    t = jnp.clip(1.0 - (u * nb - b), cfg.t_min, 1.0)  # [B]
     blk = pos // w_blk
-    role = jnp.where(blk[None] < b[:, None], SETTLED, jnp.where(blk[None] == b[:, None], ACTIVE, FUTURE))
+    scored_blocks = jnp.ones((B, nb), bool) if given is None else (~given).reshape(B, nb, w_blk).any(-1)
+    b, n_blocks, t = pick_blocks(u, scored_blocks)
+    t = jnp.ones_like(t) if w_blk == 1 else jnp.clip(t, cfg.t_min, 1.0)  # [B]
+    role = settled_given(jnp.where(blk[None] < b[:, None], SETTLED, jnp.where(blk[None] == b[:, None], ACTIVE, FUTURE)))
     tau_now = jnp.where(role == SETTLED, 0.0, jnp.where(role == ACTIVE, t[:, None], 1.0))
     alpha = schedule.alpha(tau_now)
     xt = corrupt_step(key, x0, alpha, role, mask_id)
@@ -171,7 +198,8 @@ def nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_id: int
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
     terms = jnp.where((role == ACTIVE) & (xt == mask_id), nll, 0.0)
-    return nb * schedule.weight(t) * terms.sum(-1) / L
+    weight = 1.0 if w_blk == 1 else schedule.weight(t)
+    return n_blocks * weight * terms.sum(-1) / scored_count(x0, given)
 
 
 def double_layout_mask(L: int, block_width: int):
@@ -184,13 +212,18 @@ def double_layout_mask(L: int, block_width: int):
     return jnp.concatenate([top, bottom], axis=0)
 
 
-def double_nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_id: int, noise_conditioning: bool = False):
+def double_nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_id: int, noise_conditioning: bool = False,
+                              given=None):
     """The same NELBO as nelbo_per_sequence (flat / autoregressive / block), every block at once
     (BD3-LM's vectorised form): the input is [x0 | x_t] of length 2L, both halves at positions
     0..L-1, block b of x_t noised at its own time t_b = 1 - frac(u + b / nb), and each masked token
     costs w(t_b) * CE. A noised block sees its clean prefix exactly as the active block of the
     single layout sees its settled prefix, so every block's term is that layout's, summed instead
-    of sampled (no factor nb)."""
+    of sampled (no factor nb). Blocks of one position are always masked with weight 1 (the
+    Rao-Blackwellised term of nelbo_per_sequence: the teacher-forced causal LM loss). `given`
+    positions (a condition) are clean in both halves and never scored; the estimate is per
+    position not given."""
+    from dlm.diffusion.losses import scored_count
     from dlm.diffusion.schedules import make_schedule
     from dlm.models.attention import AttentionSpec
 
@@ -201,12 +234,17 @@ def double_nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_
     w = h.block_width
     nb = L // w
     t = jnp.clip(1.0 - jnp.mod(u[:, None] + jnp.arange(nb)[None] / nb, 1.0), cfg.t_min, 1.0)  # [B, nb]
+    if w == 1:
+        t = jnp.ones_like(t)
     tau = jnp.repeat(t, w, axis=1)  # [B, L]
     xt = jnp.where(jax.random.uniform(key, x0.shape) < schedule.alpha(tau), x0, mask_id)
+    if given is not None:
+        xt = jnp.where(given, x0, xt)
     pos = jnp.broadcast_to(jnp.concatenate([jnp.arange(L)] * 2), (B, 2 * L))
     noise = jnp.concatenate([jnp.zeros_like(tau), tau], axis=1) if noise_conditioning else None
     spec = AttentionSpec("explicit", double_layout_mask(L, w)[None, None])
     logits = apply_fn(jnp.concatenate([x0, xt], axis=1), noise, spec, positions=pos)[:, L:]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
-    return (schedule.weight(tau) * jnp.where(xt == mask_id, nll, 0.0)).sum(-1) / L
+    weight = 1.0 if w == 1 else schedule.weight(tau)
+    return (weight * jnp.where(xt == mask_id, nll, 0.0)).sum(-1) / scored_count(x0, given)

@@ -61,15 +61,26 @@ def nelbo_terms(logits, x0, xt, weight, mask_id: int):
     return w * masked_cross_entropy(logits, x0, xt, mask_id)
 
 
-def nelbo_per_sequence(apply_fn, x0, t, key, cfg: DiffusionConfig, mask_id: int, noise_conditioning: bool = False):
+def scored_count(x0, given):
+    """Positions per row a bound is normalised by: L, or the positions not given [B] (at least 1)."""
+    if given is None:
+        return x0.shape[1]
+    return jnp.maximum((~given).sum(-1), 1).astype(jnp.float32)
+
+
+def nelbo_per_sequence(apply_fn, x0, t, key, cfg: DiffusionConfig, mask_id: int, noise_conditioning: bool = False, given=None):
     """One-sample NELBO estimate of each sequence at times t [B], in nats/token -> ([B], x_t).
 
     apply_fn(xt, t_tokens) -> logits [B, L, V]; t_tokens is the per-token noise level [B, L]
-    (None unless the model is noise-conditioned).
+    (None unless the model is noise-conditioned). `given` [B, L] (bool, optional) marks a
+    condition: those positions stay clean and are not scored, and the estimate is of
+    -log p(x0[~given] | x0[given]) per position not given.
     """
     schedule = make_schedule(cfg)
     B, L = x0.shape
     t, w = time_and_weight(t, schedule, cfg)
     xt = absorbing_corrupt(key, x0, schedule.alpha(t)[:, None], mask_id)
+    if given is not None:
+        xt = jnp.where(given, x0, xt)
     logits = apply_fn(xt, jnp.broadcast_to(t[:, None], (B, L)) if noise_conditioning else None)
-    return nelbo_terms(logits, x0, xt, w, mask_id).sum(-1) / L, xt
+    return nelbo_terms(logits, x0, xt, w, mask_id).sum(-1) / scored_count(x0, given), xt

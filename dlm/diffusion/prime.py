@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dlm.config import ConfigError, DiffusionConfig
-from dlm.diffusion.losses import time_and_weight
+from dlm.diffusion.losses import scored_count, time_and_weight
 from dlm.diffusion.schedules import make_schedule
 
 
@@ -130,14 +130,19 @@ def corrupt_subtokens(key, x0, alpha_t, codec: Codec):
     return jnp.where(keep, y0, codec.mask_id)
 
 
-def prime_nelbo_per_sequence(apply_fn, x0, t, key, cfg: DiffusionConfig, codec: Codec, noise_conditioning: bool = False):
-    """(valid NELBO [B], joint objective [B]) in nats/token at times t [B].
+def prime_nelbo_per_sequence(apply_fn, x0, t, key, cfg: DiffusionConfig, codec: Codec, noise_conditioning: bool = False,
+                             given=None):
+    """(valid NELBO [B], joint objective [B]) in nats/token at times t [B]; the sub-tokens of
+    `given` positions (a condition, optional) stay clean and are not scored.
 
     apply_fn(yt [B, L, l], t_tokens | None) -> logits [B, L, V]."""
     schedule = make_schedule(cfg)
     B, L = x0.shape
     t, w = time_and_weight(t, schedule, cfg)
     yt = corrupt_subtokens(key, x0, schedule.alpha(t)[:, None], codec)
+    if given is not None:
+        yt = jnp.where(given[..., None], codec.encode(x0), yt)
     logits = apply_fn(yt, jnp.broadcast_to(t[:, None], (B, L)) if noise_conditioning else None)
     valid, joint = prime_terms(logits, x0, yt, w, codec)
-    return valid.sum(-1) / L, joint.sum(-1) / L, yt
+    n = scored_count(x0, given)
+    return valid.sum(-1) / n, joint.sum(-1) / n, yt

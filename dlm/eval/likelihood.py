@@ -12,16 +12,19 @@ import jax
 import numpy as np
 from flax import nnx
 
+from dlm.data.pipeline import num_rows, take_rows
 from dlm.mesh import batch_sharding, mesh_context, replicated
 from dlm.objectives import Objective, denoiser
 
 
 def make_eval_fn(graphdef, objective: Objective, t_samples: int, mesh=None):
-    """Jitted (params, rows [B, L], key) -> per-row (NELBO [B], Prime joint objective [B]) in nats/token:
-    the objective's bound averaged over K = t_samples stratified draws (0 joint without Prime)."""
+    """Jitted (params, rows [B, L] or a pairs dict, key) -> per-row (NELBO [B], Prime joint objective [B])
+    in nats/token: the objective's bound averaged over K = t_samples stratified draws (0 joint
+    without Prime); for pairs rows, of the response given the prompt."""
 
     def fn(params, rows, key):
-        return objective.bound(denoiser(nnx.merge(graphdef, params)), rows, key, t_samples)
+        tokens, given = (rows["tokens"], rows["given"]) if isinstance(rows, dict) else (rows, None)
+        return objective.bound(denoiser(nnx.merge(graphdef, params)), tokens, key, t_samples, given=given)
 
     if mesh is None:
         return jax.jit(fn)
@@ -29,21 +32,21 @@ def make_eval_fn(graphdef, objective: Objective, t_samples: int, mesh=None):
         return jax.jit(fn, in_shardings=(None, batch_sharding(mesh), replicated(mesh)), out_shardings=replicated(mesh))
 
 
-def evaluate(eval_fn, params, rows: np.ndarray, batch_size: int, seed: int = 0, mesh=None) -> dict:
+def evaluate(eval_fn, params, rows, batch_size: int, seed: int = 0, mesh=None) -> dict:
     """{nelbo, nelbo_stderr, joint}: mean and standard error of the per-window NELBO (nats/token)
-    over `rows` [N, L], and the mean Prime joint objective.
+    over `rows` [N, L] (or a pairs dict), and the mean Prime joint objective.
 
     The seed is fixed, so repeated evaluations of different parameters see the same t and masks
     (a paired comparison)."""
-    n = len(rows)
+    n = num_rows(rows)
     pad = (-n) % batch_size
-    padded = np.concatenate([rows, np.repeat(rows[:1], pad, 0)]) if pad else rows
+    padded = take_rows(rows, np.concatenate([np.arange(n), np.zeros(pad, int)])) if pad else rows
     key = jax.random.key(seed)
     vals, joints = [], []
-    for i in range(0, len(padded), batch_size):
-        batch = padded[i : i + batch_size]
+    for i in range(0, n + pad, batch_size):
+        batch = take_rows(padded, slice(i, i + batch_size))
         if mesh is not None:  # every process holds all rows: each takes its own shards
-            batch = jax.make_array_from_callback(batch.shape, batch_sharding(mesh), lambda idx, b=batch: b[idx])
+            batch = jax.tree.map(lambda b: jax.make_array_from_callback(b.shape, batch_sharding(mesh), lambda idx: b[idx]), batch)
         v, j = eval_fn(params, batch, jax.random.fold_in(key, i))
         vals.append(np.asarray(v))
         joints.append(np.asarray(j))

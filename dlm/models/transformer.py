@@ -149,12 +149,14 @@ class Transformer(nnx.Module):
         std = cfg.embed_init_std
         self.pos_embed = _param(rngs, (cfg.learned_positions, d), std, (None, "embed")) if cfg.learned_positions else None
         if cfg.grid:
-            rows, cols, box_rows, box_cols = cfg.grid
+            rows, cols, box_rows, box_cols = cfg.grid[:4]
             self.row_embed = _param(rngs, (rows, d), std, (None, "embed"))
             self.col_embed = _param(rngs, (cols, d), std, (None, "embed"))
             self.box_embed = _param(rngs, (rows // box_rows * (cols // box_cols), d), std, (None, "embed"))
         else:
             self.row_embed = self.col_embed = self.box_embed = None
+        pages = cfg.grid[4] if len(cfg.grid) == 5 else 1
+        self.page_embed = _param(rngs, (pages, d), std, (None, "embed")) if pages > 1 else None
         self.final_scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
         self.head = _param(rngs, (d, _pad(vocab_size)), d**-0.5, ("embed", "vocab"))
         if cfg.noise_conditioning:
@@ -206,13 +208,17 @@ class Transformer(nnx.Module):
         return self._head(scan(self.blocks, x))
 
     def _position_embedding(self, positions):
-        """[B, L, d] learned absolute and grid (row, column, box of a row-major cell) embeddings; 0 without."""
+        """[B, L, d] learned absolute and grid (row, column, box of a row-major cell, and page when
+        several grids follow one another) embeddings; 0 without."""
         out = jnp.zeros((), jnp.float32)
         if self.pos_embed is not None:
             out = out + jnp.take(self.pos_embed[...], positions, axis=0)
         if self.row_embed is not None:
-            rows, cols, box_rows, box_cols = self.cfg.grid
-            r, c = positions // cols, positions % cols
+            rows, cols, box_rows, box_cols = self.cfg.grid[:4]
+            cell = positions % (rows * cols)
+            if self.page_embed is not None:
+                out = out + jnp.take(self.page_embed[...], positions // (rows * cols), axis=0)
+            r, c = cell // cols, cell % cols
             box = (r // box_rows) * (cols // box_cols) + c // box_cols
             out = out + (jnp.take(self.row_embed[...], r, axis=0) + jnp.take(self.col_embed[...], c, axis=0)
                          + jnp.take(self.box_embed[...], box, axis=0))

@@ -186,6 +186,23 @@ def encode(grid: np.ndarray, mask_id: int) -> np.ndarray:
     return np.where(flat == 0, mask_id, flat - 1)
 
 
+def encode_pair(geo: Geometry, grid: np.ndarray, rng: np.random.Generator, blank_id: int,
+                keep: tuple[float, float] = (0.2, 0.6)) -> np.ndarray:
+    """A prompt/response row [2 n * n] (data.format=pairs): a puzzle of random givens (each cell kept
+    with a probability drawn from U(keep); blanks are `blank_id`, a token of their own), then the
+    grid. The givens need not fix a unique solution: the response is the grid they came from."""
+    kept = rng.random(geo.cells) < rng.uniform(*keep)
+    return prompt_pair(np.where(kept.reshape(geo.size, geo.size), grid, 0), blank_id, grid)
+
+
+def prompt_pair(puzzle: np.ndarray, blank_id: int, grid: np.ndarray | None = None) -> np.ndarray:
+    """[..., 2 n * n]: the puzzle (blanks -> `blank_id`) then the grid's tokens (or `blank_id + 1`,
+    the mask of a pairs model, where no grid is given: the part a decoder fills)."""
+    prompt = encode(puzzle, blank_id)
+    response = encode(grid, blank_id) if grid is not None else np.full_like(prompt, blank_id + 1)
+    return np.concatenate([prompt, response], axis=-1)
+
+
 def decode(tokens: np.ndarray, size: int) -> np.ndarray:
     """Tokens 0..n-1 -> digits 1..n (anything else, e.g. a mask, -> 0); [..., n * n] -> [..., n, n]."""
     t = np.asarray(tokens)

@@ -102,8 +102,14 @@ def create_train_state(cfg: Config, vocab_size: int, mesh, *, abstract: bool = F
     return graphdef, state, shardings
 
 
+def split_batch(batch):
+    """(tokens, given | None) of a batch: an array, or a pairs dict."""
+    return (batch["tokens"], batch["given"]) if isinstance(batch, dict) else (batch, None)
+
+
 def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
-    """Jitted (state, batch [B, L]) -> (state, metrics), state donated."""
+    """Jitted (state, batch) -> (state, metrics), state donated; a batch is tokens [B, L], or a pairs
+    dict of tokens and given (dlm.data.pipeline)."""
     tx = make_optimizer(cfg.train)
     lr_fn = learning_rate(cfg.train)
     ema_decay = cfg.train.ema_decay
@@ -113,9 +119,11 @@ def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
     def step(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
+        tokens, given = split_batch(batch)
+
         def loss_fn(params):
             model = nnx.merge(graphdef, params)
-            loss, metrics = objective.loss(denoiser(model), batch, key)
+            loss, metrics = objective.loss(denoiser(model), tokens, key, given=given)
             poison = jnp.where(jnp.any(inject == state.step), jnp.nan, 1.0)
             return loss * poison, metrics
 
