@@ -239,7 +239,10 @@ def parallel_suite(args) -> dict:
                    "points": [(r["method"], r["length"], r[speed_key.get(name, "useful_tokens_per_second")], r[quality[name][0]])
                               for r in results if r["model"] == name]}
                   for name in [m for m in ("sudoku", "markov", "corpus") if any(r["model"] == m for r in results)]]
-        speed_quality(png, panels, title=f"Parallel decoding: speed and quality (score {args.score}, temperature {args.temperature})")
+        what = [f"Sudoku: score {args.sudoku_score}, temperature 0"] if any(r["model"] == "sudoku" for r in results) else []
+        if any(r["model"] != "sudoku" for r in results):
+            what.insert(0, f"{'Markov/corpus' if 'corpus' in args.models else 'Markov'}: score {args.score}, temperature {args.temperature}")
+        speed_quality(png, panels, title=f"Parallel decoding: speed and quality ({'; '.join(what)})")
         record["plot"] = png
     return record
 
