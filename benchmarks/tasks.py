@@ -5,9 +5,10 @@
     python benchmarks/tasks.py --task addition --out results/addition.json        # configs/addition.yaml
 
 Trains the masked-diffusion model from the task's config if its workdir holds no checkpoint, and
-an autoregressive-hyperschedule model of the same size on the same budget (the same steps and
-batch, unless --ar-steps says otherwise; every position trained at once: diffusion.layout=double)
-in <workdir>_ar. The AR model reads the problem as a prompt: for addition both models do
+an autoregressive-hyperschedule model of the same size on the same budget (its config's steps:
+the same steps and batch for 6x6 Sudoku and addition, and for 9x9 Sudoku 600 steps, the same
+time as the diffusion model's 1500; --ar-steps overrides; every position trained at once:
+diffusion.layout=double) in <workdir>_ar. The AR model reads the problem as a prompt: for addition both models do
 (data.format=pairs, operands then sum); for Sudoku the diffusion model fills the blanks in place
 while the AR model is trained on prompt/response pairs (a puzzle of random givens, then its grid:
 configs/sudoku_ar.yaml), since left to right it could not otherwise see the givens after a cell.
@@ -118,7 +119,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=9, choices=[6, 9], help="Sudoku grid size")
     parser.add_argument("--config", default=None, help="the diffusion model's config (default: the task's, see CONFIGS)")
     parser.add_argument("--ar-config", default=None, help="the autoregressive model's config (default: the task's)")
-    parser.add_argument("--ar-steps", type=int, default=None, help="training steps of the AR model (default: the diffusion model's)")
+    parser.add_argument("--ar-steps", type=int, default=None, help="training steps of the AR model (default: its config's)")
     parser.add_argument("--num-puzzles", type=int, default=1000, help="held-out problems per tier")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--decoders", default=None, help="a comma-separated subset of the decoders")
@@ -143,7 +144,7 @@ def main() -> None:
     default, default_ar = CONFIGS[(args.task, args.size if args.task == "sudoku" else None)]
     config, ar_config = args.config or str(ROOT / default), args.ar_config or str(ROOT / default_ar)
     cfg = load_config(config, args.overrides)
-    steps = args.ar_steps or cfg.train.steps
+    steps = args.ar_steps or load_config(ar_config, args.overrides).train.steps
     ar_cfg = load_config(ar_config, [*args.overrides, f"workdir={cfg.workdir}_ar", f"train.steps={steps}",
                                      f"train.checkpoint_every={steps}"])
     if args.task == "sudoku" and cfg.data.sudoku.size != args.size:
