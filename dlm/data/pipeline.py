@@ -61,9 +61,21 @@ def pair_rows(tok, pairs, seq_len: int, where: str) -> dict:
     return {"tokens": tokens, "given": given}
 
 
+def prefix_pairs(tokens: np.ndarray, prompt_length: int) -> dict:
+    """Pairs rows whose condition is the first `prompt_length` positions of every row."""
+    given = np.zeros(tokens.shape, bool)
+    given[:, :prompt_length] = True
+    return {"tokens": tokens, "given": given}
+
+
+def split_batch(rows):
+    """(tokens, given | None) of rows or a batch: an array, or a pairs dict (host or device arrays)."""
+    return (rows["tokens"], rows["given"]) if isinstance(rows, dict) else (rows, None)
+
+
 def row_tokens(rows) -> np.ndarray:
     """The tokens of rows (an array, or a pairs dict)."""
-    return rows["tokens"] if isinstance(rows, dict) else rows
+    return split_batch(rows)[0]
 
 
 def take_rows(rows, index):
@@ -189,11 +201,7 @@ def addition_data(cfg: DataConfig, workdir: pathlib.Path | None) -> Data:
 
     def as_rows(a, b):
         tokens = addition.rows(a, b)
-        if not pairs:
-            return tokens
-        given = np.zeros(tokens.shape, bool)
-        given[:, : layout.prompt_length] = True
-        return {"tokens": tokens, "given": given}
+        return prefix_pairs(tokens, layout.prompt_length) if pairs else tokens
 
     def draw_rows(seed, rows, seq_len):
         a = np.empty((len(rows), ac.digits), np.int64)
@@ -227,9 +235,7 @@ def sudoku_data(cfg: DataConfig, workdir: pathlib.Path | None) -> Data:
         return sudoku.encode_pair(geo, grid, rng, blank_id=sc.size)
 
     def stack(rows):
-        if not pairs:
-            return np.stack(rows)
-        return {"tokens": np.stack(rows), "given": np.broadcast_to(np.arange(2 * geo.cells) < geo.cells, (len(rows), 2 * geo.cells)).copy()}
+        return prefix_pairs(np.stack(rows), geo.cells) if pairs else np.stack(rows)
 
     held_out = sudoku.cached_grids(geo, sc.seed + 1_000_003, sc.validation, sc.cache_dir)
     val = stack([as_row(g, np.random.default_rng([sc.seed + 1_000_003, i])) for i, g in enumerate(held_out)])

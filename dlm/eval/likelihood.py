@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dlm.data.pipeline import num_rows, take_rows
+from dlm.data.pipeline import num_rows, split_batch, take_rows
 from dlm.mesh import batch_sharding, mesh_context, replicated
 from dlm.objectives import Objective, denoiser
 
@@ -23,7 +23,7 @@ def make_eval_fn(graphdef, objective: Objective, t_samples: int, mesh=None):
     without Prime); for pairs rows, of the response given the prompt."""
 
     def fn(params, rows, key):
-        tokens, given = (rows["tokens"], rows["given"]) if isinstance(rows, dict) else (rows, None)
+        tokens, given = split_batch(rows)
         return objective.bound(denoiser(nnx.merge(graphdef, params)), tokens, key, t_samples, given=given)
 
     if mesh is None:

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from dlm.config import Config, TrainConfig
+from dlm.data.pipeline import split_batch
 from dlm.mesh import batch_sharding, mesh_context, replicated
 from dlm.models.transformer import Transformer
 from dlm.objectives import denoiser, objective_for
@@ -100,11 +101,6 @@ def create_train_state(cfg: Config, vocab_size: int, mesh, *, abstract: bool = F
         else:
             state = compiled()
     return graphdef, state, shardings
-
-
-def split_batch(batch):
-    """(tokens, given | None) of a batch: an array, or a pairs dict."""
-    return (batch["tokens"], batch["given"]) if isinstance(batch, dict) else (batch, None)
 
 
 def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
