@@ -27,6 +27,10 @@ def default_vocab_size(cfg: Config) -> int:
         return cfg.data.markov.num_states
     if cfg.data.source == Source.SUDOKU:
         return cfg.data.sudoku.size
+    if cfg.data.source == Source.SHARDS:
+        from dlm.data.shards import read_metadata
+
+        return read_metadata(cfg.data.path)["tokenizer"]["vocab_size"]
     if cfg.data.tokenizer == TokenizerKind.BYTE:
         return 257
     if cfg.data.tokenizer == TokenizerKind.BPE:

@@ -110,6 +110,7 @@ class Source(str, enum.Enum):
     MARKOV = "markov"
     SUDOKU = "sudoku"
     ADDITION = "addition"
+    SHARDS = "shards"  # ArrayRecord shards written by dlm.data.prepare
 
 
 class DataFormat(str, enum.Enum):
@@ -241,7 +242,10 @@ class MarkovConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    source: Source = _field(Source.BUILTIN, "builtin (Python stdlib sources), files, hf, tfds, markov, sudoku (solved grids of dlm.tasks.sudoku) or addition (dlm.tasks.addition).")
+    source: Source = _field(Source.BUILTIN, "builtin (Python stdlib sources), files, hf, tfds, markov, sudoku (solved grids of dlm.tasks.sudoku), addition (dlm.tasks.addition) or shards (pre-tokenised ArrayRecord shards written by `python -m dlm.data.prepare`, in data.path).")
+    path: str = _field("", "source=shards: the directory written by `python -m dlm.data.prepare --out DIR` (shards, metadata.json, tokenizer).")
+    loader_threads: int = _field(2, "source=shards: threads that read rows from the shards ahead of the train step.")
+    prefetch: int = _field(4, "source=shards: batches read ahead of the train step.")
     paths: list = _field([], "Local text or JSONL files (source=files); *.jsonl/*.json are read as JSON lines.")
     validation_paths: list = _field([], "Local validation files; empty means a deterministic split of `paths`.")
     text_field: str = _field("text", "Field holding the text in JSONL, HF and TFDS records.")
@@ -514,6 +518,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("data.source=hf needs data.hf_name, e.g. data.hf_name=wikitext.")
     if d.source == Source.TFDS and not d.tfds_name:
         raise ConfigError("data.source=tfds needs data.tfds_name, e.g. data.tfds_name=lm1b.")
+    if d.source == Source.SHARDS and not d.path:
+        raise ConfigError("data.source=shards needs data.path, the directory written by python -m dlm.data.prepare --out DIR.")
+    if d.loader_threads < 1 or d.prefetch < 1:
+        raise ConfigError("data.loader_threads and data.prefetch must be at least 1.")
     if d.tokenizer == TokenizerKind.PRETRAINED and not d.pretrained_tokenizer:
         raise ConfigError("data.tokenizer=pretrained needs data.pretrained_tokenizer, e.g. gpt2.")
     mk = d.markov
@@ -537,7 +545,7 @@ def validate(cfg: Config) -> Config:
         if d.seq_len != 3 * (a.digits + 1):
             raise ConfigError(f"data.source=addition with data.addition.digits={a.digits} needs data.seq_len={3 * (a.digits + 1)} "
                               "(three rows of digits + 1 digits: the operands, then the sum).")
-    if pairs and d.source not in (Source.FILES, Source.HF, Source.SUDOKU, Source.ADDITION):
+    if pairs and d.source not in (Source.FILES, Source.HF, Source.SUDOKU, Source.ADDITION):  # shards hold packed streams
         raise ConfigError(f"data.format=pairs needs a source of prompt/response records (files, hf, sudoku or addition), not {d.source.value}.")
     if pairs and cfg.diffusion.process != Process.ABSORBING:
         raise ConfigError(f"data.format=pairs is not supported with diffusion.process={cfg.diffusion.process.value} (it corrupts every "

@@ -119,9 +119,9 @@ def test_hyperschedule_training_lowers_the_validation_nelbo(root, tmp_path, kind
     trainer = Trainer(cfg)
     rows = trainer.val_rows
     key = jax.random.key(5)
-    before = np.asarray(trainer.eval_fn(jax.tree.map(jnp.copy, trainer.state.params), rows, key)[0])  # the state is donated
+    before = np.asarray(trainer.evaluator.eval_fn(jax.tree.map(jnp.copy, trainer.state.params), rows, key)[0])  # the state is donated
     trainer.run()
-    after = np.asarray(trainer.eval_fn(trainer.state.params, rows, key)[0])
+    after = np.asarray(trainer.evaluator.eval_fn(trainer.state.params, rows, key)[0])
     # paired: the same windows, times and masks before and after training
     gain = before - after
     assert np.isfinite(after).all() and gain.mean() > 3 * gain.std(ddof=1) / np.sqrt(len(gain)), (before, after)

@@ -140,3 +140,19 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_is_exact(root,
     for name in ("params", "opt_state", "ema"):
         for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(getattr(ref, name)), jax.tree.leaves(getattr(got, name))):
             np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=f"{name} {jax.tree_util.keystr(path)} (signal at {at})")
+
+
+def test_two_processes_training_from_shards_match_one_process(root, tmp_path):
+    """data.source=shards: each process reads its slice of every global batch from the ArrayRecord
+    shards, and 2 x 4 devices train to the losses of 1 x 8."""
+    from dlm.data.prepare import prepare
+
+    shards = tmp_path / "shards"
+    prepare(dlm.load_config(root / "configs/test.yaml", ["data.max_documents=60"]).data, shards, workers=1, progress=False)
+    args = ["train.steps=6", "train.checkpoint_every=1000", "data.source=shards", f"data.path={shards}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(_cmd(root, one, *args), env=_env(8), check=True, capture_output=True, timeout=600)
+    _finish(_start_two(root, two, *args))
+    a, b = per_step_losses(one), per_step_losses(two)
+    assert sorted(a) == sorted(b) == list(range(6))
+    np.testing.assert_allclose([b[i] for i in range(6)], [a[i] for i in range(6)], rtol=1e-5)

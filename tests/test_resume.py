@@ -1,4 +1,7 @@
-"""SIGKILL mid-run, resume, and end exactly where an uninterrupted run ends."""
+"""SIGKILL mid-run, resume, and end exactly where an uninterrupted run ends.
+
+The run trains from pre-tokenised shards (data.source=shards): the grain iterator over
+ArrayRecord rows is checkpointed with the state, so a resumed run reads the same batches."""
 
 import os
 import signal
@@ -10,6 +13,7 @@ import jax
 import numpy as np
 
 import dlm
+from dlm.data.prepare import prepare
 from dlm.train.metrics import per_step_losses
 
 STEPS = 60
@@ -17,8 +21,9 @@ ARGS = [f"train.steps={STEPS}", "train.checkpoint_every=5", "train.log_every=1",
         "data.max_documents=60", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 
 
-def _cmd(root, workdir):
-    return [sys.executable, str(root / "train.py"), "--config", str(root / "configs/test.yaml"), f"workdir={workdir}", *ARGS]
+def _cmd(root, workdir, shards):
+    return [sys.executable, str(root / "train.py"), "--config", str(root / "configs/test.yaml"), f"workdir={workdir}", *ARGS,
+            "data.source=shards", f"data.path={shards}"]
 
 
 def _env():
@@ -33,10 +38,12 @@ def _checkpoints(workdir):
 
 
 def test_sigkill_and_resume_matches_uninterrupted_run(root, tmp_path):
-    ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_cmd(root, ref), check=True, env=_env(), capture_output=True)
+    ref, killed, shards = tmp_path / "ref", tmp_path / "killed", tmp_path / "shards"
+    prepare(dlm.load_config(root / "configs/test.yaml", ["data.max_documents=60"]).data, shards, workers=1, rows_per_shard=5000,
+            progress=False)
+    subprocess.run(_cmd(root, ref, shards), check=True, env=_env(), capture_output=True)
 
-    proc = subprocess.Popen(_cmd(root, killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(root, killed, shards), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not any(s >= 10 for s in _checkpoints(killed)) and proc.poll() is None:
         time.sleep(0.05)
@@ -45,7 +52,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(root, tmp_path):
     proc.wait()
     at_kill = max(_checkpoints(killed))
     assert at_kill < STEPS
-    out = subprocess.run(_cmd(root, killed), check=True, env=_env(), capture_output=True, text=True)
+    out = subprocess.run(_cmd(root, killed, shards), check=True, env=_env(), capture_output=True, text=True)
     assert "Resumed from" in out.stderr + out.stdout
 
     a, b = per_step_losses(ref), per_step_losses(killed)

@@ -24,8 +24,6 @@ from dlm.data import sources
 from dlm.data.synthetic import MarkovChain
 from dlm.data.tokenizers import SymbolTokenizer, build_tokenizer, letters, load_tokenizer
 
-_READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
-
 
 def pack(token_docs, eos_id: int, seq_len: int) -> np.ndarray:
     """Concatenate documents, each followed by EOS, and cut into [N, seq_len] rows (remainder dropped)."""
@@ -140,6 +138,10 @@ def load_data(cfg: DataConfig, workdir: pathlib.Path | None = None, seed: int = 
         return sudoku_data(cfg, workdir if leader else None)
     if cfg.source == Source.ADDITION:
         return addition_data(cfg, workdir if leader else None)
+    if cfg.source == Source.SHARDS:
+        from dlm.data.shards import shards_data
+
+        return shards_data(cfg, workdir, leader)
     if cfg.format == DataFormat.PAIRS:
         return text_pairs_data(cfg, workdir, leader, barrier)
 
@@ -276,16 +278,21 @@ class _Batches:
         return take_rows(self.data.train_rows, [self.order[int(r)] for r in rows])
 
 
-def train_iterator(data: Data, seq_len: int, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1):
+def train_iterator(data: Data, seq_len: int, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
+                   threads: int = 1, prefetch: int = 2):
     """A grain iterator of this process's [B / process_count, seq_len] int32 batches (pairs: dicts of
-    tokens and given); get_state/set_state resume it."""
+    tokens and given), read `prefetch` batches ahead by `threads` threads; get_state/set_state resume it."""
     ds = grain.MapDataset.range(sys.maxsize).map(_Batches(data, seq_len, global_batch, seed, process_index, process_count))
-    return iter(ds.to_iter_dataset(read_options=_READ))
+    return iter(ds.to_iter_dataset(read_options=grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)))
 
 
-def validation_windows(data: Data, n: int) -> np.ndarray:
-    """n evenly spaced validation rows (all of them if there are fewer)."""
-    rows = data.val_rows
+def windows(rows, n: int):
+    """n evenly spaced rows (all of them if there are fewer), in memory: evaluation windows."""
     if n >= num_rows(rows):
-        return rows
+        return rows[:] if hasattr(rows, "paths") else rows
     return take_rows(rows, np.linspace(0, num_rows(rows) - 1, n).astype(int))
+
+
+def validation_windows(data: Data, n: int):
+    """n evenly spaced validation rows (all of them if there are fewer)."""
+    return windows(data.val_rows, n)

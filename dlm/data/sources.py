@@ -212,3 +212,100 @@ def load_pairs(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str, 
     if not train or not val:
         raise ConfigError(f"Data source {cfg.source.value!r} gave {len(train)} training and {len(val)} validation pairs; both must be non-empty.")
     return train, val
+
+
+def _stream_local(paths: list[str], field: str, byte_level: bool):
+    """The documents of `_load_local`, in the same order, read one at a time (a JSONL file line by
+    line) so that a corpus larger than memory can be tokenised."""
+    import json
+
+    errors = "surrogateescape" if byte_level else "strict"
+    for p in paths:
+        path = pathlib.Path(p)
+        _check_file(path)
+        if path.suffix in (".jsonl", ".json"):
+            with path.open("r", encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise ConfigError(f"Line {n} of {p!r} is not valid JSON; fix or remove it.") from None
+                    if not isinstance(rec, dict) or field not in rec:
+                        raise ConfigError(f"Line {n} of {p!r} has no field {field!r}; set data.text_field.")
+                    if not isinstance(rec[field], str):
+                        raise ConfigError(f"Line {n} of {p!r} has no text in field {field!r}; fix that record or set data.text_field.")
+                    if rec[field]:
+                        yield rec[field]
+        else:
+            try:
+                yield path.read_bytes().decode("utf-8", errors=errors)
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"Data file {p!r} is not valid UTF-8 (byte {e.start}); convert it, or use data.tokenizer=byte, "
+                                  "which reads any bytes.") from None
+
+
+def _stream_hf(cfg: DataConfig, split: str):
+    """An HF split record by record: streamed from the hub when it is reachable, else read from the local cache."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split=split, streaming=True)
+        features = list(ds.features or [])
+    except Exception:
+        try:
+            ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split=split)
+        except Exception as e:
+            raise ConfigError(f"Could not load HF dataset {cfg.hf_name!r} split {split!r} ({type(e).__name__}: {e}).") from None
+        features = ds.column_names
+    if features and cfg.text_field not in features:
+        raise ConfigError(f"HF dataset {cfg.hf_name!r} has no field {cfg.text_field!r}; set data.text_field.")
+    for rec in ds:
+        if rec.get(cfg.text_field):
+            yield rec[cfg.text_field]
+
+
+def _stream_tfds(cfg: DataConfig, split: str):
+    import tensorflow_datasets as tfds
+
+    try:
+        src = tfds.data_source(cfg.tfds_name, split=split, download=False)
+    except Exception as e:
+        raise ConfigError(f"Could not open TFDS data source {cfg.tfds_name!r} split {split!r} ({type(e).__name__}); prepare it first.") from None
+    for i in range(len(src)):
+        v = src[i][cfg.text_field]
+        yield v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
+
+
+def stream_documents(cfg: DataConfig):
+    """(is_validation, document) pairs of a text source, one document at a time: the documents of
+    `load_documents` with the same split, in the same order within each split (data.max_documents
+    caps each split)."""
+    if cfg.source == Source.BUILTIN:
+        train, val = builtin_documents(cfg)
+        streams = [(False, iter(train)), (True, iter(val))]
+    elif cfg.source == Source.FILES:
+        byte_level = cfg.tokenizer == TokenizerKind.BYTE
+        docs = _stream_local(cfg.paths, cfg.text_field, byte_level)
+        if cfg.validation_paths:
+            streams = [(False, docs), (True, _stream_local(cfg.validation_paths, cfg.text_field, byte_level))]
+        else:
+            streams = [(None, docs)]
+    elif cfg.source in (Source.HF, Source.TFDS):
+        one = _stream_hf if cfg.source == Source.HF else _stream_tfds
+        streams = [(False, one(cfg, cfg.train_split)), (True, one(cfg, cfg.validation_split))] if cfg.validation_split \
+            else [(None, one(cfg, cfg.train_split))]
+    else:
+        raise ConfigError(f"data.source={cfg.source.value} is not a text corpus; dlm.data.prepare tokenises builtin, files, hf or tfds sources.")
+    counts = {False: 0, True: 0}
+    cap = cfg.max_documents or None
+    for split, docs in streams:
+        for i, d in enumerate(docs):
+            is_val = split if split is not None else _held_out(f"{i}:{d[:64]}", cfg.validation_mod)
+            if cap is not None and counts[is_val] >= cap:
+                if split is not None or counts[not is_val] >= cap:
+                    break
+                continue
+            counts[is_val] += 1
+            yield is_val, d

@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from dlm.data.pipeline import num_rows, split_batch, take_rows
+from dlm.diffusion.losses import LN2
 from dlm.mesh import batch_sharding, mesh_context, replicated
 from dlm.objectives import Objective, denoiser
 
@@ -54,3 +55,27 @@ def evaluate(eval_fn, params, rows, batch_size: int, seed: int = 0, mesh=None) -
     joint = np.concatenate(joints)[:n].astype(np.float64)
     err = float(per.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
     return {"nelbo": float(per.mean()), "nelbo_stderr": err, "joint": float(joint.mean())}
+
+
+class Evaluator:
+    """The NELBO report of one model on fixed windows: the trainer's validation and dlm-eval are
+    this object, so the same windows, seed, batch size and time draws give the same numbers.
+
+    `bytes_per_token` converts to bits per byte (1 for symbol sources: bits per symbol)."""
+
+    def __init__(self, graphdef, objective: Objective, rows, *, batch_size: int, t_samples: int, seed: int,
+                 bytes_per_token: float, mesh=None, prime: bool = False):
+        self.rows, self.batch_size, self.t_samples, self.seed = rows, batch_size, t_samples, seed
+        self.bytes_per_token, self.mesh, self.prime = bytes_per_token, mesh, prime
+        self.eval_fn = make_eval_fn(graphdef, objective, t_samples, mesh)
+
+    def __call__(self, params) -> dict:
+        r = evaluate(self.eval_fn, params, self.rows, self.batch_size, seed=self.seed, mesh=self.mesh)
+        mean, err = r["nelbo"], r["nelbo_stderr"]
+        scale = 1.0 / LN2 / self.bytes_per_token
+        out = {"nelbo": mean, "nelbo_stderr": err, "bits": mean * scale, "bits_stderr": err * scale,
+               "bits_per_byte": mean * scale, "bits_per_token": mean / LN2, "perplexity": math.exp(mean),
+               "windows": num_rows(self.rows), "t_samples": self.t_samples}
+        if self.prime:
+            out["prime_joint_objective"] = r["joint"]  # an objective value, not a likelihood bound
+        return out

@@ -6,7 +6,6 @@ so a resumed run sees exactly the batches and noise an uninterrupted one would h
 
 from __future__ import annotations
 
-import math
 import pathlib
 import signal
 import time
@@ -17,8 +16,7 @@ from tqdm.auto import tqdm
 
 from dlm.config import Config, ConfigError, NonFinitePolicy, save_config
 from dlm.data.pipeline import load_data, train_iterator, unigram_entropy_bits, validation_windows
-from dlm.diffusion.losses import LN2
-from dlm.eval.likelihood import evaluate, make_eval_fn
+from dlm.eval.likelihood import Evaluator
 from dlm.mesh import check_batch, global_batch, make_mesh
 from dlm.objectives import objective_for
 from dlm.train.checkpoint import Checkpointer
@@ -99,7 +97,7 @@ class Trainer:
         self.val_rows = validation_windows(self.data, cfg.train.eval_windows)
         self.unigram_bits = unigram_entropy_bits(self.data.val_rows, self.vocab_size) / self.data.bytes_per_token
         self.iterator = train_iterator(self.data, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed,
-                                       jax.process_index(), jax.process_count())
+                                       jax.process_index(), jax.process_count(), cfg.data.loader_threads, cfg.data.prefetch)
         self.checkpointer = Checkpointer(self.workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpointing)
         self.start_step = 0
         resume = self.checkpointer.latest_step() is not None
@@ -111,7 +109,9 @@ class Trainer:
             _log(f"Resumed from {self.checkpointer.directory}/{self.start_step}")
         self.step_fn = make_train_step(cfg, self.graphdef, self.vocab_size, self.mesh, self.shardings)
         self.objective = objective_for(cfg.diffusion, self.vocab_size, cfg.model.noise_conditioning)
-        self.eval_fn = make_eval_fn(self.graphdef, self.objective, cfg.train.eval_t_samples, self.mesh)
+        self.evaluator = Evaluator(self.graphdef, self.objective, self.val_rows, batch_size=cfg.train.batch_size,
+                                   t_samples=cfg.train.eval_t_samples, seed=cfg.train.seed + 7,
+                                   bytes_per_token=self.data.bytes_per_token, mesh=self.mesh, prime=cfg.diffusion.prime.l > 1)
         self.writer = MetricWriter(self.workdir)
 
     def unit(self) -> str:
@@ -120,14 +120,10 @@ class Trainer:
     def evaluate(self) -> dict:
         cfg = self.cfg.train
         params = self.state.ema if (cfg.eval_use_ema and self.state.ema is not None) else self.state.params
-        r = evaluate(self.eval_fn, params, self.val_rows, cfg.batch_size, seed=cfg.seed + 7, mesh=self.mesh)
-        mean, err = r["nelbo"], r["nelbo_stderr"]
-        bits = mean / LN2 / self.data.bytes_per_token
-        out = {"nelbo": mean, "nelbo_stderr": err, "bits": bits, "bits_stderr": err / LN2 / self.data.bytes_per_token,
-               "perplexity": math.exp(mean), "unigram_bits": self.unigram_bits}
-        if self.cfg.diffusion.prime.l > 1:
-            out["prime_joint_objective"] = r["joint"]  # an objective value, not a likelihood bound
-        return out
+        out = self.evaluator(params)
+        for k in ("bits_per_byte", "bits_per_token", "windows", "t_samples"):  # the metrics.jsonl record keeps its keys
+            out.pop(k)
+        return dict(out, unigram_bits=self.unigram_bits)
 
     def report(self, ev: dict, step: int) -> None:
         _log(f"step {step}: validation NELBO {ev['bits']:.3f} ± {ev['bits_stderr']:.3f} {self.unit()} "

@@ -1,0 +1,3 @@
+from dlm.eval.command import main
+
+main()
