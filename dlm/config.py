@@ -246,6 +246,7 @@ class DataConfig:
     path: str = _field("", "source=shards: the directory written by `python -m dlm.data.prepare --out DIR` (shards, metadata.json, tokenizer).")
     loader_threads: int = _field(2, "source=shards: threads that read rows from the shards ahead of the train step.")
     prefetch: int = _field(4, "source=shards: batches read ahead of the train step.")
+    loader_workers: int = _field(0, "source=shards: worker processes that read batches (0: data.loader_threads threads in the training process).")
     paths: list = _field([], "Local text or JSONL files (source=files); *.jsonl/*.json are read as JSON lines.")
     validation_paths: list = _field([], "Local validation files; empty means a deterministic split of `paths`.")
     text_field: str = _field("text", "Field holding the text in JSONL, HF and TFDS records.")
@@ -520,8 +521,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("data.source=tfds needs data.tfds_name, e.g. data.tfds_name=lm1b.")
     if d.source == Source.SHARDS and not d.path:
         raise ConfigError("data.source=shards needs data.path, the directory written by python -m dlm.data.prepare --out DIR.")
-    if d.loader_threads < 1 or d.prefetch < 1:
-        raise ConfigError("data.loader_threads and data.prefetch must be at least 1.")
+    if d.loader_threads < 1 or d.prefetch < 1 or d.loader_workers < 0:
+        raise ConfigError("data.loader_threads and data.prefetch must be at least 1, and data.loader_workers at least 0.")
+    if d.loader_workers and d.source != Source.SHARDS:
+        raise ConfigError(f"data.loader_workers={d.loader_workers} needs data.source=shards; the {d.source.value} source is read in the "
+                          "training process: leave data.loader_workers at 0.")
     if d.tokenizer == TokenizerKind.PRETRAINED and not d.pretrained_tokenizer:
         raise ConfigError("data.tokenizer=pretrained needs data.pretrained_tokenizer, e.g. gpt2.")
     mk = d.markov

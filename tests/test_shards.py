@@ -152,3 +152,30 @@ def test_interrupted_preparation_restarts_and_writes_the_same_shards(corpus, tmp
     assert not (out / ".partial").exists()
     for p in (base / "a").iterdir():
         assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_worker_process_loader_reads_the_thread_loaders_batches_and_resumes_from_its_state(root, corpus):
+    _, base = corpus
+    data = load_data(_shard_cfg(root, base / "a").data)
+    threads = train_iterator(data, SEQ_LEN, 16, seed=2, threads=2)
+    workers = train_iterator(data, SEQ_LEN, 16, seed=2, workers=2, prefetch=3)
+    try:
+        for _ in range(6):
+            np.testing.assert_array_equal(next(workers), next(threads))
+        state = threads.get_state()
+        assert workers.get_state()["next_index"] == state["next_index"] == 6
+        expected = [next(threads) for _ in range(3)]
+        workers.set_state({"next_index": 2})  # back, across prefetched batches
+        np.testing.assert_array_equal(next(workers), _batch(data, 2))
+        workers.set_state({"next_index": 6})
+        for e in expected:
+            np.testing.assert_array_equal(next(workers), e)
+    finally:
+        workers.close()
+
+
+def _batch(data, k):
+    it = train_iterator(data, SEQ_LEN, 16, seed=2)
+    for _ in range(k):
+        next(it)
+    return next(it)

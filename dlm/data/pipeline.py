@@ -11,6 +11,7 @@ global batch is the same for any process count. The iterator's state goes into c
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import pathlib
 import sys
@@ -271,6 +272,12 @@ class _Batches:
                                   f"of train.batch_size={global_batch}; add data or lower the batch size.")
             self.order = grain.MapDataset.range(num_rows(data.train_rows)).seed(seed).shuffle().repeat()
 
+    def portable(self) -> "_Batches":
+        """A copy holding only what reading needs (the training rows), to send to worker processes."""
+        out = copy.copy(self)
+        out.data = dataclasses.replace(self.data, tokenizer=None, val_rows=None, markov=None)
+        return out
+
     def __call__(self, k: int) -> np.ndarray:
         rows = np.arange(k * self.B + self.offset, k * self.B + self.offset + self.b)
         if self.data.train_rows is None:
@@ -279,11 +286,62 @@ class _Batches:
 
 
 def train_iterator(data: Data, seq_len: int, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
-                   threads: int = 1, prefetch: int = 2):
-    """A grain iterator of this process's [B / process_count, seq_len] int32 batches (pairs: dicts of
-    tokens and given), read `prefetch` batches ahead by `threads` threads; get_state/set_state resume it."""
-    ds = grain.MapDataset.range(sys.maxsize).map(_Batches(data, seq_len, global_batch, seed, process_index, process_count))
+                   threads: int = 1, prefetch: int = 2, workers: int = 0):
+    """An iterator of this process's [B / process_count, seq_len] int32 batches (pairs: dicts of
+    tokens and given), read `prefetch` batches ahead; get_state/set_state ({"next_index": k}, the
+    global batch index) resume it. workers=0: grain reads with `threads` threads in this
+    process; workers > 0 (shards only): that many spawned processes read whole batches."""
+    batches = _Batches(data, seq_len, global_batch, seed, process_index, process_count)
+    if workers:
+        return ProcessBatches(batches, workers, prefetch)
+    ds = grain.MapDataset.range(sys.maxsize).map(batches)
     return iter(ds.to_iter_dataset(read_options=grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)))
+
+
+_WORKER_BATCHES = None
+
+
+def _worker_init(batches) -> None:
+    global _WORKER_BATCHES
+    _WORKER_BATCHES = batches
+
+
+def _worker_batch(k: int):
+    return _WORKER_BATCHES(k)
+
+
+class ProcessBatches:
+    """Batches k, k + 1, ... of a random-access batch map (a pure function of k), computed by
+    worker processes `prefetch` ahead and yielded in order. The state is the next index alone,
+    so a checkpoint resumes under any worker count (and a thread-read iterator's checkpoint
+    resumes here, and back)."""
+
+    def __init__(self, batches: _Batches, workers: int, prefetch: int):
+        import collections
+        import multiprocessing as mp
+
+        self.pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(batches.portable(),))
+        self.prefetch, self.next_index, self.pending = max(prefetch, workers), 0, collections.deque()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while len(self.pending) < self.prefetch:
+            self.pending.append(self.pool.apply_async(_worker_batch, (self.next_index + len(self.pending),)))
+        out = self.pending.popleft().get()
+        self.next_index += 1
+        return out
+
+    def get_state(self) -> dict:
+        return {"next_index": self.next_index}
+
+    def set_state(self, state: dict) -> None:
+        self.pending.clear()  # batches read for the old position are dropped
+        self.next_index = int(state["next_index"])
+
+    def close(self) -> None:
+        self.pool.terminate()
 
 
 def windows(rows, n: int):

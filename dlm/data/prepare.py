@@ -61,7 +61,7 @@ def tokenizer_sha256(directory: pathlib.Path) -> str:
 def fingerprint(cfg: DataConfig) -> dict:
     """The data settings that decide the shards' content (not the loader's threads)."""
     d = dataclasses.asdict(cfg)
-    for k in ("path", "loader_threads", "prefetch", "markov", "sudoku", "addition", "format", "prompt_field", "response_field"):
+    for k in ("path", "loader_threads", "prefetch", "loader_workers", "markov", "sudoku", "addition", "format", "prompt_field", "response_field"):
         d.pop(k, None)
     return json.loads(json.dumps(d, default=lambda v: v.value if hasattr(v, "value") else str(v)))
 

@@ -97,7 +97,8 @@ class Trainer:
         self.val_rows = validation_windows(self.data, cfg.train.eval_windows)
         self.unigram_bits = unigram_entropy_bits(self.data.val_rows, self.vocab_size) / self.data.bytes_per_token
         self.iterator = train_iterator(self.data, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed,
-                                       jax.process_index(), jax.process_count(), cfg.data.loader_threads, cfg.data.prefetch)
+                                       jax.process_index(), jax.process_count(), cfg.data.loader_threads, cfg.data.prefetch,
+                                       cfg.data.loader_workers)
         self.checkpointer = Checkpointer(self.workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpointing)
         self.start_step = 0
         resume = self.checkpointer.latest_step() is not None
