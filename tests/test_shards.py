@@ -179,3 +179,20 @@ def _batch(data, k):
     for _ in range(k):
         next(it)
     return next(it)
+
+
+def test_hf_dataset_streamed_by_prepare_gives_the_rows_of_the_in_memory_hf_loader(root, tmp_path):
+    """data.source=hf through a local dataset folder (what a hub download or cache is): prepare
+    streams it record by record, the in-memory path loads it whole; the rows agree."""
+    folder = tmp_path / "hfdata"
+    folder.mkdir()
+    paths = write_corpus(tmp_path, docs=120, seed=4)
+    pathlib.Path(paths[0]).rename(folder / "train.jsonl")
+    pathlib.Path(paths[1]).rename(folder / "validation.jsonl")
+    cfg = load_config(root / "configs/test.yaml", ["data.source=hf", f"data.hf_name={folder}", f"data.seq_len={SEQ_LEN}"])
+    prepare(cfg.data, tmp_path / "s", workers=2, progress=False)
+    memory = load_data(cfg.data)
+    shards = load_data(load_config(root / "configs/test.yaml", ["data.source=shards", f"data.path={tmp_path / 's'}",
+                                                                f"data.seq_len={SEQ_LEN}"]).data)
+    np.testing.assert_array_equal(shards.train_rows[:], memory.train_rows)
+    np.testing.assert_array_equal(shards.val_rows, memory.val_rows)
