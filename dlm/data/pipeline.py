@@ -140,9 +140,9 @@ def load_data(cfg: DataConfig, workdir: pathlib.Path | None = None, seed: int = 
     if cfg.source == Source.ADDITION:
         return addition_data(cfg, workdir if leader else None)
     if cfg.source == Source.SHARDS:
-        from dlm.data.shards import shards_data
+        from dlm.data.shards import open_shards
 
-        return shards_data(cfg, workdir, leader)
+        return Data(**open_shards(cfg, workdir, leader))
     if cfg.format == DataFormat.PAIRS:
         return text_pairs_data(cfg, workdir, leader, barrier)
 

@@ -262,7 +262,7 @@ def prepare(cfg: DataConfig, out: str | pathlib.Path, workers: int = 2, rows_per
     total = splits["train"]["tokens"] + val["tokens"]
     print(f"Wrote {splits['train']['rows']:,} train and {val['rows']:,} validation rows of {cfg.seq_len} tokens "
           f"({len(splits['train']['shards'])} + {len(val['shards'])} shards) to {out} in {time.time() - t0:.1f}s: "
-          f"{total / max(tok_seconds, 1e-9):,.0f} tokens/s with {workers} workers.")
+          f"{total / max(tok_seconds, 1e-9):,.0f} tokens/s with {workers} worker{'s' if workers != 1 else ''}.")
     meta["seconds"] = time.time() - t0
     meta["tokenize_seconds"] = tok_seconds
     return meta

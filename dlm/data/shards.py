@@ -118,10 +118,10 @@ class ShardRows:
         return out.astype(dtype) if dtype is not None else out
 
 
-def shards_data(cfg: DataConfig, workdir: pathlib.Path | None, leader: bool = True):
-    """Data of a shard directory: training rows on disk, validation rows in memory, the shards'
-    tokenizer (saved into the run's workdir so sampling and evaluation find it)."""
-    from dlm.data.pipeline import Data
+def open_shards(cfg: DataConfig, workdir: pathlib.Path | None, leader: bool = True) -> dict:
+    """A checked shard directory's parts: tokenizer (saved into the run's workdir so sampling and
+    evaluation find it), training rows on disk, validation rows in memory, bytes per token and a
+    description (dlm.data.pipeline.load_data makes them its Data)."""
     from dlm.data.tokenizers import load_tokenizer
 
     meta = read_metadata(cfg.path)
@@ -134,4 +134,4 @@ def shards_data(cfg: DataConfig, workdir: pathlib.Path | None, leader: bool = Tr
     t = meta["splits"]["train"]
     desc = (f"shards in {cfg.path}: {t['rows']:,} train rows ({t['tokens'] / 1e6:.1f}M tokens, {t['documents']:,} docs, "
             f"{len(t['shards'])} shards), {len(val):,} validation rows, vocab {tok.vocab_size}")
-    return Data(tok, train, val, meta["bytes_per_token"], None, desc)
+    return {"tokenizer": tok, "train_rows": train, "val_rows": val, "bytes_per_token": meta["bytes_per_token"], "description": desc}
