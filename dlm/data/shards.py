@@ -93,7 +93,7 @@ class ShardRows:
         return self._source
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_source"} | {"_source": None}
+        return dict(self.__dict__, _source=None)  # readers are reopened where the rows are unpickled
 
     def __len__(self) -> int:
         return self.n

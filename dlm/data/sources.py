@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import pathlib
 import sysconfig
 
@@ -78,14 +79,32 @@ def _load_local(paths: list[str], field: str, byte_level: bool) -> list[str]:
                 raise ConfigError(f"Line {missing[0] + 1} of {p!r} has no text in field {field!r}; fix that record or set data.text_field.")
             docs += [t for t in values if t]
         else:
-            raw = path.read_bytes()
-            try:
-                text = raw.decode("utf-8", errors=errors)
-            except UnicodeDecodeError as e:
-                raise ConfigError(f"Data file {p!r} is not valid UTF-8 (byte {e.start}); convert it, or use data.tokenizer=byte, "
-                                  "which reads any bytes.") from None
-            docs.append(text)
+            docs.append(_read_text(path, p, errors))
     return docs
+
+
+def _read_text(path: pathlib.Path, name: str, errors: str) -> str:
+    """A text file as one document (surrogate escapes keep non-UTF-8 bytes for the byte tokenizer)."""
+    try:
+        return path.read_bytes().decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"Data file {name!r} is not valid UTF-8 (byte {e.start}); convert it, or use data.tokenizer=byte, "
+                          "which reads any bytes.") from None
+
+
+def json_lines(path: pathlib.Path, name: str):
+    """(line number, record) of a JSON-lines file, read one line at a time; blank lines are
+    skipped and a line that does not parse is one error naming it."""
+    import json
+
+    with path.open("r", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError:
+                raise ConfigError(f"Line {n} of {name!r} is not valid JSON; fix or remove it.") from None
 
 
 def _split_held_out(docs: list[str], mod: int) -> tuple[list[str], list[str]]:
@@ -109,18 +128,7 @@ def _hf_split(cfg: DataConfig, split: str) -> list[str]:
 
 
 def _tfds_split(cfg: DataConfig, split: str) -> list[str]:
-    import tensorflow_datasets as tfds
-
-    try:
-        src = tfds.data_source(cfg.tfds_name, split=split, download=False)
-    except Exception as e:
-        raise ConfigError(f"Could not open TFDS data source {cfg.tfds_name!r} split {split!r} ({type(e).__name__}); prepare it first.") from None
-    n = len(src) if not cfg.max_documents else min(cfg.max_documents, len(src))
-    out = []
-    for i in range(n):
-        v = src[i][cfg.text_field]
-        out.append(v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v))
-    return out
+    return list(itertools.islice(_stream_tfds(cfg, split), cfg.max_documents or None))
 
 
 def load_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
@@ -217,33 +225,20 @@ def load_pairs(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str, 
 def _stream_local(paths: list[str], field: str, byte_level: bool):
     """The documents of `_load_local`, in the same order, read one at a time (a JSONL file line by
     line) so that a corpus larger than memory can be tokenised."""
-    import json
-
     errors = "surrogateescape" if byte_level else "strict"
     for p in paths:
         path = pathlib.Path(p)
         _check_file(path)
         if path.suffix in (".jsonl", ".json"):
-            with path.open("r", encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise ConfigError(f"Line {n} of {p!r} is not valid JSON; fix or remove it.") from None
-                    if not isinstance(rec, dict) or field not in rec:
-                        raise ConfigError(f"Line {n} of {p!r} has no field {field!r}; set data.text_field.")
-                    if not isinstance(rec[field], str):
-                        raise ConfigError(f"Line {n} of {p!r} has no text in field {field!r}; fix that record or set data.text_field.")
-                    if rec[field]:
-                        yield rec[field]
+            for n, rec in json_lines(path, p):
+                if not isinstance(rec, dict) or field not in rec:
+                    raise ConfigError(f"Line {n} of {p!r} has no field {field!r}; set data.text_field.")
+                if not isinstance(rec[field], str):
+                    raise ConfigError(f"Line {n} of {p!r} has no text in field {field!r}; fix that record or set data.text_field.")
+                if rec[field]:
+                    yield rec[field]
         else:
-            try:
-                yield path.read_bytes().decode("utf-8", errors=errors)
-            except UnicodeDecodeError as e:
-                raise ConfigError(f"Data file {p!r} is not valid UTF-8 (byte {e.start}); convert it, or use data.tokenizer=byte, "
-                                  "which reads any bytes.") from None
+            yield _read_text(path, p, errors)
 
 
 def _stream_hf(cfg: DataConfig, split: str):

@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 from dlm.config import ConfigError, Source
+from dlm.data.sources import json_lines
 
 TEXT_SOURCES = (Source.BUILTIN, Source.FILES, Source.HF, Source.TFDS)
 
@@ -84,13 +85,10 @@ def nelbo_report(workdir, *, split: str = "validation", windows: int | None = No
     t0 = time.time()
     _, graphdef, params, cfg, tok, ckpt_step = _restore(workdir, step, use_ema, overrides)
     d = cfg.data
-    if d.source == Source.SHARDS:
-        from dlm.data.shards import read_metadata
-
-        if read_metadata(d.path)["tokenizer"]["sha256"] != tokenizer_sha256(workdir):
-            raise ConfigError(f"The shards in {d.path!r} were tokenised with another tokenizer than the run in {str(workdir)!r}; "
-                              "prepare them with the run's data config.")
-    data = load_data(d, workdir if d.source in TEXT_SOURCES else None, cfg.train.seed)
+    data = load_data(d, workdir if d.source in TEXT_SOURCES else None, cfg.train.seed)  # checks a shard directory
+    if d.source == Source.SHARDS and tokenizer_sha256(pathlib.Path(d.path)) != tokenizer_sha256(workdir):
+        raise ConfigError(f"The shards in {d.path!r} were tokenised with another tokenizer than the run in {str(workdir)!r}; "
+                          "prepare them with the run's data config.")
     if data.vocab_size != tok.vocab_size:
         raise ConfigError(f"The data's tokenizer has {data.vocab_size} tokens and the run's {tok.vocab_size}; evaluate on data "
                           "tokenised the run's way.")
@@ -120,13 +118,7 @@ def read_samples(path) -> list[dict]:
     if not path.exists():
         raise ConfigError(f"Samples file {str(path)!r} does not exist; write one with sample.py --out or pass --generate N.")
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise ConfigError(f"Line {n} of {str(path)!r} is not valid JSON; fix or remove it.") from None
+    for n, rec in json_lines(path, str(path)):
         if not isinstance(rec, dict) or not (isinstance(rec.get("text"), str) or isinstance(rec.get("tokens"), list)):
             raise ConfigError(f"Line {n} of {str(path)!r} has neither a 'text' nor a 'tokens' field; samples are JSON records "
                               "as sample.py writes them.")
