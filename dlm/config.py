@@ -158,6 +158,9 @@ class TimeGrid(str, enum.Enum):
     COSINE = "cosine"
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "chunked", "xla", "cudnn", "splash")
+
+
 @dataclasses.dataclass
 class ModelConfig:
     d_model: int = _field(128, "Residual stream width.")
@@ -169,7 +172,8 @@ class ModelConfig:
     dtype: DType = _field(DType.FLOAT32, "Compute dtype of matmuls (parameters stay float32).")
     rope_theta: float = _field(10000.0, "RoPE base frequency.")
     embed_init_std: float = _field(1.0, "Std of the token-embedding init (N(0, 1) trains much faster than small inits).")
-    attention: str = _field("einsum", "Attention kernel: einsum (plain XLA matmuls, fastest on CPU), or xla / cudnn (jax.nn.dot_product_attention).")
+    attention: str = _field("auto", "Attention implementation: auto (einsum up to 2 x attention_chunk keys, chunked above), einsum (whole score matrix; fastest on CPU for short sequences), chunked (online-softmax tiles, O(L x chunk) memory), xla / cudnn (jax.nn.dot_product_attention; cuDNN flash on GPU), splash (Pallas TPU kernel).")
+    attention_chunk: int = _field(512, "Query / key tile of the chunked attention.")
     learned_positions: int = _field(0, "Learned absolute position embeddings for this many positions, added to the token embedding (0: none; RoPE is applied either way).")
     grid: list = _field([], "A task's 2-D structure [rows, cols, box_rows, box_cols] or [rows, cols, box_rows, box_cols, pages]: learned row, column and box embeddings of each position (row-major) added to the token embedding, and with pages > 1 a page embedding (grids one after another, e.g. a puzzle then its solution); empty: none.")
 
@@ -507,8 +511,10 @@ def validate(cfg: Config) -> Config:
                      ("train.steps", t.steps), ("sampling.steps", cfg.sampling.steps), ("diffusion.num_steps", cfg.diffusion.num_steps)]:
         if val < 1:
             raise ConfigError(f"{key}={val} must be at least 1.")
-    if m.attention not in ("xla", "cudnn", "einsum"):
-        raise ConfigError(f"model.attention={m.attention!r} is not valid; use xla, cudnn or einsum.")
+    if m.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"model.attention={m.attention!r} is not valid; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}.")
+    if m.attention_chunk < 1:
+        raise ConfigError(f"model.attention_chunk={m.attention_chunk} must be at least 1.")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1).")
     if cfg.sampling.temperature < 0:

@@ -14,7 +14,7 @@ from dlm.diffusion import hyperschedules as hs
 from dlm.diffusion.losses import nelbo_terms, time_and_weight
 from dlm.diffusion.processes import absorbing_corrupt
 from dlm.diffusion.schedules import make_schedule
-from dlm.models.attention import AttentionSpec
+from dlm.models.attention import CAUSAL, dense
 from dlm.mesh import make_mesh
 
 V = 257
@@ -51,7 +51,7 @@ def test_autoregressive_loss_summed_over_steps_is_the_causal_lm_cross_entropy(ro
     h = hs.Hyperschedule(hs.Kind.AUTOREGRESSIVE, L)
     tau = jnp.asarray(h.table(), jnp.float32)
     alpha = make_schedule(cfg.diffusion).alpha
-    apply = nnx.jit(lambda m, xt, mask: m(xt, attention=AttentionSpec("explicit", mask)))
+    apply = nnx.jit(lambda m, xt, mask: m(xt, attention=dense(mask)))
     total = jnp.zeros((2,))
     for n in range(h.num_steps):
         role = jnp.broadcast_to(hs.roles(tau[n], tau[n + 1]), (2, L))
@@ -65,7 +65,7 @@ def causal_reference(model, x0):
     """sum_n -log p(x_n | x_<n) of a causal LM that reads x_<n and a mask token at n, position by
     position: the input is x0 with a mask at n under causal attention, so what follows n is unseen."""
     B, L = x0.shape
-    f = nnx.jit(lambda m, inp: m(inp, attention=AttentionSpec("causal")))
+    f = nnx.jit(lambda m, inp: m(inp, attention=CAUSAL))
     ref = np.zeros(B)
     for n in range(L):
         logits = f(model, x0.at[:, n].set(V))
@@ -169,7 +169,7 @@ def test_autoregressive_sampling_is_greedy_causal_decoding(root):
     seq = [104, 105]
     for n in range(2, 12):
         inp = jnp.asarray([seq + [V]])
-        seq.append(int(jnp.argmax(model(inp, attention=AttentionSpec("causal"))[0, -1])))
+        seq.append(int(jnp.argmax(model(inp, attention=CAUSAL)[0, -1])))
     assert out["tokens"].tolist() == [seq, seq]
     assert out["nfe"] == 10  # one denoiser pass per generated position; the prompt is only committed to the cache
 
@@ -247,11 +247,11 @@ def test_cached_window_logits_equal_a_full_pass_with_the_role_mask(root):
     x = jax.random.randint(jax.random.key(1), (2, L), 0, 256)
     role = jnp.where(jnp.arange(L) < 8, hs.SETTLED, jnp.where(jnp.arange(L) < 12, hs.ACTIVE, hs.FUTURE))
     x = jnp.where((role == hs.ACTIVE) & (jnp.arange(L) % 2 == 0), V, x)
-    full = model(x, attention=AttentionSpec("explicit", hs.attention_mask(role, w)[None, None]))
+    full = model(x, attention=dense(hs.attention_mask(role, w)[None, None]))
     blk = jnp.arange(8) // w
-    _, kv = model(x[:, :8], attention=AttentionSpec("explicit", (blk[None, :] <= blk[:, None])[None, None]), return_kv=True)
+    _, kv = model(x[:, :8], attention=dense((blk[None, :] <= blk[:, None])[None, None]), return_kv=True)
     mask = jnp.concatenate([jnp.ones((4, 8), bool), jnp.ones((4, 4), bool)], 1)[None, None]
-    win = model(x[:, 8:12], positions=jnp.broadcast_to(jnp.arange(8, 12), (2, 4)), attention=AttentionSpec("explicit", mask),
+    win = model(x[:, 8:12], positions=jnp.broadcast_to(jnp.arange(8, 12), (2, 4)), attention=dense(mask),
                 kv_cache=kv)
     np.testing.assert_allclose(np.asarray(win), np.asarray(full[:, 8:12]), atol=1e-5, rtol=1e-5)
 
@@ -287,7 +287,7 @@ def test_double_layout_block_terms_equal_the_single_layout(root, cond):
         role = jnp.broadcast_to(jnp.where(blk < b, hs.SETTLED, jnp.where(blk == b, hs.ACTIVE, hs.FUTURE)), (3, L))
         inp = jnp.where(role == hs.SETTLED, x0, jnp.where(role == hs.ACTIVE, xt, V))
         tau = jnp.where(role == hs.SETTLED, 0.0, jnp.where(role == hs.ACTIVE, t[:, b : b + 1], 1.0))
-        single = model(inp, noise=tau if cond else None, attention=AttentionSpec("explicit", hs.attention_mask(role, w)[:, None]))
+        single = model(inp, noise=tau if cond else None, attention=dense(hs.attention_mask(role, w)[:, None]))
         sl = slice(b * w, (b + 1) * w)
         np.testing.assert_allclose(np.asarray(dbl[:, sl]), np.asarray(single[:, sl]), atol=1e-5, rtol=1e-5)
         logp = jax.nn.log_softmax(single[:, sl], axis=-1)

@@ -73,16 +73,16 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits_close_to_float32(r
 
 
 def test_attention_kernels_agree(root):
-    from dlm.models.attention import dot_product_attention
+    from dlm.models.attention import einsum_attention
 
     q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 16, 4, 8))
     mask = jnp.tril(jnp.ones((16, 16), bool))[None, None]
     for m in (None, mask):
         ref = jax.nn.dot_product_attention(q, k, v, mask=m)
-        np.testing.assert_allclose(dot_product_attention(q, k, v, m, "einsum"), ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(einsum_attention(q, k, v, m), ref, rtol=1e-5, atol=1e-5)
     # a row with no visible key gives zeros, not NaN
     empty = jnp.zeros((1, 1, 16, 16), bool).at[..., 1:, :].set(True)
-    out = dot_product_attention(q, k, v, empty, "einsum")
+    out = einsum_attention(q, k, v, empty)
     assert bool(jnp.isfinite(out).all()) and float(jnp.abs(out[:, 0]).max()) == 0.0
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import dlm
 from dlm.config import ConfigError, DecodeConfig, SamplingConfig, load_config
-from dlm.models.attention import AttentionSpec
+from dlm.models.attention import CAUSAL, dense
 from dlm.mesh import make_mesh
 from dlm.sampling import parallel as par
 
@@ -121,7 +121,7 @@ def test_suffix_dropout_feeds_the_kept_positions_at_their_true_positions(model):
     x = jnp.asarray(np.where(np.arange(L) < start, np.random.default_rng(0).integers(0, 256, L), V))[None]
     keep = jnp.asarray(np.random.default_rng(1).random((1, W)) < 0.5)
     vis = par.dpad_visible(start, keep, Bk, W, L)
-    masked_pass = model(x, attention=AttentionSpec("explicit", jnp.broadcast_to(vis[:, None, None, :], (1, 1, L, L))))
+    masked_pass = model(x, attention=dense(jnp.broadcast_to(vis[:, None, None, :], (1, 1, L, L))))
     idx = np.flatnonzero(np.asarray(vis[0]))
     assert (idx[idx >= start + Bk] - start - Bk == np.flatnonzero(np.asarray(keep[0]))).all()
     gathered = model(x[:, idx], positions=jnp.asarray(idx)[None])
@@ -157,7 +157,7 @@ def test_cache_refresh_logits_equal_full_recompute(model, cache, drop):
         xb = out["block_inputs"][b]
         start = P + 8 * b
         vis = par.dpad_visible(start, out["keep"][b], 8, 8, L) if drop else jnp.ones((2, L), bool)
-        full = model(xb, attention=AttentionSpec("explicit", jnp.broadcast_to(vis[:, None, None, :], (2, 1, L, L))))[:, start : start + 8]
+        full = model(xb, attention=dense(jnp.broadcast_to(vis[:, None, None, :], (2, 1, L, L))))[:, start : start + 8]
         np.testing.assert_allclose(np.asarray(out["refresh_logits"][b]), np.asarray(full), atol=1e-5, rtol=1e-5)
 
 
@@ -240,5 +240,5 @@ def test_cached_pass_with_a_fresh_cache_equals_the_full_pass(model, cache, drop)
         np.testing.assert_allclose(np.asarray(cached), np.asarray(full), atol=1e-5, rtol=1e-5)
         if drop:  # the canvas pass equals a full-length pass with the dropped suffix masked out
             vis = par.dpad_visible(start, keep, Bk, W, L)
-            masked = model(x, attention=AttentionSpec("explicit", jnp.broadcast_to(vis[:, None, None, :], (B, 1, L, L))))
+            masked = model(x, attention=dense(jnp.broadcast_to(vis[:, None, None, :], (B, 1, L, L))))
             np.testing.assert_allclose(np.asarray(full), np.asarray(masked[:, start : start + Bk]), atol=1e-5, rtol=1e-5)

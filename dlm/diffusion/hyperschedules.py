@@ -15,6 +15,7 @@ probability that it is revealed in this step, (alpha(tau[n+1, i]) - alpha(tau[n,
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,20 @@ def attention_mask(role, block_width: int):
     return settled_q | active_q
 
 
+def _roles_rule(block_width, q, k):
+    blk_q, blk_k = q["index"] // block_width, k["index"] // block_width
+    settled_q = (q["role"] == SETTLED) & (k["role"] == SETTLED) & (blk_k <= blk_q)
+    return settled_q | ((q["role"] == ACTIVE) & (k["role"] != FUTURE))
+
+
+def attention_spec(role, block_width: int):
+    """attention_mask as a structural spec (no [L, L] array): the rule over each position's role
+    and block, for a pass over the L positions of `role` [L] / [B, L]."""
+    from dlm.models.attention import rule
+
+    return rule(functools.partial(_roles_rule, block_width), {"role": role}, {"role": role})
+
+
 def step_terms(logits, x0, xt, alpha_now, alpha_next, role, mask_id: int):
     """Per-token NELBO terms [B, L] of one step: reveal probability x masked CE at active positions."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -165,7 +180,7 @@ def nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_id: int
     score (nb is their count), and the estimate is per position not given."""
     from dlm.diffusion.losses import scored_count
     from dlm.diffusion.schedules import make_schedule
-    from dlm.models.attention import AttentionSpec
+    from dlm.models.attention import FULL
 
     schedule = make_schedule(cfg)
     B, L = x0.shape
@@ -181,7 +196,7 @@ def nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_id: int
             tau_now, tau_next = jnp.where(given, 0.0, tau_now), jnp.where(given, 0.0, tau_next)
         a_now, a_next = schedule.alpha(tau_now), schedule.alpha(tau_next)
         xt = corrupt_step(key, x0, a_now, role, mask_id)
-        logits = apply_fn(xt, tau_now if noise_conditioning else None, AttentionSpec("explicit", attention_mask(role, h.block_width)[:, None]))
+        logits = apply_fn(xt, tau_now if noise_conditioning else None, attention_spec(role, h.block_width))
         return N * step_terms(logits, x0, xt, a_now, a_next, role, mask_id).sum(-1) / scored_count(x0, given)
     w_blk = h.block_width
     nb = L // w_blk
@@ -193,7 +208,7 @@ def nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_id: int
     tau_now = jnp.where(role == SETTLED, 0.0, jnp.where(role == ACTIVE, t[:, None], 1.0))
     alpha = schedule.alpha(tau_now)
     xt = corrupt_step(key, x0, alpha, role, mask_id)
-    spec = AttentionSpec("full") if nb == 1 else AttentionSpec("explicit", attention_mask(role, w_blk)[:, None])
+    spec = FULL if nb == 1 else attention_spec(role, w_blk)
     logits = apply_fn(xt, tau_now if noise_conditioning else None, spec)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
@@ -212,6 +227,21 @@ def double_layout_mask(L: int, block_width: int):
     return jnp.concatenate([top, bottom], axis=0)
 
 
+def _double_rule(q, k):
+    clean = (k["half"] == 0) & (k["blk"] <= q["blk"])
+    noised = ((k["half"] == 0) & (k["blk"] < q["blk"])) | ((k["half"] == 1) & (k["blk"] == q["blk"]))
+    return jnp.where(q["half"] == 0, clean, noised)
+
+
+def double_layout_spec(L: int, block_width: int):
+    """double_layout_mask as a structural spec: each of the 2L tokens' half (0 clean, 1 noised)
+    and block."""
+    from dlm.models.attention import rule
+
+    attrs = {"half": jnp.repeat(jnp.arange(2), L), "blk": jnp.tile(jnp.arange(L) // block_width, 2)}
+    return rule(_double_rule, attrs, attrs)
+
+
 def double_nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_id: int, noise_conditioning: bool = False,
                               given=None):
     """The same NELBO as nelbo_per_sequence (flat / autoregressive / block), every block at once
@@ -225,8 +255,6 @@ def double_nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_
     position not given."""
     from dlm.diffusion.losses import scored_count
     from dlm.diffusion.schedules import make_schedule
-    from dlm.models.attention import AttentionSpec
-
     if h.kind in (Kind.SLIDE, Kind.BLOCK_SLIDE):
         raise ConfigError(f"diffusion.layout=double supports the flat, autoregressive and block hyperschedules, not {h.kind.value}.")
     schedule = make_schedule(cfg)
@@ -242,7 +270,7 @@ def double_nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_
         xt = jnp.where(given, x0, xt)
     pos = jnp.broadcast_to(jnp.concatenate([jnp.arange(L)] * 2), (B, 2 * L))
     noise = jnp.concatenate([jnp.zeros_like(tau), tau], axis=1) if noise_conditioning else None
-    spec = AttentionSpec("explicit", double_layout_mask(L, w)[None, None])
+    spec = double_layout_spec(L, w)
     logits = apply_fn(jnp.concatenate([x0, xt], axis=1), noise, spec, positions=pos)[:, L:]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]

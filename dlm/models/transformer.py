@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dlm.config import ModelConfig, Remat
-from dlm.models.attention import FULL, AttentionSpec, dot_product_attention
+from dlm.models.attention import FULL, AttentionSpec, attention as attend
 
 COND_DIM = 128
 PAD_MULTIPLE = 128  # vocab tables are padded so that any tensor-parallel size divides them
@@ -69,10 +69,12 @@ def timestep_embedding(t, dim: int = COND_DIM):
     return jnp.concatenate([jnp.cos(ang), jnp.sin(ang)], axis=-1)
 
 
-def _dense(x, w, dt):
-    """x [..., d_in] @ w [d_in, ...] as one 2-D matmul (XLA:CPU runs 2-D dots far faster than batched ones)."""
+def _dense(x, w, dt, out=None):
+    """x [..., d_in] @ w [d_in, ...] as one 2-D matmul (XLA:CPU runs 2-D dots far faster than
+    batched ones), inputs in `dt`, accumulated in float32, returned in `out` (default `dt`)."""
     w2 = w.reshape(w.shape[0], -1).astype(dt)
-    return (x.reshape(-1, x.shape[-1]) @ w2).reshape(*x.shape[:-1], *w.shape[1:])
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]).astype(dt), w2, preferred_element_type=jnp.float32)
+    return y.astype(out or dt).reshape(*x.shape[:-1], *w.shape[1:])
 
 
 class Block(nnx.Module):
@@ -97,8 +99,9 @@ class Block(nnx.Module):
             self.ada = None
         self.dtype = jnp.dtype(cfg.dtype.value)
         self.attention_impl = cfg.attention
+        self.attention_chunk = cfg.attention_chunk
 
-    def __call__(self, x, cos, sin, mask, cond, kv=None):
+    def __call__(self, x, cos, sin, spec, cond, kv=None):
         """-> (x, (k, v)) with this call's keys/values; `kv` = cached (k, v) [B, Lc, H, D] prepended."""
         dt = self.dtype
         if self.ada is not None:
@@ -112,13 +115,13 @@ class Block(nnx.Module):
         new_kv = (k, v)
         if kv is not None:
             k, v = (jnp.concatenate([c.astype(dt), n], axis=1) for c, n in zip(kv, new_kv))
-        a = dot_product_attention(q, k, v, mask, self.attention_impl)
-        x = x + _dense(a.reshape(*a.shape[:2], -1), self.wo[...].reshape(-1, x.shape[-1]), dt).astype(x.dtype)
+        a = attend(q, k, v, spec, self.attention_impl, self.attention_chunk)
+        x = x + _dense(a.reshape(*a.shape[:2], -1), self.wo[...].reshape(-1, x.shape[-1]), dt, x.dtype)
         h = rms_norm(x, self.mlp_scale[...]).astype(dt)
         if self.ada is not None:
             h = h * (1 + scale2) + shift2
         h = jax.nn.silu(_dense(h, self.w_gate[...], dt)) * _dense(h, self.w_up[...], dt)
-        return x + _dense(h, self.w_down[...], dt).astype(x.dtype), new_kv
+        return x + _dense(h, self.w_down[...], dt, x.dtype), new_kv
 
 
 class Transformer(nnx.Module):
@@ -176,8 +179,6 @@ class Transformer(nnx.Module):
         x = x.reshape(B, L, cfg.d_model)
         x = x + self._position_embedding(positions)
         cos, sin = rope_tables(positions, cfg.d_model // cfg.num_heads, cfg.rope_theta)
-        Lc = 0 if kv_cache is None else kv_cache[0].shape[2]
-        mask = attention.mask(L, Lc + L)
         cond = None
         if self.t_in is not None:
             if noise is None:
@@ -187,7 +188,7 @@ class Transformer(nnx.Module):
 
         if kv_cache is not None or return_kv:
             def body(block, x, kv):
-                x, new_kv = block(x, cos, sin, mask, cond, kv)
+                x, new_kv = block(x, cos, sin, attention, cond, kv)
                 return x, (new_kv if return_kv else None)
 
             scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
@@ -197,7 +198,7 @@ class Transformer(nnx.Module):
             return (logits, new_kv) if return_kv else logits
 
         def body(block, x):
-            return block(x, cos, sin, mask, cond)[0]
+            return block(x, cos, sin, attention, cond)[0]
 
         if cfg.remat == Remat.FULL:
             body = nnx.remat(body, policy=jax.checkpoint_policies.nothing_saveable)
@@ -227,5 +228,5 @@ class Transformer(nnx.Module):
     def _head(self, x):
         dt = jnp.dtype(self.cfg.dtype.value)
         h = rms_norm(x, self.final_scale[...]).astype(dt)
-        logits = _dense(h, self.head[...], dt).astype(jnp.float32)
+        logits = _dense(h, self.head[...], dt, jnp.float32)
         return logits[..., : self.vocab_size]

@@ -35,7 +35,7 @@ import numpy as np
 
 from dlm.config import TimeGrid
 from dlm.diffusion import hyperschedules as hs
-from dlm.models.attention import AttentionSpec
+from dlm.models.attention import rule, visible_keys
 from dlm.sampling.draws import categorical
 
 
@@ -87,6 +87,14 @@ def make_plan(h: hs.Hyperschedule, grid: TimeGrid = TimeGrid.UNIFORM) -> Plan:
                 h.block_width)
 
 
+def _commit_rule(q, k):
+    """Commit queries (seg 1): written cache keys and their own span block-causally. Window
+    queries (seg 2): settled written cache keys, the commit span, active window keys."""
+    commit_q = (k["seg"] == 0) & k["written"] | (k["seg"] == 1) & (k["blk"] <= q["blk"])
+    window_q = (k["seg"] == 0) & k["written"] & k["settled"] | (k["seg"] == 1) | (k["seg"] == 2) & k["settled"]
+    return jnp.where(q["seg"] == 1, commit_q, window_q)
+
+
 def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, kv_shape, kv_dtype, temperature: float,
                float64: bool, noise_conditioning: bool, cache: bool = True, eta: float = 0.0, draw_logits=None,
                trace: bool = False):
@@ -106,50 +114,54 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
     draw_logits = draw_logits or (lambda l: l)
     x = jnp.where(fixed, x, mask_id)
 
-    # Attention rows over [cache (L) | commit (C) | window (A)] keys. The commit span [c0, c0 + C)
-    # sees the cache below c0 and itself block-causally; the window sees the settled part of the
-    # cache, the commit span when it is in the same pass, and its active positions.
-    def commit_rows(c0):
-        blk = (c0 + jnp.arange(C)) // bw
-        return jnp.broadcast_to(kpos[None] < c0, (C, L)), blk[None, :] <= blk[:, None]
+    # Keys are [cache (L) | commit (C) | window (A)]. The commit span [c0, c0 + C) sees the cache
+    # below c0 and itself block-causally; the window sees the settled part of the cache, the
+    # commit span when it is in the same pass, and its active positions. Structural specs: each
+    # query and key carries its segment (commit / window queries; cache / commit / window keys),
+    # its block, and for cache keys whether they are written (below c0) and settled.
+    def cache_attrs(c0, role):
+        return {"seg": jnp.zeros((L,), jnp.int32), "blk": kpos // bw, "written": kpos < c0, "settled": role == hs.SETTLED}
 
-    def window_rows(role, s0, settled):
-        return jnp.broadcast_to(settled, (A, L)), jnp.broadcast_to(jax.lax.dynamic_slice_in_dim(role, s0, A) == hs.ACTIVE, (A, A))
+    def span_attrs(seg, start, n, role):
+        pos = start + jnp.arange(n)
+        return {"seg": jnp.full((n,), seg, jnp.int32), "blk": pos // bw, "written": jnp.ones((n,), bool),
+                "settled": jax.lax.dynamic_slice_in_dim(role, start, n) == hs.ACTIVE}  # window keys: active
 
-    def commit(ck, cv, x, c0):
+    def cat(*parts):
+        return {n: jnp.concatenate([p[n] for p in parts]) for n in parts[0]}
+
+    def commit(ck, cv, x, c0, role):
         toks = jax.lax.dynamic_slice_in_dim(x, c0, C, axis=1)
         pos = c0 + jnp.arange(C)
-        mask = jnp.concatenate(commit_rows(c0), axis=1)
-        _, (k, v) = model_fn(toks, jnp.broadcast_to(pos, (B, C)), AttentionSpec("explicit", mask[None, None]),
-                             jnp.zeros((B, C), jnp.float32), (ck, cv), True)
+        q = {"seg": jnp.ones((C,), jnp.int32), "blk": pos // bw}
+        spec = rule(_commit_rule, q, cat(cache_attrs(c0, role), span_attrs(1, c0, C, role)))
+        _, (k, v) = model_fn(toks, jnp.broadcast_to(pos, (B, C)), spec, jnp.zeros((B, C), jnp.float32), (ck, cv), True)
         return (jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), c0, axis=2),
                 jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), c0, axis=2))
 
     def fused(ck, cv, x, c0, role, tn, s0):
         """The commit and the window in one pass (C + A queries): what one autoregressive step costs."""
         pos_c, pos_w = c0 + jnp.arange(C), s0 + jnp.arange(A)
-        cache_c, own = commit_rows(c0)
-        cache_w, active = window_rows(role, s0, (role == hs.SETTLED) & (kpos < c0))
-        mask = jnp.concatenate([jnp.concatenate([cache_c, own, jnp.zeros((C, A), bool)], 1),
-                                jnp.concatenate([cache_w, jnp.ones((A, C), bool), active], 1)], 0)[None, None]
+        q = {"seg": jnp.concatenate([jnp.ones((C,), jnp.int32), jnp.full((A,), 2, jnp.int32)]),
+             "blk": jnp.concatenate([pos_c, pos_w]) // bw}
+        keys = cat(cache_attrs(c0, role), span_attrs(1, c0, C, role), span_attrs(2, s0, A, role))
         toks = jnp.concatenate([jax.lax.dynamic_slice_in_dim(x, c0, C, axis=1), jax.lax.dynamic_slice_in_dim(x, s0, A, axis=1)], 1)
         noise = jnp.concatenate([jnp.zeros((C,), jnp.float32), jax.lax.dynamic_slice_in_dim(tn, s0, A).astype(jnp.float32)])
         logits, (k, v) = model_fn(toks, jnp.broadcast_to(jnp.concatenate([pos_c, pos_w]), (B, C + A)),
-                                  AttentionSpec("explicit", mask), jnp.broadcast_to(noise, (B, C + A)), (ck, cv), True)
+                                  rule(_commit_rule, q, keys), jnp.broadcast_to(noise, (B, C + A)), (ck, cv), True)
         return (jax.lax.dynamic_update_slice_in_dim(ck, k[:, :, :C].astype(ck.dtype), c0, axis=2),
                 jax.lax.dynamic_update_slice_in_dim(cv, v[:, :, :C].astype(cv.dtype), c0, axis=2),
                 logits[:, C:].astype(jnp.float32))
 
     def forward(x, ck, cv, role, tn, s0):
         if not cache:
-            mask = hs.attention_mask(role, bw)[None, None]
-            out = model_fn(x, jnp.broadcast_to(kpos, (B, L)), AttentionSpec("explicit", mask),
+            out = model_fn(x, jnp.broadcast_to(kpos, (B, L)), hs.attention_spec(role, bw),
                            jnp.broadcast_to(tn.astype(jnp.float32), (B, L)), None, False)
             return jax.lax.dynamic_slice_in_dim(out, s0, A, axis=1)
-        mask = jnp.concatenate(window_rows(role, s0, role == hs.SETTLED), 1)
+        active = jax.lax.dynamic_slice_in_dim(role, s0, A) == hs.ACTIVE
         tw = jax.lax.dynamic_slice_in_dim(tn, s0, A).astype(jnp.float32)
         return model_fn(jax.lax.dynamic_slice_in_dim(x, s0, A, axis=1), jnp.broadcast_to(s0 + jnp.arange(A), (B, A)),
-                        AttentionSpec("explicit", mask[None, None]), jnp.broadcast_to(tw, (B, A)), (ck, cv), False)
+                        visible_keys(jnp.concatenate([role == hs.SETTLED, active])), jnp.broadcast_to(tw, (B, A)), (ck, cv), False)
 
     def step(carry, inp):
         x, ck, cv, logits, valid, nfe, commits, key = carry
@@ -166,7 +178,7 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
         x_in = x
         window = lambda: forward(x, ck, cv, role, tn, s0).astype(jnp.float32)
         if cache:  # settle the new positions into the cache, fused with the window pass when both are due
-            branches = [lambda: (ck, cv, logits), lambda: (*commit(ck, cv, x, c0), logits), lambda: (ck, cv, window()),
+            branches = [lambda: (ck, cv, logits), lambda: (*commit(ck, cv, x, c0, role), logits), lambda: (ck, cv, window()),
                         lambda: fused(ck, cv, x, c0, role, tn, s0)]
             ck, cv, logits = jax.lax.switch((c0 >= 0).astype(jnp.int32) + 2 * recompute.astype(jnp.int32), branches)
             commits = commits + (c0 >= 0).astype(jnp.int32)

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dlm.config import CommitRule, DecodeCache, DecodeConfig, Score
-from dlm.models.attention import AttentionSpec
+from dlm.models.attention import FULL, visible_keys
 from dlm.sampling.draws import categorical
 
 
@@ -195,8 +195,7 @@ class Passes:
     def full(self, x, start, keep, return_kv, slots=None):
         """Block logits [B, Bk, V] (and the keys/values of every fed position) of a full pass."""
         toks, positions, vis = self.canvas(x, start, keep, slots)
-        B, N = toks.shape
-        spec = AttentionSpec("explicit", jnp.broadcast_to(vis[:, None, None, :], (B, 1, N, N))) if self.drop else AttentionSpec("full")
+        spec = visible_keys(vis) if self.drop else FULL
         out = self.model_fn(toks, positions, spec, None, return_kv)
         logits, kv = out if return_kv else (out, None)
         return jax.lax.dynamic_slice_in_dim(logits, start, self.Bk, axis=1).astype(jnp.float32), kv
@@ -223,14 +222,11 @@ class Passes:
                 cache_vis = jnp.concatenate([jnp.broadcast_to(cpos[:self.Lc] < start, (B, self.Lc)), svalid], axis=1)
             else:
                 cache_vis = (cpos < start)[None] | (self.visible(start, keep) & (cpos >= end)[None])
-            mask = jnp.concatenate([jnp.broadcast_to(cache_vis[:, None, :], (B, Bk, C)), jnp.ones((B, Bk, Bk), bool)], axis=2)
-            return self.model_fn(blk, bpos, AttentionSpec("explicit", mask[:, None]), (ck, cv), False).astype(jnp.float32)
+            vis = jnp.concatenate([jnp.broadcast_to(cache_vis, (B, C)), jnp.ones((B, Bk), bool)], axis=1)
+            return self.model_fn(blk, bpos, visible_keys(vis), (ck, cv), False).astype(jnp.float32)
         toks = jnp.concatenate([blk, jnp.where(svalid, jnp.take_along_axis(x, spos, axis=1), self.mask_id)], axis=1)
-        n = Bk + S
-        cache_vis = jnp.broadcast_to((cpos < start)[None, None], (B, n, C))
-        own = jnp.concatenate([jnp.ones((B, Bk), bool), svalid], axis=1)
-        mask = jnp.concatenate([cache_vis, jnp.broadcast_to(own[:, None, :], (B, n, n))], axis=2)
-        logits = self.model_fn(toks, jnp.concatenate([bpos, spos], axis=1), AttentionSpec("explicit", mask[:, None]), (ck, cv), False)
+        vis = jnp.concatenate([jnp.broadcast_to(cpos < start, (B, C)), jnp.ones((B, Bk), bool), svalid], axis=1)
+        logits = self.model_fn(toks, jnp.concatenate([bpos, spos], axis=1), visible_keys(vis), (ck, cv), False)
         return logits[:, :Bk].astype(jnp.float32)
 
 
