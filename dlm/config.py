@@ -174,6 +174,7 @@ class ModelConfig:
     embed_init_std: float = _field(1.0, "Std of the token-embedding init (N(0, 1) trains much faster than small inits).")
     attention: str = _field("auto", "Attention implementation: auto (einsum up to 2 x attention_chunk keys, chunked above), einsum (whole score matrix; fastest on CPU for short sequences), chunked (online-softmax tiles, O(L x chunk) memory), xla / cudnn (jax.nn.dot_product_attention; cuDNN flash on GPU), splash (Pallas TPU kernel).")
     attention_chunk: int = _field(512, "Query / key tile of the chunked attention.")
+    logits_chunk: int = _field(0, "Positions per chunk of the losses' vocabulary-sized work (logits, softmax): 0 = as many as fit in 64 MB of float32 logits.")
     learned_positions: int = _field(0, "Learned absolute position embeddings for this many positions, added to the token embedding (0: none; RoPE is applied either way).")
     grid: list = _field([], "A task's 2-D structure [rows, cols, box_rows, box_cols] or [rows, cols, box_rows, box_cols, pages]: learned row, column and box embeddings of each position (row-major) added to the token embedding, and with pages > 1 a page embedding (grids one after another, e.g. a puzzle then its solution); empty: none.")
 
@@ -285,6 +286,7 @@ class DataConfig:
 class TrainConfig:
     steps: int = _field(1000, "Optimizer steps.")
     batch_size: int = _field(32, "Global batch size (rows of seq_len tokens).")
+    grad_accum: int = _field(1, "Gradient accumulation: the batch runs as this many micro-batches of batch_size / grad_accum rows, one after another, and their mean gradient makes one update, equal to the whole batch's.")
     lr: float = _field(3e-3, "Peak learning rate.")
     warmup_steps: int = _field(50, "Linear warmup steps.")
     min_lr_ratio: float = _field(0.1, "Cosine decay ends at lr * min_lr_ratio.")
@@ -339,8 +341,9 @@ class SamplingConfig:
     steps: int = _field(128, "Steps of the time grid (per block for the block hyperschedule).")
     grid: TimeGrid = _field(TimeGrid.UNIFORM, "Time grid: uniform or cosine.")
     temperature: float = _field(1.0, "Softmax temperature (0 = argmax).")
-    float64: bool = _field(True, "Draw float64-grade Gumbel noise (float64 under jax_enable_x64, else a 46-bit "
-                                 "uniform); float32 noise lowers sample entropy.")
+    float64: bool = _field(True, "Draw float64-grade Gumbel noise (a 46-bit uniform built from two float32 words, or true "
+                                 "float64 with sampling.x64); float32 noise lowers sample entropy.")
+    x64: bool = _field(False, "Run the sampler under jax_enable_x64 (float64 noise and times): exact on CPU, emulated and slow on TPUs and most GPUs.")
     num_samples: int = _field(4, "Samples to draw.")
     length: int = _field(0, "Generated sequence length (0 = seq_len).")
     use_ema: bool = _field(True, "Sample with the EMA parameters.")

@@ -81,9 +81,12 @@ def global_batch(local, mesh):
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh), x), local)
 
 
-def check_batch(batch_size: int, mesh) -> None:
+def check_batch(batch_size: int, mesh, grad_accum: int = 1) -> None:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_size % shards:
-        raise ConfigError(f"train.batch_size={batch_size} must be divisible by mesh data*fsdp={shards}.")
+    if grad_accum < 1 or batch_size % grad_accum:
+        raise ConfigError(f"train.grad_accum={grad_accum} must be at least 1 and divide train.batch_size={batch_size}.")
+    if (batch_size // grad_accum) % shards:
+        raise ConfigError(f"train.batch_size={batch_size} / train.grad_accum={grad_accum} (the micro-batch) must be "
+                          f"divisible by mesh data*fsdp={shards}.")
     if batch_size % jax.process_count():
         raise ConfigError(f"train.batch_size={batch_size} must be divisible by the {jax.process_count()} processes.")

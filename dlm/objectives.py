@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from dlm.config import ConfigError, DiffusionConfig, HyperscheduleKind, Layout, PrimeObjective, Process
-from dlm.diffusion import hybrid, hyperschedules
+from dlm.diffusion import batch, hybrid, hyperschedules
 from dlm.diffusion.losses import LN2, nelbo_per_sequence, sample_times
 from dlm.diffusion.prime import Codec, prime_nelbo_per_sequence
 from dlm.models.attention import FULL
@@ -48,8 +48,10 @@ class SamplerFamily(enum.Enum):
 
 
 def denoiser(model):
-    """The apply_fn of a Transformer."""
-    return lambda xt, noise, attention=FULL, positions=None: model(xt, noise=noise, attention=attention, positions=positions)
+    """The apply_fn of a Transformer: its logits come as LazyLogits, computed in chunks by the
+    losses (dlm.models.logits)."""
+    return lambda xt, noise, attention=FULL, positions=None: model(xt, noise=noise, attention=attention, positions=positions,
+                                                                   head=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +95,7 @@ class Objective:
         joint objective is 0 without Prime."""
         B = x0.shape[0]
         k_u, k_x = jax.random.split(key)
-        u = jax.random.uniform(k_u, (B,))
+        u = batch.uniform(k_u, (B,))
         total = joint = jnp.zeros((B,), jnp.float32)
         for k in range(t_samples):
             t = jnp.clip(jnp.mod(u + k / t_samples, 1.0), self.diffusion.t_min, 1.0)
@@ -151,8 +153,7 @@ class EpsilonHybrid(Objective):
     def loss(self, apply_fn, x0, key, given=None):
         """One forward pass per row: the decoder term on B // 8 rows, the diffusion term on the rest."""
         no_condition(self, given)
-        B = x0.shape[0]
-        if B < 2:
+        if batch.rows(x0.shape[0])[1] < 2:
             return super().loss(apply_fn, x0, key)
         return hybrid.epsilon_hybrid_loss(apply_fn, x0, key, self.diffusion, self.mask_id, self.noise_conditioning)
 

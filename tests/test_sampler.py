@@ -18,14 +18,15 @@ from dlm.sampling.ancestral import ancestral_loop, time_grid
 from dlm.sampling.generate import prepare_prompts
 
 
-def sample(den, n, steps, seed, fixed=None, x=None, grid=TimeGrid.UNIFORM, float64=False):
-    cfg = SamplingConfig(steps=steps, grid=grid, float64=float64)
+def sample(den, n, steps, seed, fixed=None, x=None, grid=TimeGrid.UNIFORM, x64=False):
+    """The default sampler path: float64-grade (46-bit) noise in float32; x64 runs the float64 path."""
+    cfg = SamplingConfig(steps=steps, grid=grid, x64=x64)
     if x is None:
         x = jnp.full((n, den.L), den.mask, jnp.int32)
         fixed = jnp.zeros((n, den.L), bool)
     alphas = jnp.asarray(1.0 - time_grid(steps, grid), jnp.float32)  # linear schedule
     run = jax.jit(lambda k: ancestral_loop(lambda xt, t: den.logits(xt), x, fixed, k, alphas, cfg, den.V, False))
-    with jax.enable_x64(float64):
+    with jax.enable_x64(x64):
         tokens, nfe, row_nfe = run(jax.random.key(seed))
     # a row needs a pass only when its input changed and it still has masks: at most once per position
     assert int(np.asarray(row_nfe).max()) <= min(int(nfe), den.L) and int(np.asarray(row_nfe).min()) >= 1
@@ -101,7 +102,7 @@ def test_idle_steps_reuse_the_forward_pass():
 def test_prompt_positions_are_kept_and_condition_the_rest():
     den = ExactDenoiser(3, 3, seed=4)
     x, fixed = prepare_prompts([2], 20000, 3, den.mask, den.V)
-    tokens, _ = sample(den, 20000, 256, seed=2, fixed=jnp.asarray(fixed), x=jnp.asarray(x), float64=True)
+    tokens, _ = sample(den, 20000, 256, seed=2, fixed=jnp.asarray(fixed), x=jnp.asarray(x), x64=True)
     tokens = np.asarray(tokens)
     assert (tokens[:, 0] == 2).all()
     cond = den.p * (den.seqs[:, 0] == 2)
@@ -137,3 +138,19 @@ def test_float64_grade_gumbel_noise_without_x64():
     np.testing.assert_allclose(np.asarray(w[:3]), [2.0**-47, 1.5 * 2.0**-46, 2.0**-23 + 2.0**-47], rtol=1e-6)
     assert float(w[3]) < 1.0
     assert float(-jnp.log(-jnp.log1p(-w[0]))) == pytest.approx(47 * np.log(2), rel=1e-5)
+
+
+def test_a_second_generate_with_the_same_shapes_does_not_compile(root):
+    import dlm
+    from dlm.config import load_config
+    from dlm.sampling.generate import compilations
+
+    cfg = load_config(root / "configs/test.yaml", [])
+    model = dlm.build_model(cfg)
+    first = dlm.generate(model, [5, 6], cfg.sampling, num_samples=2, length=32)
+    n = compilations()
+    second = dlm.generate(model, [5, 6], cfg.sampling, num_samples=2, length=32)
+    assert compilations() == n and second["compile_seconds"] == 0.0 and first["compile_seconds"] > 0
+    np.testing.assert_array_equal(first["tokens"], second["tokens"])  # same seed, same executable
+    dlm.generate(model, [5, 6], cfg.sampling, num_samples=3, length=32)  # another shape compiles
+    assert compilations() == n + 1

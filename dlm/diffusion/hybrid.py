@@ -29,8 +29,10 @@ import jax
 import jax.numpy as jnp
 
 from dlm.config import DiffusionConfig
+from dlm.diffusion import batch
 from dlm.diffusion.processes import absorbing_corrupt
 from dlm.diffusion.schedules import make_schedule
+from dlm.models.logits import per_token
 
 
 def kernel_entropy(eps: float, V: int) -> float:
@@ -44,7 +46,7 @@ def kernel_entropy(eps: float, V: int) -> float:
 def epsilon_corrupt(key, x0, eps: float, V: int):
     """y: each token replaced with probability eps by a uniform draw over [0, V)."""
     k_r, k_u = jax.random.split(key)
-    return jnp.where(jax.random.uniform(k_r, x0.shape) < eps, jax.random.randint(k_u, x0.shape, 0, V), x0)
+    return jnp.where(batch.uniform(k_r, x0.shape) < eps, batch.randint(k_u, x0.shape, 0, V), x0)
 
 
 def y_log_probs(logits, eps: float):
@@ -59,9 +61,10 @@ def y_log_probs(logits, eps: float):
 def decoder_nll(apply_fn, x0, y, noise_conditioning: bool):
     """D(x | y) per row [B] (nats, summed over positions): -log mu(x_i | y) with y fully visible."""
     B, L = x0.shape
+    from dlm.diffusion.losses import token_nll
+
     logits = apply_fn(y, jnp.zeros((B, L), jnp.float32) if noise_conditioning else None)
-    logmu = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logmu, x0[..., None], axis=-1)[..., 0].sum(-1)
+    return per_token(token_nll, logits, x0).sum(-1)
 
 
 def diffusion_nll(apply_fn, y, t, key, cfg: DiffusionConfig, mask_id: int, noise_conditioning: bool):
@@ -73,8 +76,8 @@ def diffusion_nll(apply_fn, y, t, key, cfg: DiffusionConfig, mask_id: int, noise
     t, w = time_and_weight(t, schedule, cfg)
     z = absorbing_corrupt(key, y, schedule.alpha(t)[:, None], mask_id)
     logits = apply_fn(z, jnp.broadcast_to(t[:, None], (B, L)) if noise_conditioning else None)
-    logq = y_log_probs(logits, cfg.epsilon)
-    nll = -jnp.take_along_axis(logq, y[..., None], axis=-1)[..., 0]
+    nll = per_token(lambda lg, target: -jnp.take_along_axis(y_log_probs(lg, cfg.epsilon), target[..., None], axis=-1)[..., 0],
+                    logits, y)
     return w * jnp.where(z == mask_id, nll, 0.0).sum(-1), z
 
 
@@ -90,17 +93,35 @@ def nelbo_per_sequence(apply_fn, x0, t, key, cfg: DiffusionConfig, mask_id: int,
 
 def epsilon_hybrid_loss(apply_fn, x0, key, cfg: DiffusionConfig, mask_id: int, noise_conditioning: bool = False):
     """Monte-Carlo bound (nats/token) of a batch of B >= 2 rows, one forward pass per row: the
-    decoder term on B // 8 rows (at least one), the diffusion term on the rest -> (loss, metrics)."""
-    from dlm.diffusion.losses import LN2, sample_times
+    decoder term on the first B // 8 rows (at least one), the diffusion term on the rest ->
+    (loss, metrics). In a micro-batch (dlm.diffusion.batch) B is the large batch, the split is by
+    the rows' places in it, and the loss is this micro-batch's share scaled so that the mean over
+    micro-batches is the large batch's loss."""
+    from dlm.diffusion.losses import LN2, sample_times, time_and_weight, token_nll
 
     B, L = x0.shape
+    index, total = batch.rows(B)
+    nd = max(1, total // 8)
+    dec = index < nd  # [B] rows that estimate the decoder term
     k_y, k_t, k_z = jax.random.split(key, 3)
     y = epsilon_corrupt(k_y, x0, cfg.epsilon, mask_id)
-    nd = max(1, B // 8)
-    d = decoder_nll(apply_fn, x0[:nd], y[:nd], noise_conditioning).mean() / L
-    m, z = diffusion_nll(apply_fn, y[nd:], sample_times(k_t, B - nd, cfg), k_z, cfg, mask_id, noise_conditioning)
-    loss = d + m.mean() / L - kernel_entropy(cfg.epsilon, mask_id)
-    return loss, {"nelbo": loss, "bits_per_token": loss / LN2, "decoder_nll": d, "mask_fraction": (z == mask_id).mean()}
+    schedule = make_schedule(cfg)
+    t, w = time_and_weight(sample_times(k_t, B, cfg), schedule, cfg)
+    z = absorbing_corrupt(k_z, y, schedule.alpha(t)[:, None], mask_id)
+    inp = jnp.where(dec[:, None], y, z)
+    noise = jnp.broadcast_to(jnp.where(dec, 0.0, t)[:, None], (B, L)) if noise_conditioning else None
+
+    def terms(logits, x, target):
+        return token_nll(logits, x), -jnp.take_along_axis(y_log_probs(logits, cfg.epsilon), target[..., None], axis=-1)[..., 0]
+
+    nll_x, nll_y = per_token(terms, apply_fn(inp, noise), x0, y)
+    share = total / B  # a micro-batch's sums scaled so that their mean is the large batch's
+    d = share * jnp.where(dec, nll_x.sum(-1), 0.0).sum() / (nd * L)
+    masked = (z == mask_id) & ~dec[:, None]
+    m = share * (w * jnp.where(masked, nll_y, 0.0).sum(-1)).sum() / ((total - nd) * L)
+    loss = d + m - kernel_entropy(cfg.epsilon, mask_id)
+    mask_fraction = share * masked.sum() / ((total - nd) * L)
+    return loss, {"nelbo": loss, "bits_per_token": loss / LN2, "decoder_nll": d, "mask_fraction": mask_fraction}
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,8 +161,8 @@ def gamma_corrupt(key, x0, alpha, gamma: float, mask_id: int):
     V = mask_id
     a, b, _, _ = gamma_levels(alpha, gamma)
     k_m, k_r, k_u = jax.random.split(key, 3)
-    tok = jnp.where(jax.random.uniform(k_r, x0.shape) < b, x0, jax.random.randint(k_u, x0.shape, 0, V))
-    return jnp.where(jax.random.uniform(k_m, x0.shape) < a, tok, mask_id)
+    tok = jnp.where(batch.uniform(k_r, x0.shape) < b, x0, batch.randint(k_u, x0.shape, 0, V))
+    return jnp.where(batch.uniform(k_m, x0.shape) < a, tok, mask_id)
 
 
 def _ratio(p_y, p_z, k_over_u, u_over_k):
@@ -197,7 +218,7 @@ def gamma_nelbo_per_sequence(apply_fn, x0, t, key, cfg: DiffusionConfig, mask_id
     alpha, dalpha = schedule.alpha(tt), schedule.dalpha(tt)
     z = gamma_corrupt(key, x0, alpha, cfg.gamma, mask_id)
     logits = apply_fn(z, tt if noise_conditioning else None)
-    terms = gamma_terms(logits, z, x0, alpha, dalpha, cfg.gamma, mask_id)
+    terms = per_token(lambda lg, *a: gamma_terms(lg, *a, cfg.gamma, mask_id), logits, z, x0, alpha, dalpha)
     with jax.ensure_compile_time_eval():
         prior = gamma_prior_kl(float(schedule.alpha(jnp.float32(1.0))), cfg.gamma, mask_id)
     return terms.sum(-1) / L + prior, z

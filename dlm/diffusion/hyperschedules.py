@@ -23,6 +23,7 @@ import numpy as np
 
 from dlm.config import ConfigError
 from dlm.config import HyperscheduleKind as Kind  # one enum for the config and the tables
+from dlm.diffusion import batch
 
 SETTLED, ACTIVE, FUTURE = 0, 1, 2
 
@@ -122,8 +123,10 @@ def attention_spec(role, block_width: int):
 
 def step_terms(logits, x0, xt, alpha_now, alpha_next, role, mask_id: int):
     """Per-token NELBO terms [B, L] of one step: reveal probability x masked CE at active positions."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
+    from dlm.diffusion.losses import token_nll
+    from dlm.models.logits import per_token
+
+    nll = per_token(token_nll, logits, x0)
     w = (alpha_next - alpha_now) / jnp.maximum(1.0 - alpha_now, 1e-12)
     return jnp.where((role == ACTIVE) & (xt == mask_id), w * nll, 0.0)
 
@@ -131,7 +134,7 @@ def step_terms(logits, x0, xt, alpha_now, alpha_next, role, mask_id: int):
 def corrupt_step(key, x0, alpha_now, role, mask_id: int):
     """Input of step n: settled tokens clean, active tokens masked with probability 1 - alpha,
     future tokens masked (and hidden by the attention mask)."""
-    keep = jax.random.uniform(key, x0.shape) < alpha_now
+    keep = batch.uniform(key, x0.shape) < alpha_now
     return jnp.where(role == SETTLED, x0, jnp.where((role == ACTIVE) & keep, x0, mask_id))
 
 
@@ -178,9 +181,10 @@ def nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_id: int
     `given` [B, L] (bool, optional) marks a condition (a prompt): those positions are settled at
     every step and never scored; the draw of u runs over the blocks that hold a position to
     score (nb is their count), and the estimate is per position not given."""
-    from dlm.diffusion.losses import scored_count
+    from dlm.diffusion.losses import scored_count, token_nll
     from dlm.diffusion.schedules import make_schedule
     from dlm.models.attention import FULL
+    from dlm.models.logits import per_token
 
     schedule = make_schedule(cfg)
     B, L = x0.shape
@@ -210,8 +214,7 @@ def nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_id: int
     xt = corrupt_step(key, x0, alpha, role, mask_id)
     spec = FULL if nb == 1 else attention_spec(role, w_blk)
     logits = apply_fn(xt, tau_now if noise_conditioning else None, spec)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
+    nll = per_token(token_nll, logits, x0)
     terms = jnp.where((role == ACTIVE) & (xt == mask_id), nll, 0.0)
     weight = 1.0 if w_blk == 1 else schedule.weight(t)
     return n_blocks * weight * terms.sum(-1) / scored_count(x0, given)
@@ -253,8 +256,10 @@ def double_nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_
     Rao-Blackwellised term of nelbo_per_sequence: the teacher-forced causal LM loss). `given`
     positions (a condition) are clean in both halves and never scored; the estimate is per
     position not given."""
-    from dlm.diffusion.losses import scored_count
+    from dlm.diffusion.losses import scored_count, token_nll
     from dlm.diffusion.schedules import make_schedule
+    from dlm.models.logits import per_token
+
     if h.kind in (Kind.SLIDE, Kind.BLOCK_SLIDE):
         raise ConfigError(f"diffusion.layout=double supports the flat, autoregressive and block hyperschedules, not {h.kind.value}.")
     schedule = make_schedule(cfg)
@@ -265,14 +270,13 @@ def double_nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_
     if w == 1:
         t = jnp.ones_like(t)
     tau = jnp.repeat(t, w, axis=1)  # [B, L]
-    xt = jnp.where(jax.random.uniform(key, x0.shape) < schedule.alpha(tau), x0, mask_id)
+    xt = jnp.where(batch.uniform(key, x0.shape) < schedule.alpha(tau), x0, mask_id)
     if given is not None:
         xt = jnp.where(given, x0, xt)
     pos = jnp.broadcast_to(jnp.concatenate([jnp.arange(L)] * 2), (B, 2 * L))
     noise = jnp.concatenate([jnp.zeros_like(tau), tau], axis=1) if noise_conditioning else None
     spec = double_layout_spec(L, w)
     logits = apply_fn(jnp.concatenate([x0, xt], axis=1), noise, spec, positions=pos)[:, L:]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
+    nll = per_token(token_nll, logits, x0)
     weight = 1.0 if w == 1 else schedule.weight(tau)
     return (weight * jnp.where(xt == mask_id, nll, 0.0)).sum(-1) / scored_count(x0, given)

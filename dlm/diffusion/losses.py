@@ -17,20 +17,24 @@ import jax
 import jax.numpy as jnp
 
 from dlm.config import DiffusionConfig, TimeMode
+from dlm.diffusion import batch as rows
 from dlm.diffusion.processes import absorbing_corrupt
 from dlm.diffusion.schedules import NoiseSchedule, make_schedule
+from dlm.models.logits import per_token
 
 LN2 = math.log(2.0)
 
 
 def sample_times(key, batch: int, cfg: DiffusionConfig):
-    """t [B] in [t_min, 1]; antithetic draws t_i = (u + i/B) mod 1 lower the variance."""
-    if cfg.antithetic:
-        u = jax.random.uniform(key, ())
-        t = jnp.mod(u + jnp.arange(batch) / batch, 1.0)
-    else:
-        t = jax.random.uniform(key, (batch,))
-    return jnp.clip(t, cfg.t_min, 1.0)
+    """t [B] in [t_min, 1]; antithetic draws t_i = (u + i/B) mod 1 lower the variance (B: the
+    whole batch when this is a micro-batch of it)."""
+    def times(key, shape):
+        n = shape[0]
+        if cfg.antithetic:
+            return jnp.mod(jax.random.uniform(key, ()) + jnp.arange(n) / n, 1.0)
+        return jax.random.uniform(key, (n,))
+
+    return jnp.clip(rows.draw(times, key, (batch,)), cfg.t_min, 1.0)
 
 
 def time_and_weight(t, schedule: NoiseSchedule, cfg: DiffusionConfig):
@@ -47,11 +51,16 @@ def time_and_weight(t, schedule: NoiseSchedule, cfg: DiffusionConfig):
     return t, T * schedule.discrete_weight(s, t)
 
 
-def masked_cross_entropy(logits, x0, xt, mask_id: int):
-    """-log mu_theta(x_t)[x0] at masked positions, 0 elsewhere. logits [B, L, V] -> [B, L]."""
+def token_nll(logits, target):
+    """-log softmax(logits)[target]: logits [..., V], target [...] -> [...]."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
-    return jnp.where(xt == mask_id, nll, 0.0)
+    return -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+
+
+def masked_cross_entropy(logits, x0, xt, mask_id: int):
+    """-log mu_theta(x_t)[x0] at masked positions, 0 elsewhere. logits [B, L, V] (an array or
+    LazyLogits, computed in chunks) -> [B, L]."""
+    return jnp.where(xt == mask_id, per_token(token_nll, logits, x0), 0.0)
 
 
 def nelbo_terms(logits, x0, xt, weight, mask_id: int):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dlm.config import ConfigError, DiffusionConfig
+from dlm.diffusion import batch
 from dlm.diffusion.losses import scored_count, time_and_weight
 from dlm.diffusion.schedules import make_schedule
 
@@ -90,16 +91,26 @@ def carry_over(logits, yt, codec: Codec):
     """Set logits of tokens inconsistent with the visible sub-tokens to -inf.
 
     logits [..., V], yt [..., l] (mask id b) -> [..., V]."""
-    digits = jnp.asarray(codec.digits)  # [V, l]
-    consistent = ((yt[..., None, :] == codec.mask_id) | (digits == yt[..., None, :])).all(-1)  # [..., V]
+    consistent = None
+    for j, table in enumerate(_digit_tables(codec)):  # one [..., V] gather per digit, no [..., V, l] tensor
+        ok = jnp.take(table, yt[..., j], axis=0)
+        consistent = ok if consistent is None else consistent & ok
     return jnp.where(consistent, logits, -jnp.inf)
+
+
+def _digit_tables(codec: Codec):
+    """Per digit j, [b + 1, V] bool: row k < b marks the tokens whose digit j is k; row b (the
+    sub-token mask) allows every token."""
+    digits = codec.digits
+    rows = np.arange(codec.base + 1)[:, None]
+    return [jnp.asarray((digits[:, j][None] == rows) | (rows == codec.base)) for j in range(codec.l)]
 
 
 def digit_log_marginals(logp, codec: Codec):
     """log p_j(k) = log sum_{v: digit_j(v) = k} p(v): logp [..., V] -> [..., l, b]."""
-    onehot = jax.nn.one_hot(jnp.asarray(codec.digits), codec.base, dtype=jnp.float32)  # [V, l, b]
     p = jnp.exp(logp)
-    marg = jnp.einsum("...v,vjk->...jk", p, onehot)
+    marg = jnp.stack([jnp.zeros((*p.shape[:-1], codec.base), p.dtype).at[..., jnp.asarray(codec.digits[:, j])].add(p)
+                      for j in range(codec.l)], axis=-2)  # a scatter-add per digit, no [V, l, b] table
     return jnp.log(jnp.maximum(marg, 1e-30))
 
 
@@ -126,7 +137,7 @@ def corrupt_subtokens(key, x0, alpha_t, codec: Codec):
     y0 = codec.encode(x0)
     a = jnp.asarray(alpha_t)
     a = a.reshape(a.shape + (1,) * (y0.ndim - a.ndim))
-    keep = jax.random.uniform(key, y0.shape) < a
+    keep = batch.uniform(key, y0.shape) < a
     return jnp.where(keep, y0, codec.mask_id)
 
 
@@ -143,6 +154,9 @@ def prime_nelbo_per_sequence(apply_fn, x0, t, key, cfg: DiffusionConfig, codec: 
     if given is not None:
         yt = jnp.where(given[..., None], codec.encode(x0), yt)
     logits = apply_fn(yt, jnp.broadcast_to(t[:, None], (B, L)) if noise_conditioning else None)
-    valid, joint = prime_terms(logits, x0, yt, w, codec)
+    from dlm.models.logits import per_token
+
+    valid, joint = per_token(lambda lg, x, y, ww: prime_terms(lg, x, y, ww, codec), logits, x0, yt,
+                             jnp.broadcast_to(jnp.reshape(w, (B, 1)), (B, L)))
     n = scored_count(x0, given)
     return valid.sum(-1) / n, joint.sum(-1) / n, yt

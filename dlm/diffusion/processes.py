@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+
+from dlm.diffusion import batch
 
 
 def absorbing_corrupt(key, x0, alpha_t, mask_id: int, fixed=None):
@@ -12,7 +13,7 @@ def absorbing_corrupt(key, x0, alpha_t, mask_id: int, fixed=None):
     x0: [B, L] int tokens; alpha_t: broadcastable to [B, L]; fixed: optional [B, L] bool of
     positions that are never masked (prompts). Returns x_t [B, L].
     """
-    keep = jax.random.uniform(key, x0.shape) < alpha_t
+    keep = batch.uniform(key, x0.shape) < alpha_t
     if fixed is not None:
         keep = keep | fixed
     return jnp.where(keep, x0, mask_id)

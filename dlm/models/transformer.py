@@ -26,6 +26,7 @@ from flax import nnx
 
 from dlm.config import ModelConfig, Remat
 from dlm.models.attention import FULL, AttentionSpec, attention as attend
+from dlm.models.logits import LazyLogits, rows_for
 
 COND_DIM = 128
 PAD_MULTIPLE = 128  # vocab tables are padded so that any tensor-parallel size divides them
@@ -169,7 +170,9 @@ class Transformer(nnx.Module):
             self.t_in = self.t_out = None
 
     def __call__(self, tokens, *, positions=None, attention: AttentionSpec = FULL, noise=None, kv_cache=None,
-                 return_kv: bool = False):
+                 return_kv: bool = False, head: bool = True):
+        """head=False returns LazyLogits (the normed hidden states and the head, for the chunked
+        losses) instead of the logits."""
         cfg = self.cfg
         B, L = tokens.shape[:2]
         dt = jnp.dtype(cfg.dtype.value)
@@ -206,7 +209,11 @@ class Transformer(nnx.Module):
             body = nnx.remat(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
                         transform_metadata={nnx.PARTITION_NAME: "layers"})
-        return self._head(scan(self.blocks, x))
+        x = scan(self.blocks, x)
+        if not head:
+            h = rms_norm(x, self.final_scale[...]).astype(dt)
+            return LazyLogits(h, self.head[...], self.vocab_size, rows_for(self.vocab_size, cfg.logits_chunk))
+        return self._head(x)
 
     def _position_embedding(self, positions):
         """[B, L, d] learned absolute and grid (row, column, box of a row-major cell, and page when

@@ -17,7 +17,11 @@ wrote settled keys/values) and nfe_per_sample (passes each row needed).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import hashlib
+import pickle
 import time
 from typing import Callable
 
@@ -160,11 +164,49 @@ def sampler_for(objective: Objective, cfg: SamplingConfig) -> Callable:
     return EXACT[objective.sampler]
 
 
+class _Compiled:
+    """The compiled samplers of this process, least recently used first out (at most `size`)."""
+
+    def __init__(self, size: int = 16):
+        self.size, self.entries, self.compilations = size, collections.OrderedDict(), 0
+
+    def get(self, key):
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        return None
+
+    def put(self, key, compiled):
+        self.compilations += 1
+        self.entries[key] = compiled
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
+_COMPILED = _Compiled()
+
+
+def compilations() -> int:
+    """How many samplers generate() has compiled in this process (a second call with the same
+    model structure, settings and shapes reuses the first one's)."""
+    return _COMPILED.compilations
+
+
+def _cache_key(sampler, setup, graphdef, treedef, args, mesh, x64: bool):
+    """What the compiled sampler depends on: the loop, its settings and the model's structure
+    (hashed through pickle: they hold configs and a plan's arrays), and every argument's shape,
+    dtype and sharding."""
+    avals = tuple((tuple(a.shape), str(a.dtype), getattr(a, "sharding", None)) for a in jax.tree.leaves(args))
+    settings = hashlib.sha256(pickle.dumps((setup, graphdef))).hexdigest()
+    return (sampler.__name__, settings, treedef, avals, mesh, x64)
+
+
 def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, *, diffusion: DiffusionConfig | None = None,
              num_samples: int | None = None, length: int | None = None, mesh=None, key=None, plan=None,
              eos_id: int = -1) -> dict:
     """Sample from a denoiser. Returns {'tokens' [B, L] np.int32, 'nfe', 'steps', 'idle_step_ratio',
-    'seconds' (the run, compiled), 'compile_seconds'}, plus 'cache_writes' from the hyperschedule
+    'seconds' (the run, compiled), 'compile_seconds' (0 when a sampler compiled by an earlier call
+    with the same model structure, settings and shapes is reused)}, plus 'cache_writes' from the hyperschedule
     loop and 'nfe_per_sample' (the passes each row needed) from the token ancestral loop and the
     parallel decoder.
 
@@ -221,20 +263,22 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
         return sampler(setup, module, x, fixed, key, alphas, times)
 
     start = time.time()
-    with jax.enable_x64(cfg.float64):
-        times = jnp.asarray(time_grid(cfg.steps, cfg.grid), jnp.float64 if cfg.float64 else jnp.float32)
+    with jax.enable_x64(cfg.x64):
+        times = jnp.asarray(time_grid(cfg.steps, cfg.grid), jnp.float64 if cfg.x64 else jnp.float32)
         alphas = make_schedule(objective.diffusion).alpha(times)
-        if mesh is not None:
-            with mesh_context(mesh):
-                args = (leaves, jax.device_put(x, batch_sharding(mesh)), jax.device_put(fixed, batch_sharding(mesh)), key,
-                        alphas, times)
-                compiled = jax.jit(run).lower(*args).compile()
-                compile_s, start = time.time() - start, time.time()
-                out = jax.block_until_ready(compiled(*args))
-        else:
+        with mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
+            if mesh is not None:
+                x, fixed = jax.device_put(x, batch_sharding(mesh)), jax.device_put(fixed, batch_sharding(mesh))
             args = (leaves, jnp.asarray(x), jnp.asarray(fixed), key, alphas, times)
-            compiled = jax.jit(run).lower(*args).compile()
-            compile_s, start = time.time() - start, time.time()
+            cache_key = _cache_key(sampler, setup, graphdef, treedef, args, mesh, cfg.x64)
+            compiled = _COMPILED.get(cache_key)
+            if compiled is None:
+                compiled = jax.jit(run).lower(*args).compile()
+                _COMPILED.put(cache_key, compiled)
+                compile_s = time.time() - start
+            else:
+                compile_s = 0.0
+            start = time.time()
             out = jax.block_until_ready(compiled(*args))
         out = jax.device_get(out)
     seconds = time.time() - start

@@ -16,6 +16,7 @@ from flax import nnx
 
 from dlm.config import Config, TrainConfig
 from dlm.data.pipeline import split_batch
+from dlm.diffusion import batch as rows
 from dlm.mesh import batch_sharding, mesh_context, replicated
 from dlm.models.transformer import Transformer
 from dlm.objectives import denoiser, objective_for
@@ -103,6 +104,34 @@ def create_train_state(cfg: Config, vocab_size: int, mesh, *, abstract: bool = F
     return graphdef, state, shardings
 
 
+def loss_and_grads(graphdef, objective, params, batch, key, grad_accum: int = 1):
+    """((loss, metrics), grads) of a batch; with grad_accum = N a scan over N micro-batches (rows
+    j, j + N, ... : each device keeps its rows) whose mean loss, metrics and gradients are the
+    large batch's, since every draw is the large batch's (dlm.diffusion.batch)."""
+    tokens, given = split_batch(batch)
+
+    def loss_fn(params, tokens, given):
+        return objective.loss(denoiser(nnx.merge(graphdef, params)), tokens, key, given=given)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum == 1:
+        return grad_fn(params, tokens, given)
+    B, L = tokens.shape
+    n = grad_accum
+    split = lambda a: None if a is None else a.reshape(B // n, n, *a.shape[1:])
+    tokens_n, given_n = split(tokens), split(given)
+
+    def micro(grads, j):
+        pick = lambda a: None if a is None else jax.lax.dynamic_index_in_dim(a, j, axis=1, keepdims=False)
+        with rows.micro_batch(j, n, B):
+            (loss, metrics), g = grad_fn(params, pick(tokens_n), pick(given_n))
+        return jax.tree.map(jnp.add, grads, g), (loss, metrics)
+
+    grads, (losses, metrics) = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), jnp.arange(n))
+    mean = lambda x: jnp.mean(x, axis=0)
+    return (mean(losses), jax.tree.map(mean, metrics)), jax.tree.map(lambda g: g / n, grads)
+
+
 def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
     """Jitted (state, batch) -> (state, metrics), state donated; a batch is tokens [B, L], or a pairs
     dict of tokens and given (dlm.data.pipeline)."""
@@ -114,16 +143,9 @@ def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
 
     def step(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-
-        tokens, given = split_batch(batch)
-
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params)
-            loss, metrics = objective.loss(denoiser(model), tokens, key, given=given)
-            poison = jnp.where(jnp.any(inject == state.step), jnp.nan, 1.0)
-            return loss * poison, metrics
-
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        poison = jnp.where(jnp.any(inject == state.step), jnp.nan, 1.0)
+        (loss, metrics), grads = loss_and_grads(graphdef, objective, state.params, batch, key, cfg.train.grad_accum)
+        loss = loss * poison
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

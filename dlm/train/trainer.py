@@ -84,7 +84,7 @@ class Trainer:
         self.workdir = pathlib.Path(cfg.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mesh = make_mesh(cfg.mesh)
-        check_batch(cfg.train.batch_size, self.mesh)
+        check_batch(cfg.train.batch_size, self.mesh, cfg.train.grad_accum)
         if jax.process_index() == 0:
             save_config(cfg, self.workdir / "config.yaml")
         barrier = None
