@@ -100,3 +100,14 @@ def test_decoders_give_the_same_tokens_with_chunked_attention(root, over):
     hyperschedule's commit and window rules) through tiles of 8: the same greedy tokens."""
     over = ("sampling.temperature=0", *over)
     np.testing.assert_array_equal(_decode(root, "chunked", *over), _decode(root, "einsum", *over))
+
+
+def test_splash_kernel_in_pallas_interpret_mode_equals_reference():
+    """The TPU splash kernel, run by the Pallas interpreter on CPU, for the masks it takes: full,
+    causal and key visibility (as segment ids)."""
+    q, k, v = (jax.random.normal(key, (B, 256, H, 128)) for key in jax.random.split(jax.random.key(4), 3))  # head_dim 128: the lane width
+    for spec in (A.FULL, A.CAUSAL, A.visible_keys(jnp.arange(256)[None] < jnp.array([[200], [131]]))):
+        ref = A.einsum_attention(q, k, v, spec.mask(256, 256))
+        np.testing.assert_allclose(A.splash_attention(q, k, v, spec, interpret=True), ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="model.attention=chunked"):
+        A.splash_attention(q, k, v, A.block_causal(4), interpret=True)

@@ -12,8 +12,9 @@ from dlm.mesh import check_batch, make_mesh
 from dlm.objectives import objective_for
 from dlm.train.state import create_train_state, loss_and_grads, make_train_step
 
-OBJECTIVES = {"mdlm": [], "epsilon_hybrid": ["diffusion.process=epsilon_hybrid"],
-              "block_double": ["diffusion.hyperschedule=block", "diffusion.block_width=8", "diffusion.layout=double"]}
+# MDLM (antithetic times across the batch), and the epsilon-hybrid loss, which splits the batch into
+# decoder and diffusion rows by their place in it
+OBJECTIVES = {"mdlm": [], "epsilon_hybrid": ["diffusion.process=epsilon_hybrid"]}
 
 
 def _cfg(root, *over):

@@ -18,8 +18,7 @@ OBJECTIVES = {
     "block": ["diffusion.hyperschedule=block", "diffusion.block_width=8"],
     "block_double": ["diffusion.hyperschedule=block", "diffusion.block_width=8", "diffusion.layout=double"],
     "slide": ["diffusion.hyperschedule=slide", "diffusion.block_width=8"],
-    "autoregressive": ["diffusion.hyperschedule=autoregressive"],
-}
+}  # (autoregressive runs the block code path with blocks of one position)
 
 
 def plain(m):

@@ -97,7 +97,8 @@ def attention_mask(role, block_width: int):
 
     Settled queries see settled keys of their own or earlier blocks (block-causal), never an
     active key, so their keys/values can be cached. Active queries see settled and active keys.
-    Future positions are hidden as keys and see nothing as queries."""
+    Future positions are hidden as keys and see nothing as queries. The dense form, kept as the
+    written-out reference of attention_spec (the rule every pass uses; no [L, L] array)."""
     L = role.shape[-1]
     blk = jnp.arange(L) // block_width
     block_causal = blk[None, :] <= blk[:, None]  # [q, k]
@@ -222,7 +223,8 @@ def nelbo_per_sequence(apply_fn, x0, u, key, cfg, h: Hyperschedule, mask_id: int
 
 def double_layout_mask(L: int, block_width: int):
     """[2L, 2L] mask of the [clean | noised] layout: clean queries are block-causal over clean keys;
-    a noised query of block b sees the clean keys of blocks < b and the noised keys of block b."""
+    a noised query of block b sees the clean keys of blocks < b and the noised keys of block b.
+    The dense reference of double_layout_spec."""
     blk = jnp.arange(L) // block_width
     q, k = blk[:, None], blk[None, :]
     top = jnp.concatenate([k <= q, jnp.zeros((L, L), bool)], axis=1)

@@ -4,10 +4,11 @@ RoPE (plus optional learned absolute or 2-D grid position embeddings), RMSNorm, 
 per-token noise conditioning (adaLN shift/scale), blocks
 created with nnx.vmap and run with nnx.scan (compile time flat in depth), optional remat.
 Parameters are float32 and carry logical axis names (embed, heads, kv, mlp, vocab, layers,
-cond); matmuls run in `dtype`; logits are float32.
+cond); matmuls take `dtype` inputs and accumulate in float32; logits are float32.
 
     model(tokens [B, L], *, positions=None, attention=FULL, noise=None) -> logits [B, L, V]
     model(tokens, ..., kv_cache=(k, v), return_kv=True) -> (logits, (k_new, v_new))
+    model(tokens, ..., head=False) -> LazyLogits (dlm.models.logits: the losses' chunked logits)
 
 `noise` is the per-token time t [B, L] (only read when noise_conditioning is on).
 KV cache: `kv_cache` holds keys/values [layers, B, Lc, H, D] (after RoPE) of earlier tokens; the
@@ -209,11 +210,7 @@ class Transformer(nnx.Module):
             body = nnx.remat(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
                         transform_metadata={nnx.PARTITION_NAME: "layers"})
-        x = scan(self.blocks, x)
-        if not head:
-            h = rms_norm(x, self.final_scale[...]).astype(dt)
-            return LazyLogits(h, self.head[...], self.vocab_size, rows_for(self.vocab_size, cfg.logits_chunk))
-        return self._head(x)
+        return self._head(scan(self.blocks, x), lazy=not head)
 
     def _position_embedding(self, positions):
         """[B, L, d] learned absolute and grid (row, column, box of a row-major cell, and page when
@@ -232,8 +229,9 @@ class Transformer(nnx.Module):
                          + jnp.take(self.box_embed[...], box, axis=0))
         return out
 
-    def _head(self, x):
-        dt = jnp.dtype(self.cfg.dtype.value)
-        h = rms_norm(x, self.final_scale[...]).astype(dt)
-        logits = _dense(h, self.head[...], dt, jnp.float32)
-        return logits[..., : self.vocab_size]
+    def _head(self, x, lazy: bool = False):
+        """Float32 logits [B, L, V] of the final hidden states, or (lazy) the LazyLogits that the
+        losses compute chunk by chunk."""
+        h = rms_norm(x, self.final_scale[...]).astype(jnp.dtype(self.cfg.dtype.value))
+        logits = LazyLogits(h, self.head[...], self.vocab_size, rows_for(self.vocab_size, self.cfg.logits_chunk))
+        return logits if lazy else logits.materialize()

@@ -107,7 +107,7 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
     B, L = x.shape
     A, C, bw = plan.width, plan.commit_width, plan.block_width
     cache = cache and C > 0  # nothing ever settles before the end (flat): the window is everything
-    fdt = jnp.float64 if float64 else jnp.float32
+    fdt = jnp.float64 if float64 and jax.config.jax_enable_x64 else jnp.float32  # float64 times only under sampling.x64
     tau = jnp.asarray(plan.tau, fdt)
     xs = (tau[:-1], tau[1:], jnp.asarray(plan.win_start), jnp.asarray(plan.commit_start), jnp.asarray(plan.same_roles))
     kpos = jnp.arange(L)
