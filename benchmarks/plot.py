@@ -4,6 +4,8 @@ longer lengths. Every panel has a title, axis labels with units, and a legend.""
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
@@ -14,8 +16,8 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 
 def _save(fig, path, title: str):
-    if title:
-        fig.suptitle(title)
+    if title:  # wrapped to the figure's width (about 11 characters an inch at the default size)
+        fig.suptitle("\n".join(textwrap.wrap(title, int(fig.get_figwidth() * 11))))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
