@@ -118,9 +118,8 @@ def decoder(small: bool) -> dict:
     length = 128 if small else 1024
     over = (["model.d_model=64", "model.num_layers=2", "model.num_heads=4"] if small else
             ["model.d_model=1024", "model.num_layers=28", "model.num_heads=16", "model.dtype=bfloat16"])
-    cfg = load_config(ROOT / "configs/bench.yaml", over + [f"data.seq_len={length}", "sampling.sampler=parallel", "sampling.temperature=0",
-                                                    "sampling.num_samples=1"])
-    model = dlm.build_model(cfg, 257)
+    over += [f"data.seq_len={length}", "sampling.sampler=parallel", "sampling.temperature=0", "sampling.num_samples=1"]
+    model = dlm.build_model(load_config(ROOT / "configs/bench.yaml", over), 257)
     prompt = list(range(3, 35))
     variants = {"vanilla": ["sampling.decode.rule=topk", "sampling.decode.k=1", "sampling.decode.block_length=32"],
                 "prefix_dpad_credit": ["sampling.decode.rule=threshold", "sampling.decode.tau=0.9", "sampling.decode.block_length=32",
@@ -128,8 +127,7 @@ def decoder(small: bool) -> dict:
                                        "sampling.decode.early_stop=false"]}
     out = {"length": length}
     for name, extra in variants.items():
-        c = load_config(ROOT / "configs/bench.yaml", over + [f"data.seq_len={length}", "sampling.sampler=parallel", "sampling.temperature=0",
-                                                      "sampling.num_samples=1", *extra])
+        c = load_config(ROOT / "configs/bench.yaml", over + extra)
         runs = [dlm.generate(model, prompt, c.sampling, num_samples=1, length=length) for _ in range(3)]
         out[name] = {"seconds": statistics.median(r["seconds"] for r in runs), "nfe": runs[0]["nfe"],
                      "compile_seconds": runs[0]["compile_seconds"]}

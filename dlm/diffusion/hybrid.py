@@ -58,6 +58,11 @@ def y_log_probs(logits, eps: float):
     return jnp.logaddexp(math.log1p(-eps) + logmu, math.log(eps / V))
 
 
+def y_nll(logits, y, eps: float):
+    """-log p(y | z) from the denoiser's logits: logits [..., V], y [...] -> [...]."""
+    return -jnp.take_along_axis(y_log_probs(logits, eps), y[..., None], axis=-1)[..., 0]
+
+
 def decoder_nll(apply_fn, x0, y, noise_conditioning: bool):
     """D(x | y) per row [B] (nats, summed over positions): -log mu(x_i | y) with y fully visible."""
     B, L = x0.shape
@@ -76,8 +81,7 @@ def diffusion_nll(apply_fn, y, t, key, cfg: DiffusionConfig, mask_id: int, noise
     t, w = time_and_weight(t, schedule, cfg)
     z = absorbing_corrupt(key, y, schedule.alpha(t)[:, None], mask_id)
     logits = apply_fn(z, jnp.broadcast_to(t[:, None], (B, L)) if noise_conditioning else None)
-    nll = per_token(lambda lg, target: -jnp.take_along_axis(y_log_probs(lg, cfg.epsilon), target[..., None], axis=-1)[..., 0],
-                    logits, y)
+    nll = per_token(lambda lg, target: y_nll(lg, target, cfg.epsilon), logits, y)
     return w * jnp.where(z == mask_id, nll, 0.0).sum(-1), z
 
 
@@ -111,10 +115,7 @@ def epsilon_hybrid_loss(apply_fn, x0, key, cfg: DiffusionConfig, mask_id: int, n
     inp = jnp.where(dec[:, None], y, z)
     noise = jnp.broadcast_to(jnp.where(dec, 0.0, t)[:, None], (B, L)) if noise_conditioning else None
 
-    def terms(logits, x, target):
-        return token_nll(logits, x), -jnp.take_along_axis(y_log_probs(logits, cfg.epsilon), target[..., None], axis=-1)[..., 0]
-
-    nll_x, nll_y = per_token(terms, apply_fn(inp, noise), x0, y)
+    nll_x, nll_y = per_token(lambda lg, x, target: (token_nll(lg, x), y_nll(lg, target, cfg.epsilon)), apply_fn(inp, noise), x0, y)
     share = total / B  # a micro-batch's sums scaled so that their mean is the large batch's
     d = share * jnp.where(dec, nll_x.sum(-1), 0.0).sum() / (nd * L)
     masked = (z == mask_id) & ~dec[:, None]

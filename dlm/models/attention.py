@@ -43,7 +43,8 @@ F32 = jnp.float32
 class AttentionSpec:
     """Which keys each query sees: `rule(q, k)` over per-token attributes (None: every key).
     `kind` names the structure for kernels that know it: full, causal, keys (a key-visibility
-    vector `k['visible']`), or rule (anything else)."""
+    vector `k['visible']`), dense (a materialised mask `k['mask']`, from `dense`), or rule
+    (anything else)."""
 
     kind: str = "full"
     rule: Callable | None = None

@@ -69,12 +69,17 @@ def per_token(fn: Callable, logits, *args):
     flat = [jnp.broadcast_to(a, (*lead, *jnp.shape(a)[len(lead):])).reshape(N, *jnp.shape(a)[len(lead):]) for a in args]
     if not isinstance(logits, LazyLogits):
         out = fn(jnp.asarray(logits, jnp.float32).reshape(N, -1), *flat)
-        return jax.tree.map(lambda o: o.reshape(*lead, *o.shape[1:]), out)
+    elif logits.rows >= N:
+        out = fn(logits.compute(logits.hidden.reshape(N, -1)), *flat)
+    else:
+        out = _chunked(fn, logits, N, flat)
+    return jax.tree.map(lambda o: o.reshape(*lead, *o.shape[1:]), out)
+
+
+def _chunked(fn, logits: LazyLogits, N: int, flat):
+    """fn over the N rows in chunks of logits.rows -> results with a leading [N] axis."""
     hidden = logits.hidden.reshape(N, -1)
-    n = min(logits.rows, N)
-    if n >= N:
-        out = fn(logits.compute(hidden), *flat)
-        return jax.tree.map(lambda o: o.reshape(*lead, *o.shape[1:]), out)
+    n = logits.rows
     chunks = -(-N // n)
     pad = chunks * n - N
     # the last chunk is filled up with copies of the last row (zeros could make a loss's inputs
@@ -86,4 +91,4 @@ def per_token(fn: Callable, logits, *args):
         return fn(dataclasses.replace(logits, head=head).compute(h), *a)
 
     out = jax.lax.map(lambda xs: body(logits.head, *xs), (cut(hidden), *(cut(a) for a in flat)))
-    return jax.tree.map(lambda o: o.reshape(chunks * n, *o.shape[2:])[:N].reshape(*lead, *o.shape[2:]), out)
+    return jax.tree.map(lambda o: o.reshape(chunks * n, *o.shape[2:])[:N], out)

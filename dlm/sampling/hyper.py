@@ -89,10 +89,10 @@ def make_plan(h: hs.Hyperschedule, grid: TimeGrid = TimeGrid.UNIFORM) -> Plan:
 
 def _commit_rule(q, k):
     """Commit queries (seg 1): written cache keys and their own span block-causally. Window
-    queries (seg 2): settled written cache keys, the commit span, active window keys."""
+    queries (seg 2): the keys marked for them (settled written cache keys, the commit span,
+    active window keys)."""
     commit_q = (k["seg"] == 0) & k["written"] | (k["seg"] == 1) & (k["blk"] <= q["blk"])
-    window_q = (k["seg"] == 0) & k["written"] & k["settled"] | (k["seg"] == 1) | (k["seg"] == 2) & k["settled"]
-    return jnp.where(q["seg"] == 1, commit_q, window_q)
+    return jnp.where(q["seg"] == 1, commit_q, k["written"] & k["for_window"])
 
 
 def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, kv_shape, kv_dtype, temperature: float,
@@ -118,14 +118,14 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
     # below c0 and itself block-causally; the window sees the settled part of the cache, the
     # commit span when it is in the same pass, and its active positions. Structural specs: each
     # query and key carries its segment (commit / window queries; cache / commit / window keys),
-    # its block, and for cache keys whether they are written (below c0) and settled.
+    # its block, whether it is written (cache keys: below c0) and whether window queries see it.
     def cache_attrs(c0, role):
-        return {"seg": jnp.zeros((L,), jnp.int32), "blk": kpos // bw, "written": kpos < c0, "settled": role == hs.SETTLED}
+        return {"seg": jnp.zeros((L,), jnp.int32), "blk": kpos // bw, "written": kpos < c0, "for_window": role == hs.SETTLED}
 
-    def span_attrs(seg, start, n, role):
+    def span_attrs(seg, start, n, for_window):
         pos = start + jnp.arange(n)
         return {"seg": jnp.full((n,), seg, jnp.int32), "blk": pos // bw, "written": jnp.ones((n,), bool),
-                "settled": jax.lax.dynamic_slice_in_dim(role, start, n) == hs.ACTIVE}  # window keys: active
+                "for_window": jnp.broadcast_to(for_window, (n,))}
 
     def cat(*parts):
         return {n: jnp.concatenate([p[n] for p in parts]) for n in parts[0]}
@@ -134,7 +134,7 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
         toks = jax.lax.dynamic_slice_in_dim(x, c0, C, axis=1)
         pos = c0 + jnp.arange(C)
         q = {"seg": jnp.ones((C,), jnp.int32), "blk": pos // bw}
-        spec = rule(_commit_rule, q, cat(cache_attrs(c0, role), span_attrs(1, c0, C, role)))
+        spec = rule(_commit_rule, q, cat(cache_attrs(c0, role), span_attrs(1, c0, C, True)))
         _, (k, v) = model_fn(toks, jnp.broadcast_to(pos, (B, C)), spec, jnp.zeros((B, C), jnp.float32), (ck, cv), True)
         return (jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), c0, axis=2),
                 jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), c0, axis=2))
@@ -144,7 +144,8 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
         pos_c, pos_w = c0 + jnp.arange(C), s0 + jnp.arange(A)
         q = {"seg": jnp.concatenate([jnp.ones((C,), jnp.int32), jnp.full((A,), 2, jnp.int32)]),
              "blk": jnp.concatenate([pos_c, pos_w]) // bw}
-        keys = cat(cache_attrs(c0, role), span_attrs(1, c0, C, role), span_attrs(2, s0, A, role))
+        keys = cat(cache_attrs(c0, role), span_attrs(1, c0, C, True),
+                   span_attrs(2, s0, A, jax.lax.dynamic_slice_in_dim(role, s0, A) == hs.ACTIVE))
         toks = jnp.concatenate([jax.lax.dynamic_slice_in_dim(x, c0, C, axis=1), jax.lax.dynamic_slice_in_dim(x, s0, A, axis=1)], 1)
         noise = jnp.concatenate([jnp.zeros((C,), jnp.float32), jax.lax.dynamic_slice_in_dim(tn, s0, A).astype(jnp.float32)])
         logits, (k, v) = model_fn(toks, jnp.broadcast_to(jnp.concatenate([pos_c, pos_w]), (B, C + A)),
