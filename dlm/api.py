@@ -15,7 +15,7 @@ from dlm.mesh import make_mesh, mesh_context
 from dlm.models.transformer import Transformer
 from dlm.objectives import denoiser, objective_for
 from dlm.sampling.generate import generate
-from dlm.train.checkpoint import Checkpointer
+from dlm.train.checkpoint import Checkpointer, restore_params
 from dlm.train.state import TrainState, abstract_model_state, make_model, make_optimizer
 
 __all__ = ["load_config", "build_model", "nelbo", "generate", "restore", "load_tokenizer"]
@@ -56,7 +56,7 @@ def nelbo(model: Transformer, batch, diffusion: DiffusionConfig, rng, t_samples:
     at K = t_samples stratified times (dlm.objectives.Objective.bound), averaged over rows; the
     same draws as the evaluator and the trainer's validation for the same key. metrics holds
     'nelbo_per_sequence' [B] and, for Prime, 'prime_joint_objective' (not a bound)."""
-    objective = objective_for(diffusion, model.vocab_size, model.cfg.noise_conditioning)
+    objective = objective_for(diffusion, model.mask_id, model.cfg.noise_conditioning, model.vocab_size)
     per, joint = objective.bound(denoiser(model), batch, rng, t_samples, given=given)
     value = per.mean()
     metrics = {"nelbo": value, "bits_per_token": value / LN2, "nelbo_per_sequence": per}
@@ -75,12 +75,16 @@ def restore(workdir: str | pathlib.Path, *, use_ema: bool = True, mesh=None, ste
     if tok is None:
         raise ConfigError(f"{str(workdir)!r} holds no tokenizer.json; the run did not get past data loading.")
     ckpt = Checkpointer(workdir, create=False)
-    if ckpt.latest_step() is None:
-        raise ConfigError(f"No checkpoint found in {str(ckpt.directory)!r}; train first or point --workdir at a trained run.")
     mesh = mesh or make_mesh(cfg.mesh)
+    graphdef, params = abstract_model_state(cfg, tok.vocab_size, mesh)
+    if ckpt.latest_step() is None:
+        if not cfg.train.init_from or step is not None:
+            raise ConfigError(f"No checkpoint found in {str(ckpt.directory)!r}; train first or point --workdir at a trained run.")
+        ckpt.close()
+        with mesh_context(mesh):  # a converted checkpoint that has not been fine-tuned: its parameters
+            return nnx.merge(graphdef, restore_params(workdir / cfg.train.init_from, params)), cfg
     # The restore target holds only the parameters that are used (the EMA or the raw ones); the
     # rest of the train state is a placeholder that is never read from disk.
-    graphdef, params = abstract_model_state(cfg, tok.vocab_size, mesh)
     skip = lambda tree: jax.tree.map(lambda _: ocp.PLACEHOLDER, tree)
     has_ema = cfg.train.ema_decay > 0
     use_ema = use_ema and has_ema

@@ -66,8 +66,14 @@ def train_main(argv=None) -> None:
 
 
 def sample_main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Sample from a trained run.")
-    parser.add_argument("--workdir", required=True, help="Directory of a run written by train.py.")
+    parser = argparse.ArgumentParser(description="Sample from a trained run or a published checkpoint folder.")
+    parser.add_argument("--workdir", default=None, help="Directory of a run written by train.py (or by dlm.convert).")
+    parser.add_argument("--pretrained", default=None, help="A published checkpoint folder (LLaDA, Dream, MDLM-OWT: config.json, "
+                        "safetensors, tokenizer files) to sample from without converting it.")
+    parser.add_argument("--family", choices=["llada", "dream", "mdlm"], default=None, help="With --pretrained: the family, when config.json does not say.")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="With --pretrained: the parameters' dtype.")
+    parser.add_argument("--chat", default=None, help="A question, rendered with the tokenizer's chat template (instruct models); "
+                        "the answer is printed up to the end of the turn.")
     parser.add_argument("--num-samples", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="Sampling steps (time-grid size).")
     parser.add_argument("--prompt", default=None, help="Text the samples start with.")
@@ -87,14 +93,27 @@ def sample_main(argv=None) -> None:
     try:
         import dlm
 
-        workdir = pathlib.Path(args.workdir)
-        model, cfg = dlm.restore(workdir, use_ema=not args.no_ema)
-        if args.overrides:
-            bad = [o for o in args.overrides if not o.startswith("sampling.")]
-            if bad:
-                raise ConfigError(f"sample.py takes sampling.* overrides only; {bad[0]!r} changes the trained model: train again instead.")
-            cfg = dlm.load_config(workdir / "config.yaml", args.overrides)
-        tok = dlm.load_tokenizer(workdir)
+        if (args.workdir is None) == (args.pretrained is None):
+            raise ConfigError("Pass exactly one of --workdir (a run) and --pretrained (a published checkpoint folder).")
+        bad = [o for o in args.overrides if not o.startswith("sampling.")]
+        if bad:
+            raise ConfigError(f"sample.py takes sampling.* overrides only; {bad[0]!r} changes the trained model: train again instead.")
+        if args.pretrained is not None:
+            from dlm.data.tokenizers import FolderTokenizer
+            from dlm.interop.hf import open_checkpoint, _load
+
+            ckpt = open_checkpoint(args.pretrained, args.family, args.dtype)
+            model, _ = _load(ckpt)
+            cfg = dlm.load_config(None, args.overrides)
+            cfg.model, cfg.data.seq_len = model.cfg, ckpt.context
+            tok = FolderTokenizer(args.pretrained, ckpt.config, mask_id=model.mask_id)
+            workdir = None
+        else:
+            workdir = pathlib.Path(args.workdir)
+            model, cfg = dlm.restore(workdir, use_ema=not args.no_ema)
+            if args.overrides:
+                cfg = dlm.load_config(workdir / "config.yaml", args.overrides)
+            tok = dlm.load_tokenizer(workdir)
         s = cfg.sampling
         for name in ("steps", "temperature", "seed", "length"):
             if getattr(args, name) is not None:
@@ -109,10 +128,18 @@ def sample_main(argv=None) -> None:
             s.eta = args.eta
         if args.no_cache:
             s.cache = False
-        length = s.length or cfg.data.seq_len
+        if args.chat is not None and args.prompt is not None:
+            raise ConfigError("Pass --prompt (plain text) or --chat (a question for an instruct model), not both.")
+        if args.chat is not None:
+            if not hasattr(tok, "encode_chat"):
+                raise ConfigError("--chat needs a published model's tokenizer with a chat template; this run's has none.")
+            prompt = tok.encode_chat(args.chat)
+        else:
+            prompt = tok.encode(args.prompt) if args.prompt else None
+        n_prompt = 0 if prompt is None else len(prompt)
+        length = s.length or (cfg.data.seq_len if args.pretrained is None else min(cfg.data.seq_len, n_prompt + 128))
         if length > cfg.data.seq_len:
             raise ConfigError(f"--length {length} exceeds the model context data.seq_len={cfg.data.seq_len}.")
-        prompt = tok.encode(args.prompt) if args.prompt else None
         from dlm.mesh import make_mesh
 
         out = dlm.generate(model, prompt, s, diffusion=cfg.diffusion, length=length, mesh=make_mesh(cfg.mesh),
@@ -122,13 +149,19 @@ def sample_main(argv=None) -> None:
     except RestoreError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    path = pathlib.Path(args.out) if args.out else workdir / "samples.jsonl"
+    path = pathlib.Path(args.out) if args.out else (workdir / "samples.jsonl" if workdir is not None else None)
     per = out["seconds"] / len(out["tokens"])
-    with path.open("a") as f:
+    stops = set(getattr(tok, "stop_ids", []))
+    with (path.open("a") if path is not None else open("/dev/null", "w")) as f:
         for i, row in enumerate(out["tokens"]):
+            if args.chat is not None:  # the answer: the generated tokens up to the end of the turn
+                row = row[n_prompt:]
+                ends = [j for j, t in enumerate(row.tolist()) if t in stops]
+                row = row[: ends[0]] if ends else row
             text = tok.decode(row)
             print(f"--- sample {i} (NFE {out['nfe']}, {out['seconds']:.2f}s for the batch)\n{text}")
             f.write(json.dumps({"text": text, "tokens": row.tolist(), "nfe": out["nfe"], "steps": out["steps"],
                                 "idle_step_ratio": out["idle_step_ratio"],
-                                "seconds": per, "batch_seconds": out["seconds"], "prompt": args.prompt}) + "\n")
-    print(f"Wrote {len(out['tokens'])} samples to {path}")
+                                "seconds": per, "batch_seconds": out["seconds"], "prompt": args.prompt or args.chat}) + "\n")
+    if path is not None:
+        print(f"Wrote {len(out['tokens'])} samples to {path}")

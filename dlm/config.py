@@ -176,6 +176,17 @@ class ModelConfig:
     attention_chunk: int = _field(512, "Query / key tile of the chunked attention.")
     logits_chunk: int = _field(0, "Positions per chunk of the losses' vocabulary-sized work (logits, softmax): 0 = as many as fit in 64 MB of float32 logits.")
     learned_positions: int = _field(0, "Learned absolute position embeddings for this many positions, added to the token embedding (0: none; RoPE is applied either way).")
+    family: str = _field("dlm", "The architecture's name: dlm (trained here), or a published family imported by dlm.convert (llada, dream, mdlm); export reads it.")
+    vocab_size: int = _field(0, "Logit columns (imported families: the checkpoint's vocabulary, mask included); 0 = the tokenizer's vocabulary.")
+    mask_id: int = _field(-1, "The mask token's id: -1 = vocab_size, appended after the vocabulary (models trained here); an id inside the vocabulary for imported families (LLaDA 126336, Dream 151666), whose logit is never predicted.")
+    num_kv_heads: int = _field(0, "Key/value heads (grouped-query attention); 0 = num_heads. Must divide num_heads.")
+    qkv_bias: bool = _field(False, "Biases on the query, key and value projections (Dream, Qwen2).")
+    norm: str = _field("rms", "Normalisation: rms (RMSNorm) or layer (LayerNorm without bias, MDLM's DiT).")
+    norm_eps: float = _field(1e-6, "Epsilon of the normalisation.")
+    mlp: str = _field("swiglu", "Feed-forward: swiglu (gate, up, down; no biases) or gelu (GELU-tanh between two biased layers, MDLM's DiT).")
+    block: str = _field("prenorm", "Block: prenorm (x + f(norm(x))) or dit (adaLN: shift, scale and gate of both sublayers and a shift/scale of the final norm, from a conditioning vector c = silu(sigma_map(sigma = 0)); MDLM-OWT).")
+    cond_dim: int = _field(128, "Width of the DiT conditioning vector.")
+    shift_logits: bool = _field(False, "Position i's logits come from position i - 1's hidden state (position 0's from its own): Dream's AR-aligned prediction.")
     grid: list = _field([], "A task's 2-D structure [rows, cols, box_rows, box_cols] or [rows, cols, box_rows, box_cols, pages]: learned row, column and box embeddings of each position (row-major) added to the token embedding, and with pages > 1 a page embedding (grids one after another, e.g. a puzzle then its solution); empty: none.")
 
 
@@ -307,6 +318,7 @@ class TrainConfig:
     progress: bool = _field(True, "Show a tqdm progress bar.")
     nonfinite: NonFinitePolicy = _field(NonFinitePolicy.SKIP, "Non-finite loss or gradient: skip the update and count it, or stop with an error (the last good checkpoint stays).")
     inject_nonfinite_at: list = _field([], "Fault injection for testing: steps whose loss is made NaN.")
+    init_from: str = _field("", "Parameters a run without checkpoints starts from (fine-tuning): a parameter checkpoint folder written by dlm.convert, relative to the workdir or absolute; the optimizer starts fresh.")
 
 
 @dataclasses.dataclass
@@ -506,6 +518,17 @@ def _fix_scientific(d):
 def validate(cfg: Config) -> Config:
     """Cross-field checks; each failure is one sentence naming the key."""
     m, d, t = cfg.model, cfg.data, cfg.train
+    if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}.")
+    for name, allowed in (("norm", ("rms", "layer")), ("mlp", ("swiglu", "gelu")), ("block", ("prenorm", "dit"))):
+        if getattr(m, name) not in allowed:
+            raise ConfigError(f"model.{name}={getattr(m, name)!r} is not one of {', '.join(allowed)}.")
+    if m.block == "dit" and m.noise_conditioning:
+        raise ConfigError("model.block=dit conditions on sigma = 0 (MDLM-OWT); set model.noise_conditioning=false.")
+    if m.mask_id >= 0 and not m.vocab_size:
+        raise ConfigError(f"model.mask_id={m.mask_id} needs model.vocab_size (the logit columns it lies inside).")
+    if m.mask_id >= 0 and m.mask_id > m.vocab_size:
+        raise ConfigError(f"model.mask_id={m.mask_id} lies beyond model.vocab_size={m.vocab_size}; use an id inside the vocabulary or -1.")
     if m.d_model % m.num_heads:
         raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.num_heads={m.num_heads}.")
     if (m.d_model // m.num_heads) % 2:

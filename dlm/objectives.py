@@ -36,6 +36,7 @@ from dlm.diffusion import batch, hybrid, hyperschedules
 from dlm.diffusion.losses import LN2, nelbo_per_sequence, sample_times
 from dlm.diffusion.prime import Codec, prime_nelbo_per_sequence
 from dlm.models.attention import FULL
+from dlm.models.transformer import mask_id_of
 
 
 class SamplerFamily(enum.Enum):
@@ -45,6 +46,13 @@ class SamplerFamily(enum.Enum):
     DIGITS = "digits"  # ancestral reveals of Prime sub-tokens
     GAMMA = "gamma"  # the analytic reverse kernel of the gamma-hybrid process
     HYPERSCHEDULE = "hyperschedule"  # the table-driven loop with the settled-token KV cache (also epsilon-hybrid)
+
+
+def run_objective(cfg, data_vocab: int) -> Objective:
+    """The objective of a run's Config whose data has `data_vocab` tokens (model.vocab_size and
+    model.mask_id, when set, take precedence: imported families)."""
+    V = cfg.model.vocab_size or data_vocab
+    return objective_for(cfg.diffusion, mask_id_of(cfg.model, V), cfg.model.noise_conditioning, V)
 
 
 def denoiser(model):
@@ -197,9 +205,15 @@ def no_condition(objective, given) -> None:
                           "train prompt/response data with the absorbing process.")
 
 
-def objective_for(diffusion: DiffusionConfig, mask_id: int, noise_conditioning: bool) -> Objective:
+def objective_for(diffusion: DiffusionConfig, mask_id: int, noise_conditioning: bool, vocab_size: int | None = None) -> Objective:
     """The objective of a diffusion config (validated by dlm.config: hybrids and Prime use the flat
-    hyperschedule, hybrids use l = 1)."""
+    hyperschedule, hybrids use l = 1). `vocab_size` (the logit columns) tells whether the mask is
+    appended (mask_id = vocab_size) or inside the vocabulary (an imported family), which only
+    the absorbing process over whole tokens supports: the hybrids draw uniform tokens from
+    [0, mask_id) and Prime encodes ids below it."""
+    if vocab_size is not None and mask_id < vocab_size and (diffusion.process != Process.ABSORBING or diffusion.prime.l > 1):
+        raise ConfigError(f"This model's mask id {mask_id} lies inside its vocabulary of {vocab_size} (an imported family); "
+                          "it trains and samples with diffusion.process=absorbing and prime.l=1 only.")
     if diffusion.hyperschedule != HyperscheduleKind.FLAT:
         return Hyperschedule(diffusion, mask_id, noise_conditioning)
     if diffusion.process == Process.GAMMA_HYBRID:

@@ -1,7 +1,9 @@
 """Tokenizers: bytes (256 + EOS), BPE trained here with HF `tokenizers`, pretrained HF ones.
 
 Every tokenizer has `vocab_size` real tokens including EOS; the mask token is id
-`vocab_size`, appended after them. `bytes_per_token(ids)` converts nats/token to bits/byte.
+`vocab_size`, appended after them, except for a published model's tokenizer folder
+(FolderTokenizer: LLaDA's and Dream's masks are tokens of their own vocabulary).
+`bytes_per_token(ids)` converts nats/token to bits/byte.
 """
 
 from __future__ import annotations
@@ -139,6 +141,104 @@ class HFTokenizer:
         (workdir / "tokenizer.json").write_text(json.dumps({"kind": self.kind}))
 
 
+class FolderTokenizer(HFTokenizer):
+    """A published model's tokenizer folder: tokenizer.json, tokenizer_config.json (special
+    tokens, chat template) and config.json (special ids). The special ids come from those
+    files: BOS, EOS (config.json's eos_token_id, the model's end of text), end-of-turn tokens
+    (<|eot_id|>, <|im_end|>, and tokenizer_config's eos_token), pad and mask (config.json's
+    mask_token_id, tokenizer_config's mask_token, or `mask_id`). vocab_size is the tokenizer's
+    own count (a model's logit columns may be more)."""
+
+    FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+    def __init__(self, directory, config: dict | None = None, mask_id: int | None = None):
+        from tokenizers import Tokenizer
+
+        directory = pathlib.Path(directory)
+        if not (directory / "tokenizer.json").exists():
+            raise ConfigError(f"{str(directory)!r} holds no tokenizer.json (MDLM-OWT uses GPT-2's: copy gpt2's tokenizer.json "
+                              "into the folder).")
+        try:
+            self.tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library's parse errors
+            raise ConfigError(f"{str(directory / 'tokenizer.json')!r} is not a Hugging Face tokenizer file ({str(e)[:120]}).") from None
+        self.kind = "hf-folder"
+        self.files = {n: (directory / n).read_bytes() for n in self.FILES if (directory / n).exists()}
+        tc = json.loads(self.files.get("tokenizer_config.json", b"{}"))
+        if config is None:
+            config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").exists() else {}
+        self.vocab_size = self.tok.get_vocab_size()
+        tid = lambda t: self.tok.token_to_id(t.get("content") if isinstance(t, dict) else t) if t else None
+        first = lambda *xs: next((x for x in xs if x is not None), None)
+        self.bos_id = first(config.get("bos_token_id"), tid(tc.get("bos_token")))
+        self.eos_id = first(config.get("eos_token_id"), tid(tc.get("eos_token")), -1)
+        if isinstance(self.eos_id, list):
+            self.eos_id = self.eos_id[0]
+        self.pad_id = first(config.get("pad_token_id"), tid(tc.get("pad_token")), self.eos_id)
+        self.stop_ids = sorted({i for i in (self.eos_id, tid(tc.get("eos_token")), tid("<|eot_id|>"), tid("<|im_end|>"),
+                                            tid("<|endoftext|>")) if i is not None and i >= 0})
+        self._mask = first(mask_id, config.get("mask_token_id"), tid(tc.get("mask_token")), tid("<|mdm_mask|>"), self.vocab_size)
+        template = tc.get("chat_template")
+        if isinstance(template, list):  # [{name, template}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        if template is None and "chat_template.jinja" in self.files:
+            template = self.files["chat_template.jinja"].decode()
+        self.chat_template = template
+        self.special_text = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in tc.items()
+                             if k.endswith("_token") and isinstance(v, (str, dict))}
+
+    @property
+    def mask_id(self) -> int:
+        return self._mask
+
+    def decode(self, ids) -> str:
+        """Text of ids; masks and ids past the tokenizer's vocabulary show as '_'."""
+        parts, run = [], []
+        for i in [int(i) for i in np.asarray(ids).tolist()] + [None]:
+            if i is None or i >= self.vocab_size or i == self._mask:
+                if run:
+                    parts.append(self.tok.decode(run, skip_special_tokens=False))
+                    run = []
+                if i is not None:
+                    parts.append("_")
+            else:
+                run.append(i)
+        return "".join(parts)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The chat template rendered in jinja2's sandbox (a template from a downloaded folder is
+        untrusted code: it cannot reach Python internals or change its inputs)."""
+        if not self.chat_template:
+            raise ConfigError("This tokenizer has no chat_template (a base model?); prompt it with --prompt instead of --chat.")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                              **self.special_text)
+        except TemplateError as e:  # SecurityError is one
+            raise ConfigError(f"The chat template failed ({type(e).__name__}: {e}); the folder's tokenizer_config.json "
+                              "holds a template dlm cannot render safely.") from None
+
+    def encode_chat(self, question: str) -> np.ndarray:
+        return np.asarray(self.tok.encode(self.render_chat([{"role": "user", "content": question}]),
+                                          add_special_tokens=False).ids, np.int32)
+
+    def save(self, workdir: pathlib.Path) -> None:
+        d = pathlib.Path(workdir) / "hf_tokenizer"
+        d.mkdir(parents=True, exist_ok=True)
+        for name, data in self.files.items():
+            (d / name).write_bytes(data)
+        ids = {"bos_token_id": self.bos_id, "eos_token_id": self.eos_id, "pad_token_id": self.pad_id, "mask_token_id": self._mask}
+        (d / "config.json").write_text(json.dumps(ids))
+        (pathlib.Path(workdir) / "tokenizer.json").write_text(json.dumps({"kind": "hf-folder"}))
+
+
 def train_bpe(texts, vocab_size: int) -> HFTokenizer:
     """Byte-level BPE trained on `texts` (an iterable of documents)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -153,6 +253,8 @@ def train_bpe(texts, vocab_size: int) -> HFTokenizer:
 
 
 def pretrained(name: str) -> HFTokenizer:
+    if pathlib.Path(name).is_dir():  # a local folder: a published model's, or a converted workdir
+        return load_tokenizer(name)
     from tokenizers import Tokenizer
 
     try:
@@ -176,7 +278,12 @@ def load_tokenizer(workdir: str | pathlib.Path):
     meta = workdir / "tokenizer.json"
     if not meta.exists():
         return None
-    kind = json.loads(meta.read_text())["kind"]
+    data = json.loads(meta.read_text())
+    if "kind" not in data:  # a Hugging Face tokenizer file: a published model's folder
+        return FolderTokenizer(workdir)
+    kind = data["kind"]
+    if kind == "hf-folder":
+        return FolderTokenizer(workdir / "hf_tokenizer")
     if kind == "byte":
         return ByteTokenizer()
     if kind == "symbols":

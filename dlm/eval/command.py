@@ -45,7 +45,7 @@ def _checkpoint_step(workdir: pathlib.Path, step: int | None) -> int:
     ckpt = Checkpointer(workdir, create=False)
     latest = ckpt.latest_step()
     ckpt.close()
-    return step if step is not None else latest
+    return step if step is not None else (0 if latest is None else latest)  # 0: the imported parameters (dlm.convert)
 
 
 def _restore(workdir, step=None, use_ema=None, overrides=()):
@@ -76,7 +76,7 @@ def nelbo_report(workdir, *, split: str = "validation", windows: int | None = No
     from dlm.data.prepare import tokenizer_sha256
     from dlm.eval.likelihood import Evaluator
     from dlm.mesh import check_batch, make_mesh
-    from dlm.objectives import objective_for
+    from dlm.objectives import run_objective
 
     bad = [o for o in overrides if not o.startswith("data.")]
     if bad:
@@ -102,7 +102,7 @@ def nelbo_report(workdir, *, split: str = "validation", windows: int | None = No
     mesh = make_mesh(cfg.mesh)
     bs = batch_size or cfg.train.batch_size
     check_batch(bs, mesh)
-    objective = objective_for(cfg.diffusion, tok.vocab_size, cfg.model.noise_conditioning)
+    objective = run_objective(cfg, tok.vocab_size)
     ev = Evaluator(graphdef, objective, rows, batch_size=bs, t_samples=t_samples or cfg.train.eval_t_samples,
                    seed=cfg.train.seed + 7 if seed is None else seed, bytes_per_token=data.bytes_per_token, mesh=mesh,
                    prime=cfg.diffusion.prime.l > 1)
@@ -161,7 +161,7 @@ def generative_perplexity(token_lists, reference, batch_size: int = 8) -> dict:
     from dlm.config import HyperscheduleKind
     from dlm.data.pipeline import take_rows
     from dlm.eval.likelihood import make_eval_fn
-    from dlm.objectives import objective_for
+    from dlm.objectives import run_objective
 
     _, graphdef, params, cfg, tok, _ = _restore(reference, use_ema=True)
     if cfg.diffusion.hyperschedule != HyperscheduleKind.AUTOREGRESSIVE:
@@ -176,7 +176,7 @@ def generative_perplexity(token_lists, reference, batch_size: int = 8) -> dict:
                               f"reference's vocabulary of {tok.vocab_size} (an unfilled mask, or another tokenizer's ids).")
         parts += [t, np.asarray([tok.eos_id], np.int64)] if tok.eos_id >= 0 else [t]
     rows = scoring_windows(np.concatenate(parts), cfg.data.seq_len)
-    objective = objective_for(cfg.diffusion, tok.vocab_size, cfg.model.noise_conditioning)
+    objective = run_objective(cfg, tok.vocab_size)
     # The autoregressive bound draws one position (a one-token block) per time sample; K
     # stratified samples over a window of K scored positions visit each exactly once, so the
     # bound is then the exact mean NLL. Full windows: K = seq_len; the partial one: K = its rest.

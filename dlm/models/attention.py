@@ -106,6 +106,22 @@ def visible_keys(visible) -> AttentionSpec:
     return AttentionSpec("keys", _visible, {}, {"visible": jnp.asarray(visible, bool)})
 
 
+def restrict(spec: AttentionSpec, visible) -> AttentionSpec:
+    """`spec` with the keys where `visible` [Lk] / [B, Lk] is False hidden as well (left padding)."""
+    visible = jnp.asarray(visible, bool)
+    if spec.kind == "full":
+        return visible_keys(visible)
+    if spec.kind == "keys":
+        return visible_keys(spec.k["visible"] & visible)
+    if spec.kind == "dense":
+        return dense(spec.k["mask"] & (visible[:, None, None, :] if visible.ndim == 2 else visible))
+    return AttentionSpec("rule", functools.partial(_and_visible, spec.rule), spec.q, {**spec.k, "restricted": visible})
+
+
+def _and_visible(rule_fn, q, k):
+    return rule_fn(q, k) & k["restricted"]
+
+
 def block_causal(width: int) -> AttentionSpec:
     """Blocks of `width` positions: a query sees the keys of its own block and earlier ones."""
     return AttentionSpec("rule", functools.partial(_block_causal, width))

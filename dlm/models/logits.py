@@ -24,17 +24,21 @@ import jax
 import jax.numpy as jnp
 
 DEFAULT_CHUNK_BYTES = 64 << 20
+NEVER = -1e9  # the logit of a column that is never predicted: exp() underflows to 0, 0 * NEVER stays 0 (no inf * 0)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LazyLogits:
-    """Logits [B, L, V] = hidden [B, L, d] @ head [d, >= V], cut to the first V columns, float32."""
+    """Logits [B, L, V] = hidden [B, L, d] @ head [d, >= V] (+ bias), cut to the first V columns,
+    float32; column `never` (a mask id inside the vocabulary) is set to NEVER."""
 
     hidden: jax.Array
     head: jax.Array
     vocab_size: int = dataclasses.field(metadata=dict(static=True))
     rows: int = dataclasses.field(metadata=dict(static=True))  # rows per chunk
+    bias: jax.Array | None = None  # [>= V] added to the logits (MDLM's output layer)
+    never: int = dataclasses.field(default=-1, metadata=dict(static=True))  # a column never predicted (a mask id inside V)
 
     @property
     def shape(self):
@@ -47,7 +51,12 @@ class LazyLogits:
     def compute(self, hidden):
         w = self.head.astype(hidden.dtype)
         y = jnp.matmul(hidden.reshape(-1, hidden.shape[-1]), w, preferred_element_type=jnp.float32)
-        return y.reshape(*hidden.shape[:-1], w.shape[-1])[..., : self.vocab_size]
+        if self.bias is not None:
+            y = y + self.bias.astype(jnp.float32)
+        y = y.reshape(*hidden.shape[:-1], w.shape[-1])[..., : self.vocab_size]
+        if self.never >= 0:
+            y = y.at[..., self.never].set(NEVER)
+        return y
 
     def materialize(self):
         return self.compute(self.hidden)

@@ -3,6 +3,10 @@
 RoPE (plus optional learned absolute or 2-D grid position embeddings), RMSNorm, SwiGLU, optional
 per-token noise conditioning (adaLN shift/scale), blocks
 created with nnx.vmap and run with nnx.scan (compile time flat in depth), optional remat.
+The options of published architectures (dlm.models.families names the presets): grouped-query
+attention (num_kv_heads), QKV biases, LayerNorm, a GELU MLP with biases, the DiT block with
+adaLN shift/scale/gate from a conditioning vector (MDLM), a mask id inside the vocabulary, and
+shifted logits (Dream: position i is predicted from position i - 1).
 Parameters are float32 and carry logical axis names (embed, heads, kv, mlp, vocab, layers,
 cond); matmuls take `dtype` inputs and accumulate in float32; logits are float32.
 
@@ -14,7 +18,7 @@ cond); matmuls take `dtype` inputs and accumulate in float32; logits are float32
 KV cache: `kv_cache` holds keys/values [layers, B, Lc, H, D] (after RoPE) of earlier tokens; the
 queries attend to [cache | own keys], so the attention spec is over Lc + L keys. `return_kv`
 also returns the keys/values of this call's tokens, to be written into a cache.
-The mask token is id V and is never predicted (SUBS).
+The mask token (id V by default, or model.mask_id inside the vocabulary) is never predicted (SUBS).
 """
 
 from __future__ import annotations
@@ -34,7 +38,18 @@ PAD_MULTIPLE = 128  # vocab tables are padded so that any tensor-parallel size d
 
 
 def mlp_width(cfg: ModelConfig) -> int:
-    return cfg.mlp_dim or int(math.ceil(8 * cfg.d_model / 3 / 32) * 32)
+    if cfg.mlp_dim:
+        return cfg.mlp_dim
+    return 4 * cfg.d_model if cfg.mlp == "gelu" else int(math.ceil(8 * cfg.d_model / 3 / 32) * 32)
+
+
+def kv_heads(cfg: ModelConfig) -> int:
+    return cfg.num_kv_heads or cfg.num_heads
+
+
+def mask_id_of(cfg: ModelConfig, vocab_size: int) -> int:
+    """The mask id of a model over `vocab_size` logit columns: model.mask_id, or vocab_size."""
+    return cfg.mask_id if cfg.mask_id >= 0 else vocab_size
 
 
 def _pad(n: int) -> int:
@@ -63,12 +78,36 @@ def rms_norm(x, scale, eps=1e-6):
     return (y * scale).astype(x.dtype)
 
 
+def layer_norm(x, scale, eps=1e-5):
+    """LayerNorm without bias, in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps) * scale).astype(x.dtype)
+
+
+def norm(cfg: ModelConfig, x, scale):
+    return (layer_norm if cfg.norm == "layer" else rms_norm)(x, scale, cfg.norm_eps)
+
+
+def dit_embedding(sigma, dim: int = 256, max_period: float = 10000.0):
+    """MDLM's sinusoidal embedding of sigma (no 1000x factor): [...] -> [..., dim] (cos, then sin)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    ang = jnp.asarray(sigma, jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(ang), jnp.sin(ang)], axis=-1)
+
+
 def timestep_embedding(t, dim: int = COND_DIM):
     """Sinusoidal embedding of 1000 * t: [...] -> [..., dim]."""
     half = dim // 2
     freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
     ang = 1000.0 * t.astype(jnp.float32)[..., None] * freqs
     return jnp.concatenate([jnp.cos(ang), jnp.sin(ang)], axis=-1)
+
+
+def _zeros(shape, names):
+    return nnx.Param(jnp.zeros(shape, jnp.float32), out_sharding=names)
 
 
 def _dense(x, w, dt, out=None):
@@ -80,50 +119,78 @@ def _dense(x, w, dt, out=None):
 
 
 class Block(nnx.Module):
-    """Pre-norm block: x + Attn(norm(x)), then x + SwiGLU(norm(x))."""
+    """Pre-norm block: x + Attn(norm(x)), then x + MLP(norm(x)); the DiT block modulates each norm
+    (x (1 + scale) + shift) and gates each branch from the conditioning vector."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d, H = cfg.d_model, cfg.num_heads
+        d, H, KV = cfg.d_model, cfg.num_heads, kv_heads(cfg)
         hd, ff = d // H, mlp_width(cfg)
         out_std = 1.0 / math.sqrt(2 * cfg.num_layers)
         self.attn_scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
         self.wq = _param(rngs, (d, H, hd), d**-0.5, ("embed", "heads", "kv"))
-        self.wk = _param(rngs, (d, H, hd), d**-0.5, ("embed", "heads", "kv"))
-        self.wv = _param(rngs, (d, H, hd), d**-0.5, ("embed", "heads", "kv"))
+        self.wk = _param(rngs, (d, KV, hd), d**-0.5, ("embed", "heads", "kv"))
+        self.wv = _param(rngs, (d, KV, hd), d**-0.5, ("embed", "heads", "kv"))
+        if cfg.qkv_bias:
+            self.bq, self.bk, self.bv = (_zeros((n, hd), ("heads", "kv")) for n in (H, KV, KV))
+        else:
+            self.bq = self.bk = self.bv = None
         self.wo = _param(rngs, (H, hd, d), d**-0.5 * out_std, ("heads", "kv", "embed"))
         self.mlp_scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
-        self.w_gate = _param(rngs, (d, ff), d**-0.5, ("embed", "mlp"))
+        self.w_gate = _param(rngs, (d, ff), d**-0.5, ("embed", "mlp")) if cfg.mlp == "swiglu" else None
         self.w_up = _param(rngs, (d, ff), d**-0.5, ("embed", "mlp"))
         self.w_down = _param(rngs, (ff, d), ff**-0.5 * out_std, ("mlp", "embed"))
-        if cfg.noise_conditioning:
-            self.ada = nnx.Param(jnp.zeros((COND_DIM, 4, d), jnp.float32), out_sharding=("cond", None, "embed"))
+        if cfg.mlp == "gelu":
+            self.b_up, self.b_down = _zeros((ff,), ("mlp",)), _zeros((d,), ("embed",))
         else:
-            self.ada = None
+            self.b_up = self.b_down = None
+        if cfg.block == "dit":  # shift, scale, gate of the attention, then of the MLP (adaLN-zero init)
+            self.ada = _zeros((cfg.cond_dim, 6, d), ("cond", None, "embed"))
+            self.ada_bias = _zeros((6, d), (None, "embed"))
+        elif cfg.noise_conditioning:
+            self.ada = nnx.Param(jnp.zeros((COND_DIM, 4, d), jnp.float32), out_sharding=("cond", None, "embed"))
+            self.ada_bias = None
+        else:
+            self.ada = self.ada_bias = None
+        self.cfg = cfg
         self.dtype = jnp.dtype(cfg.dtype.value)
         self.attention_impl = cfg.attention
         self.attention_chunk = cfg.attention_chunk
 
     def __call__(self, x, cos, sin, spec, cond, kv=None):
-        """-> (x, (k, v)) with this call's keys/values; `kv` = cached (k, v) [B, Lc, H, D] prepended."""
-        dt = self.dtype
-        if self.ada is not None:
+        """-> (x, (k, v)) with this call's keys/values; `kv` = cached (k, v) [B, Lc, KV, D] prepended."""
+        cfg, dt = self.cfg, self.dtype
+        gate1 = gate2 = None
+        if self.ada_bias is not None:  # DiT: cond [cond_dim] -> [6, d]
+            mods = _dense(cond, self.ada[...], jnp.float32) + self.ada_bias[...]
+            shift1, scale1, gate1, shift2, scale2, gate2 = (m.astype(dt) for m in mods)
+        elif self.ada is not None:
             shift1, scale1, shift2, scale2 = jnp.moveaxis(_dense(cond, self.ada[...], dt), -2, 0)
-        h = rms_norm(x, self.attn_scale[...]).astype(dt)
+        h = norm(cfg, x, self.attn_scale[...]).astype(dt)
         if self.ada is not None:
             h = h * (1 + scale1) + shift1
-        q = apply_rope(_dense(h, self.wq[...], dt), cos, sin)
-        k = apply_rope(_dense(h, self.wk[...], dt), cos, sin)
-        v = _dense(h, self.wv[...], dt)
+        q, k, v = (_dense(h, w[...], dt) for w in (self.wq, self.wk, self.wv))
+        if self.bq is not None:
+            q, k, v = (a + b[...].astype(dt) for a, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = (k, v)
         if kv is not None:
             k, v = (jnp.concatenate([c.astype(dt), n], axis=1) for c, n in zip(kv, new_kv))
+        groups = q.shape[2] // k.shape[2]
+        if groups > 1:  # grouped-query attention: head h reads key/value head h // groups
+            k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
         a = attend(q, k, v, spec, self.attention_impl, self.attention_chunk)
-        x = x + _dense(a.reshape(*a.shape[:2], -1), self.wo[...].reshape(-1, x.shape[-1]), dt, x.dtype)
-        h = rms_norm(x, self.mlp_scale[...]).astype(dt)
+        a = _dense(a.reshape(*a.shape[:2], -1), self.wo[...].reshape(-1, x.shape[-1]), dt, x.dtype)
+        x = x + (a if gate1 is None else gate1.astype(x.dtype) * a)
+        h = norm(cfg, x, self.mlp_scale[...]).astype(dt)
         if self.ada is not None:
             h = h * (1 + scale2) + shift2
-        h = jax.nn.silu(_dense(h, self.w_gate[...], dt)) * _dense(h, self.w_up[...], dt)
-        return x + _dense(h, self.w_down[...], dt, x.dtype), new_kv
+        if self.w_gate is not None:
+            h = jax.nn.silu(_dense(h, self.w_gate[...], dt)) * _dense(h, self.w_up[...], dt)
+            m = _dense(h, self.w_down[...], dt, x.dtype)
+        else:
+            h = jax.nn.gelu(_dense(h, self.w_up[...], dt) + self.b_up[...].astype(dt), approximate=True)
+            m = (_dense(h, self.w_down[...], dt, jnp.float32) + self.b_down[...]).astype(x.dtype)
+        return x + (m if gate2 is None else gate2.astype(x.dtype) * m), new_kv
 
 
 class Transformer(nnx.Module):
@@ -133,7 +200,9 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, *, rngs: nnx.Rngs, subtokens: int = 1):
         self.cfg = cfg
+        vocab_size = cfg.vocab_size or vocab_size
         self.vocab_size = vocab_size
+        self.mask_id = mask_id_of(cfg, vocab_size)
         self.subtokens = subtokens
         d = cfg.d_model
         if subtokens > 1:
@@ -142,7 +211,7 @@ class Transformer(nnx.Module):
             rows = base_for(vocab_size, subtokens) + 1
             self.embed = _param(rngs, (_pad(rows), d // subtokens), cfg.embed_init_std, ("vocab", None))
         else:
-            self.embed = _param(rngs, (_pad(vocab_size + 1), d), cfg.embed_init_std, ("vocab", "embed"))
+            self.embed = _param(rngs, (_pad(max(vocab_size, self.mask_id + 1)), d), cfg.embed_init_std, ("vocab", "embed"))
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -164,6 +233,15 @@ class Transformer(nnx.Module):
         self.page_embed = _param(rngs, (pages, d), std, (None, "embed")) if pages > 1 else None
         self.final_scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
         self.head = _param(rngs, (d, _pad(vocab_size)), d**-0.5, ("embed", "vocab"))
+        if cfg.block == "dit":  # sigma_map (256 -> cond -> cond), the final norm's shift / scale, the head's bias
+            c = cfg.cond_dim
+            self.sigma_in, self.sigma_in_bias = _param(rngs, (256, c), 256**-0.5, (None, "cond")), _zeros((c,), ("cond",))
+            self.sigma_out, self.sigma_out_bias = _param(rngs, (c, c), c**-0.5, ("cond", None)), _zeros((c,), (None,))
+            self.final_ada, self.final_ada_bias = _zeros((c, 2, d), ("cond", None, "embed")), _zeros((2, d), (None, "embed"))
+            self.head_bias = _zeros((_pad(vocab_size),), ("vocab",))
+        else:
+            self.sigma_in = self.sigma_in_bias = self.sigma_out = self.sigma_out_bias = None
+            self.final_ada = self.final_ada_bias = self.head_bias = None
         if cfg.noise_conditioning:
             self.t_in = _param(rngs, (COND_DIM, COND_DIM), COND_DIM**-0.5, ("cond", None))
             self.t_out = _param(rngs, (COND_DIM, COND_DIM), COND_DIM**-0.5, (None, "cond"))
@@ -184,6 +262,8 @@ class Transformer(nnx.Module):
         x = x + self._position_embedding(positions)
         cos, sin = rope_tables(positions, cfg.d_model // cfg.num_heads, cfg.rope_theta)
         cond = None
+        if self.sigma_in is not None:
+            cond = self._dit_condition()
         if self.t_in is not None:
             if noise is None:
                 raise ValueError("This model is noise-conditioned: pass noise=t (per-token times [B, L]).")
@@ -198,7 +278,7 @@ class Transformer(nnx.Module):
             scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
                             transform_metadata={nnx.PARTITION_NAME: "layers"})
             x, new_kv = scan(self.blocks, x, kv_cache)
-            logits = self._head(x)
+            logits = self._head(x, cond)
             return (logits, new_kv) if return_kv else logits
 
         def body(block, x):
@@ -210,7 +290,14 @@ class Transformer(nnx.Module):
             body = nnx.remat(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
                         transform_metadata={nnx.PARTITION_NAME: "layers"})
-        return self._head(scan(self.blocks, x), lazy=not head)
+        return self._head(scan(self.blocks, x), cond, lazy=not head)
+
+    def _dit_condition(self):
+        """c = silu(sigma_map(sigma = 0)) [cond_dim]: MDLM-OWT is not time-conditioned, but its
+        blocks still read this constant."""
+        e = dit_embedding(jnp.zeros(()))
+        h = jax.nn.silu(_dense(e, self.sigma_in[...], jnp.float32) + self.sigma_in_bias[...])
+        return jax.nn.silu(_dense(h, self.sigma_out[...], jnp.float32) + self.sigma_out_bias[...])
 
     def _position_embedding(self, positions):
         """[B, L, d] learned absolute and grid (row, column, box of a row-major cell, and page when
@@ -229,9 +316,20 @@ class Transformer(nnx.Module):
                          + jnp.take(self.box_embed[...], box, axis=0))
         return out
 
-    def _head(self, x, lazy: bool = False):
+    def _head(self, x, cond=None, lazy: bool = False):
         """Float32 logits [B, L, V] of the final hidden states, or (lazy) the LazyLogits that the
-        losses compute chunk by chunk."""
-        h = rms_norm(x, self.final_scale[...]).astype(jnp.dtype(self.cfg.dtype.value))
-        logits = LazyLogits(h, self.head[...], self.vocab_size, rows_for(self.vocab_size, self.cfg.logits_chunk))
+        losses compute chunk by chunk. With shift_logits, position i reads the hidden state of
+        i - 1 (position 0 its own)."""
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype.value)
+        h = norm(cfg, x, self.final_scale[...])
+        if self.final_ada is not None:
+            shift, scale = _dense(cond, self.final_ada[...], jnp.float32) + self.final_ada_bias[...]
+            h = h * (1 + scale) + shift
+        h = h.astype(dt)
+        if cfg.shift_logits:
+            h = jnp.concatenate([h[:, :1], h[:, :-1]], axis=1)
+        bias = None if self.head_bias is None else self.head_bias[...]
+        never = self.mask_id if self.mask_id < self.vocab_size else -1
+        logits = LazyLogits(h, self.head[...], self.vocab_size, rows_for(self.vocab_size, cfg.logits_chunk), bias, never)
         return logits if lazy else logits.materialize()

@@ -33,13 +33,14 @@ def time_grid(steps: int, grid: TimeGrid) -> np.ndarray:
     return 1.0 - i
 
 
-def ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_size: int, noise_conditioning: bool):
-    """x [B, L] with the mask id (= vocab_size) at positions to generate; alphas [N + 1] = alpha(t_i).
+def ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_size: int, noise_conditioning: bool,
+                   mask_id: int | None = None):
+    """x [B, L] with the mask id (default vocab_size) at positions to generate; alphas [N + 1] = alpha(t_i).
 
     apply_fn(x, t_tokens | None) -> logits [B, L, V]. Returns (tokens, nfe, row_nfe): the batch's
     forward passes, and per row [B] the passes that row needed (what decoding it alone would
     take: a pass when its input changed since its last one and it still has masks)."""
-    mask_id = vocab_size
+    mask_id = vocab_size if mask_id is None else mask_id
     B, L = x.shape
     steps = alphas.shape[0] - 1
     fdt = alphas.dtype

@@ -29,12 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dlm.config import ConfigError, DiffusionConfig, Sampler, SamplingConfig, check_decode
 from dlm.diffusion import hyperschedules as hs
 from dlm.diffusion.prime import Codec
 from dlm.diffusion.schedules import make_schedule
 from dlm.mesh import batch_sharding, mesh_context
+from dlm.models.attention import FULL, restrict
 from dlm.objectives import Objective, SamplerFamily, objective_for
 from dlm.sampling.ancestral import ancestral_loop, gamma_loop, prime_ancestral_loop, time_grid
 from dlm.sampling.draws import categorical
@@ -87,7 +89,7 @@ class Setup:
 
 def ancestral(s: Setup, module, x, fixed, key, alphas, times):
     apply_fn = lambda xt, t: module()(xt, noise=t)
-    tokens, nfe, row_nfe = ancestral_loop(apply_fn, x, fixed, key, alphas, s.cfg, s.vocab_size, s.cond)
+    tokens, nfe, row_nfe = ancestral_loop(apply_fn, x, fixed, key, alphas, s.cfg, s.vocab_size, s.cond, s.mask_id)
     return {"tokens": tokens, "nfe": nfe, "steps": jnp.int32(s.cfg.steps), "idle_steps": s.cfg.steps - nfe,
             "nfe_per_sample": row_nfe}
 
@@ -115,7 +117,7 @@ def hyperschedule(s: Setup, module, x, fixed, key, alphas, times):
 
     m = s.model_cfg
     B = x.shape[0]
-    kv_shape = (m.num_layers, B, s.length, m.num_heads, m.d_model // m.num_heads)
+    kv_shape = (m.num_layers, B, s.length, m.num_kv_heads or m.num_heads, m.d_model // m.num_heads)
     decode = objective.decodes_clean and not acs  # ACS keeps its corrected tokens
     key, k_dec = jax.random.split(key)
     tokens, nfe, writes, _ = hyper_loop(model_fn, x, fixed, key, s.plan, make_schedule(objective.diffusion).alpha,
@@ -139,7 +141,8 @@ def parallel(s: Setup, module, x, fixed, key, alphas, times):
         t = jnp.where(tokens == mask_id, 1.0, 0.0) if cond else None  # a clean/masked flag for noise-conditioned models
         return module()(tokens, positions=positions, attention=attention, noise=t, kv_cache=kv_cache, return_kv=return_kv)
 
-    out = parallel_decode(model_fn, x, s.prompt_len, key, s.cfg.decode, mask_id=mask_id, eos_id=s.eos_id,
+    out = parallel_decode(model_fn, x, s.prompt_len, key, s.cfg.decode, mask_id=mask_id, vocab_size=s.vocab_size, eos_id=s.eos_id,
+                          shift=s.model_cfg.shift_logits,
                           temperature=s.cfg.temperature, float64=s.cfg.float64, kv_dtype=jnp.dtype(s.model_cfg.dtype.value))
     return {"tokens": out["tokens"], "nfe": out["nfe"], "steps": out["steps"], "idle_steps": jnp.int32(0),
             "nfe_per_sample": out["row_nfe"]}
@@ -201,14 +204,65 @@ def _cache_key(sampler, setup, graphdef, treedef, args, mesh, x64: bool):
     return (sampler.__name__, settings, treedef, avals, mesh, x64)
 
 
+def left_pad(prompts, length: int, mask_id: int, vocab_size: int, pad_id: int):
+    """Prompts of different lengths, one per row, right-aligned at the longest (P): returns
+    (x [B, length], fixed [B, length], pad [B]) where row b holds pad[b] = P - len(prompt b)
+    padding tokens, its prompt, then masks."""
+    rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+    if not rows:
+        raise ConfigError("prompts is empty; pass at least one prompt.")
+    P = max(len(r) for r in rows)
+    if P >= length:
+        raise ConfigError(f"The longest prompt has {P} tokens, not less than the generation length {length}; raise sampling.length.")
+    x = np.full((len(rows), length), mask_id, np.int32)
+    pad = np.zeros(len(rows), np.int32)
+    for b, r in enumerate(rows):
+        bad = (r < 0) | (r >= vocab_size) | (r == mask_id)
+        if bad.any():
+            raise ConfigError(f"Prompt {b} holds token {int(r[bad][0])}, not a token of the vocabulary [0, {vocab_size}) other than the mask {mask_id}.")
+        pad[b] = P - len(r)
+        x[b, : pad[b]] = pad_id
+        x[b, pad[b]:P] = r
+    fixed = np.zeros_like(x, bool)
+    fixed[:, :P] = True
+    return x, fixed, pad
+
+
+class Padded:
+    """A denoiser behind left padding: row b's first pad[b] positions are hidden from every
+    query and its tokens take positions counted from its first real token, so a padded row
+    computes what it computes alone. Keys read from a KV cache are at the cache's indices
+    (the sequence's first positions)."""
+
+    def __init__(self, model, pad):
+        self.model, self.pad = model, pad
+
+    def __call__(self, tokens, *, positions=None, attention=FULL, kv_cache=None, **kw):
+        B, L = tokens.shape[:2]
+        pad = self.pad[:, None]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(L), (B, L))
+        keys = positions
+        if kv_cache is not None:
+            C = kv_cache[0].shape[2]
+            keys = jnp.concatenate([jnp.broadcast_to(jnp.arange(C), (B, C)), positions], axis=1)
+        return self.model(tokens, positions=jnp.maximum(positions - pad, 0), attention=restrict(attention, keys >= pad),
+                          kv_cache=kv_cache, **kw)
+
+
 def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, *, diffusion: DiffusionConfig | None = None,
              num_samples: int | None = None, length: int | None = None, mesh=None, key=None, plan=None,
-             eos_id: int = -1) -> dict:
+             eos_id: int = -1, prompts=None, pad_id: int | None = None) -> dict:
     """Sample from a denoiser. Returns {'tokens' [B, L] np.int32, 'nfe', 'steps', 'idle_step_ratio',
     'seconds' (the run, compiled), 'compile_seconds' (0 when a sampler compiled by an earlier call
     with the same model structure, settings and shapes is reused)}, plus 'cache_writes' from the hyperschedule
     loop and 'nfe_per_sample' (the passes each row needed) from the token ancestral loop and the
     parallel decoder.
+
+    `prompts`: one prompt per row, of different lengths: they are left-padded to the longest
+    (pad_id, default eos_id or 0) with the padding hidden and positions counted from each
+    row's first token, so every row gets what it gets alone (at temperature 0; random draws
+    depend on the batch's shape).
 
     `diffusion` is the run's DiffusionConfig (default: flat MDLM); its objective picks the loop.
     `plan` runs the hyperschedule loop on that plan (e.g. a truncated one, for timing, or the flat
@@ -222,15 +276,25 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
     if cfg.temperature < 0:
         raise ConfigError(f"sampling.temperature={cfg.temperature} must be >= 0 (0 decodes by argmax).")
     V = model.vocab_size
-    objective = objective_for(diffusion or DiffusionConfig(), V, model.cfg.noise_conditioning)
+    objective = objective_for(diffusion or DiffusionConfig(), model.mask_id, model.cfg.noise_conditioning, V)
     sampler = sampler_for(objective, cfg)
     if plan is not None and sampler is not parallel:
         sampler = hyperschedule
     length = length or cfg.length or None
     if length is None:
         raise ConfigError("Pass a generation length (sampling.length or length=...).")
-    B = num_samples or cfg.num_samples
-    x, fixed = prepare_prompts(prompt, B, length, objective.mask_id, V)
+    if prompts is not None:
+        if prompt is not None:
+            raise ConfigError("Pass either prompt (one prompt or an infill spec for every row) or prompts (one per row), not both.")
+        x, fixed, pad = left_pad(prompts, length, objective.mask_id, V, pad_id if pad_id is not None else max(eos_id, 0))
+        B = len(x)
+    else:
+        B = num_samples or cfg.num_samples
+        x, fixed = prepare_prompts(prompt, B, length, objective.mask_id, V)
+        pad = None
+    if model.cfg.shift_logits and sampler is hyperschedule:
+        raise ConfigError("This model predicts each position from the one before (shift_logits, Dream); sample it with "
+                          "sampling.sampler=ancestral or parallel, not the hyperschedule loop.")
     setup = Setup(cfg, objective, V, length, model.cfg, eos_id=eos_id)
     if sampler is parallel:
         P = int((~fixed).argmax(1).min()) if (~fixed).any() else length  # the given prefix of every row
@@ -249,17 +313,22 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
         setup = dataclasses.replace(setup, plan=plan)
 
     shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    pad = (-B) % shards
-    if pad:
-        x, fixed = np.concatenate([x, np.repeat(x[:1], pad, 0)]), np.concatenate([fixed, np.repeat(fixed[:1], pad, 0)])
+    extra = (-B) % shards
+    if extra:
+        x, fixed = np.concatenate([x, np.repeat(x[:1], extra, 0)]), np.concatenate([fixed, np.repeat(fixed[:1], extra, 0)])
+        if pad is not None:
+            pad = np.concatenate([pad, np.repeat(pad[:1], extra, 0)])
     graphdef, params = nnx.split(model)
     leaves, treedef = jax.tree.flatten(params)
     key = jax.random.key(cfg.seed) if key is None else key
 
-    def run(leaves, x, fixed, key, alphas, times):
+    def run(leaves, x, fixed, key, alphas, times, pad):
         # The module is rebuilt from plain arrays where it is used, so that NNX sees Variables
         # created at the trace level of the loop body, not at the level of this jit.
         module = lambda: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        if pad is not None:
+            merged = module
+            module = lambda: Padded(merged(), pad)
         return sampler(setup, module, x, fixed, key, alphas, times)
 
     start = time.time()
@@ -269,7 +338,9 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
         with mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
             if mesh is not None:
                 x, fixed = jax.device_put(x, batch_sharding(mesh)), jax.device_put(fixed, batch_sharding(mesh))
-            args = (leaves, jnp.asarray(x), jnp.asarray(fixed), key, alphas, times)
+                if pad is not None:
+                    pad = jax.device_put(pad, NamedSharding(mesh, P(("data", "fsdp"))))
+            args = (leaves, jnp.asarray(x), jnp.asarray(fixed), key, alphas, times, None if pad is None else jnp.asarray(pad))
             cache_key = _cache_key(sampler, setup, graphdef, treedef, args, mesh, cfg.x64)
             compiled = _COMPILED.get(cache_key)
             if compiled is None:

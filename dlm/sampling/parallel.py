@@ -159,9 +159,10 @@ class Passes:
     padding that no query attends to) followed by the kept suffix gathered into S slots at their
     true positions, so its cost follows the decoded length rather than L."""
 
-    def __init__(self, model_fn, B, L, Bk, W, S, drop: bool, cache: DecodeCache, mask_id: int, Lc: int | None = None):
+    def __init__(self, model_fn, B, L, Bk, W, S, drop: bool, cache: DecodeCache, mask_id: int, Lc: int | None = None,
+                 shift: bool = False):
         self.model_fn, self.B, self.L, self.Bk, self.W, self.S = model_fn, B, L, Bk, W, S
-        self.drop, self.cache, self.mask_id = drop, cache, mask_id
+        self.drop, self.cache, self.mask_id, self.shift = drop, cache, mask_id, shift
         self.Lc = L if Lc is None else Lc
         self.gather = drop and self.Lc + S < L  # else a full-length pass with the dropped suffix masked out is smaller
         self.pos = jnp.arange(L)
@@ -209,25 +210,38 @@ class Passes:
 
     def cached(self, x, start, keep, ck, cv, slots=None):
         """Block logits from the cache: prefix [0, start) read from it and [block | suffix slots]
-        fed (prefix cache), or prefix and (kept) suffix read from it and the block fed (dual)."""
+        fed (prefix cache), or prefix and (kept) suffix read from it and the block fed (dual).
+
+        A shifted model (Dream: position i is predicted from position i - 1) also gets the
+        position before the block as a query: its key stays hidden (the cache holds it), so it
+        computes the hidden state the full pass computes, and the block's logits are the fed
+        outputs 1..Bk."""
         B, Bk, S = self.B, self.Bk, self.S
         end = start + Bk
         C = ck.shape[2]
         cpos = jnp.arange(C)
         blk = jax.lax.dynamic_slice_in_dim(x, start, Bk, axis=1)
         bpos = jnp.broadcast_to(start + jnp.arange(Bk), (B, Bk))
+        bvis = jnp.ones((B, Bk), bool)
+        if self.shift:
+            before = jnp.maximum(start - 1, 0)
+            blk = jnp.concatenate([jax.lax.dynamic_slice_in_dim(x, before, 1, axis=1), blk], axis=1)
+            bpos = jnp.concatenate([jnp.full((B, 1), before), bpos], axis=1)
+            bvis = jnp.concatenate([jnp.zeros((B, 1), bool), bvis], axis=1)
+        first = 1 if self.shift else 0
         spos, svalid = self.slots(start, keep) if slots is None else slots
         if self.cache == DecodeCache.DUAL:
             if self.gather:  # the cache is the canvas then the suffix slots
                 cache_vis = jnp.concatenate([jnp.broadcast_to(cpos[:self.Lc] < start, (B, self.Lc)), svalid], axis=1)
             else:
                 cache_vis = (cpos < start)[None] | (self.visible(start, keep) & (cpos >= end)[None])
-            vis = jnp.concatenate([jnp.broadcast_to(cache_vis, (B, C)), jnp.ones((B, Bk), bool)], axis=1)
-            return self.model_fn(blk, bpos, visible_keys(vis), (ck, cv), False).astype(jnp.float32)
+            vis = jnp.concatenate([jnp.broadcast_to(cache_vis, (B, C)), bvis], axis=1)
+            logits = self.model_fn(blk, bpos, visible_keys(vis), (ck, cv), False)
+            return logits[:, first:first + Bk].astype(jnp.float32)
         toks = jnp.concatenate([blk, jnp.where(svalid, jnp.take_along_axis(x, spos, axis=1), self.mask_id)], axis=1)
-        vis = jnp.concatenate([jnp.broadcast_to(cpos < start, (B, C)), jnp.ones((B, Bk), bool), svalid], axis=1)
+        vis = jnp.concatenate([jnp.broadcast_to(cpos < start, (B, C)), bvis, svalid], axis=1)
         logits = self.model_fn(toks, jnp.concatenate([bpos, spos], axis=1), visible_keys(vis), (ck, cv), False)
-        return logits[:, :Bk].astype(jnp.float32)
+        return logits[:, first:first + Bk].astype(jnp.float32)
 
 
 def canvas_sizes(L: int, first_end: int, block_length: int, buckets: int = 16) -> list[int]:
@@ -242,14 +256,16 @@ def canvas_sizes(L: int, first_end: int, block_length: int, buckets: int = 16) -
 
 
 def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask_id: int, eos_id: int, temperature: float,
-                    float64: bool, kv_dtype=jnp.float32, trace: bool = False):
+                    float64: bool, kv_dtype=jnp.float32, trace: bool = False, vocab_size: int | None = None,
+                    shift: bool = False):
     """x [B, L] with mask_id at the positions to fill and given tokens everywhere else (a prompt
     prefix, or any set of fixed positions: infill). Blocks start at `prompt_len` (the given prefix
     common to all rows, P) and tile [P, L); when block_length does not divide L - P the last block
     is aligned to the end of the sequence (it overlaps the one before, whose positions are already
     decoded). Within a block only masked positions are scored and committed; given tokens stay.
 
-    model_fn(tokens, positions, attention, kv_cache, return_kv) -> logits | (logits, kv).
+    model_fn(tokens, positions, attention, kv_cache, return_kv) -> logits | (logits, kv); `shift`:
+    the model predicts position i from position i - 1 (Dream), which cached passes account for.
     kv_dtype: the caches' dtype (their shapes follow the passes). Returns a dict of tokens [B, L], nfe (forward
     passes of the batch: a block runs until its slowest row is done), row_nfe [B] (the passes each
     row needed: what decoding it alone would take), steps, finished [B] and, with trace, 'refresh_logits' [blocks, B, block, V] (the block
@@ -271,11 +287,11 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
     else:
         S = 0
     S = max(S, 1)  # one (masked-out) slot keeps the shapes simple
-    V = mask_id
+    V = mask_id if vocab_size is None else vocab_size  # logit columns
 
     def run_block(Lc, start, x, done, nfe, row_nfe, key, keep):
         """One block's steps on a canvas of Lc positions (L without suffix dropout)."""
-        ctx = Passes(model_fn, B, L, Bk, W, S, drop, dc.cache, mask_id, Lc=Lc)
+        ctx = Passes(model_fn, B, L, Bk, W, S, drop, dc.cache, mask_id, Lc=Lc, shift=shift)
         slots = ctx.slots(start, keep)
 
         def step(c, logits_fn):
@@ -345,7 +361,7 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
             done = done | finished
         return b + 1, x, done, nfe, row_nfe, steps + it, key, tr
 
-    tr = ((jnp.zeros((nb, B, Bk, mask_id), jnp.float32), jnp.zeros((nb, B, L), x.dtype), jnp.zeros((nb, B, W), bool))
+    tr = ((jnp.zeros((nb, B, Bk, V), jnp.float32), jnp.zeros((nb, B, L), x.dtype), jnp.zeros((nb, B, W), bool))
           if trace else jnp.zeros((1,)))
     init = (jnp.int32(0), x, jnp.zeros((B,), bool), jnp.int32(0), jnp.zeros((B,), jnp.int32), jnp.int32(0), key, tr)
     _, x, done, nfe, row_nfe, steps, _, tr = jax.lax.while_loop(lambda c: (c[0] < nb) & ~c[2].all(), block_body, init)

@@ -53,6 +53,28 @@ def _path(workdir) -> epath.Path:
     return p if "://" in str(workdir) else p.resolve()
 
 
+def save_params(path, params) -> None:
+    """One parameter tree (an imported model's) as an Orbax checkpoint at `path`."""
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(_path(path), params, force=True)
+    ckptr.wait_until_finished()
+    ckptr.close()
+
+
+def restore_params(path, abstract_params):
+    """The parameter tree saved by save_params, placed by the shardings of `abstract_params`."""
+    path = _path(path)
+    if not path.exists():
+        raise ConfigError(f"{str(path)!r} does not exist; train.init_from names a parameter checkpoint written by dlm.convert.")
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        return ckptr.restore(path, abstract_params)
+    except ValueError as e:
+        raise ConfigError(f"The parameters in {str(path)!r} do not match the model of the config ({str(e).splitlines()[0][:120]}).") from None
+    finally:
+        ckptr.close()
+
+
 class Checkpointer:
     def __init__(self, workdir, keep: int = 3, async_save: bool = True, create: bool = True):
         self.workdir = _path(workdir)

@@ -19,7 +19,7 @@ from dlm.data.pipeline import split_batch
 from dlm.diffusion import batch as rows
 from dlm.mesh import batch_sharding, mesh_context, replicated
 from dlm.models.transformer import Transformer
-from dlm.objectives import denoiser, objective_for
+from dlm.objectives import denoiser, run_objective
 
 
 @flax.struct.dataclass
@@ -138,7 +138,7 @@ def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
     tx = make_optimizer(cfg.train)
     lr_fn = learning_rate(cfg.train)
     ema_decay = cfg.train.ema_decay
-    objective = objective_for(cfg.diffusion, vocab_size, cfg.model.noise_conditioning)
+    objective = run_objective(cfg, vocab_size)
     inject = jnp.asarray(sorted(cfg.train.inject_nonfinite_at) or [-1], jnp.int32)
 
     def step(state: TrainState, batch):

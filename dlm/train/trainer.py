@@ -6,11 +6,13 @@ so a resumed run sees exactly the batches and noise an uninterrupted one would h
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -18,8 +20,8 @@ from dlm.config import Config, ConfigError, NonFinitePolicy, save_config
 from dlm.data.pipeline import load_data, train_iterator, unigram_entropy_bits, validation_windows
 from dlm.eval.likelihood import Evaluator
 from dlm.mesh import check_batch, global_batch, make_mesh
-from dlm.objectives import objective_for
-from dlm.train.checkpoint import Checkpointer
+from dlm.objectives import run_objective
+from dlm.train.checkpoint import Checkpointer, restore_params
 from dlm.train.metrics import MetricWriter
 from dlm.train.state import create_train_state, make_train_step
 
@@ -108,8 +110,15 @@ class Trainer:
             self.state = self.checkpointer.restore(self.state, self.iterator, log=_log)
             self.start_step = int(self.state.step)
             _log(f"Resumed from {self.checkpointer.directory}/{self.start_step}")
+        elif cfg.train.init_from:
+            source = self.workdir / cfg.train.init_from
+            params = restore_params(source, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                                         self.state.params))
+            ema = jax.tree.map(jnp.copy, params) if self.state.ema is not None else None
+            self.state = dataclasses.replace(self.state, params=params, ema=ema)
+            _log(f"Starting from the parameters in {source}")
         self.step_fn = make_train_step(cfg, self.graphdef, self.vocab_size, self.mesh, self.shardings)
-        self.objective = objective_for(cfg.diffusion, self.vocab_size, cfg.model.noise_conditioning)
+        self.objective = run_objective(cfg, self.vocab_size)
         self.evaluator = Evaluator(self.graphdef, self.objective, self.val_rows, batch_size=cfg.train.batch_size,
                                    t_samples=cfg.train.eval_t_samples, seed=cfg.train.seed + 7,
                                    bytes_per_token=self.data.bytes_per_token, mesh=self.mesh, prime=cfg.diffusion.prime.l > 1)

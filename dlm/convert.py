@@ -1,0 +1,149 @@
+"""dlm.convert: published checkpoint folders <-> dlm workdirs.
+
+    python -m dlm.convert --from DIR --out WORKDIR [--family llada|dream|mdlm] [--dtype float32|bfloat16]
+    python -m dlm.convert --to llada|hf --from WORKDIR --out DIR [--dtype ...]
+
+Import writes a workdir that the rest of dlm reads like a trained run: config.yaml (the
+family's model options, `train.init_from: pretrained`), the parameters as an Orbax checkpoint in
+WORKDIR/pretrained, the tokenizer files in WORKDIR/hf_tokenizer and the folder's config.json as
+WORKDIR/hf_config.json. `sample.py --workdir`, `dlm-eval --workdir` and `dlm.restore` read the
+parameters from there until the run has checkpoints of its own; `train.py --config
+WORKDIR/config.yaml` fine-tunes from them (with a fresh optimizer).
+
+Export writes a Hugging Face folder in the LLaDA layout (`--to llada`: any model with the llama
+block, including models trained here) or in the model's own family's layout (`--to hf`):
+safetensors (sharded with an index above --max-shard-gb), config.json and the tokenizer files.
+Importing an exported folder gives back the same parameters bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+import time
+
+from dlm.config import Config, ConfigError, ModelConfig, Schedule, TokenizerKind, save_config
+
+
+def import_folder(src, out, family: str | None = None, dtype: str = "float32", overwrite: bool = False, mesh=None,
+                  progress: bool = False) -> dict:
+    """Convert a published folder into a dlm workdir; returns a summary."""
+    from dlm.data.tokenizers import FolderTokenizer
+    from dlm.interop import layouts
+    from dlm.interop.hf import _load, open_checkpoint
+    from dlm.interop.safetensors import write
+    from dlm.train.checkpoint import save_params
+    from flax import nnx
+
+    src, out = pathlib.Path(src), pathlib.Path(out)
+    ckpt = open_checkpoint(src, family, dtype)
+    tok = FolderTokenizer(src, ckpt.config, mask_id=_mask(ckpt))
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{str(out)!r} is not empty; choose a new --out or pass --overwrite.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(ckpt.entries), desc="import", unit="tensor")
+    model, seconds = _load(ckpt, mesh, (lambda key: bar.update(1)) if bar else None)
+    if bar:
+        bar.close()
+    save_params(out.resolve() / "pretrained", nnx.state(model))
+    cfg = Config()
+    cfg.model = ModelConfig(**{**ckpt.model_cfg.__dict__})
+    cfg.data.seq_len = min(ckpt.context, 4096)
+    cfg.data.tokenizer = TokenizerKind.PRETRAINED
+    cfg.data.pretrained_tokenizer = str(out.resolve())
+    cfg.train.init_from = "pretrained"
+    cfg.train.ema_decay = 0.0  # fine-tuning from a published model: no EMA warm-up from it
+    cfg.sampling.length = min(256, cfg.data.seq_len)
+    if ckpt.family == "mdlm":
+        cfg.diffusion.schedule = Schedule.LOGLINEAR
+    cfg.workdir = str(out)
+    save_config(cfg, out / "config.yaml")
+    tok.save(out)
+    (out / "hf_config.json").write_text(json.dumps(ckpt.config, indent=2) + "\n")
+    kept = [k for k in ckpt.folder.keys() if k.endswith(layouts.IGNORED_SUFFIXES)]
+    if kept:  # known buffers, kept as they were so that export gives them back bit for bit
+        write(out / "buffers.safetensors", [(k, ckpt.folder.shape(k), ckpt.folder.dtype(k), lambda k=k: ckpt.folder.read(k))
+                                            for k in kept])
+    return {"family": ckpt.family, "workdir": str(out), "keys": len(ckpt.entries), "param_bytes": ckpt.param_bytes,
+            "seconds": seconds}
+
+
+def _mask(ckpt) -> int:
+    m = ckpt.model_cfg
+    return m.mask_id if m.mask_id >= 0 else m.vocab_size
+
+
+def export_workdir(workdir, out, to: str, dtype: str | None = None, max_shard_bytes: int = 5 << 30) -> dict:
+    """Write a workdir's model (its newest checkpoint, or its imported parameters) as a folder."""
+    import dlm
+    from dlm.interop.hf import export
+
+    workdir = pathlib.Path(workdir)
+    model, cfg = dlm.restore(workdir, use_ema=True)
+    tok = dlm.load_tokenizer(workdir)
+    family = cfg.model.family
+    if to == "hf":
+        layout = family if family in ("llada", "dream", "mdlm") else "llada"
+    else:
+        layout = to
+    base = json.loads((workdir / "hf_config.json").read_text()) if (workdir / "hf_config.json").exists() and layout == family else None
+    files, special = {}, {}
+    if getattr(tok, "files", None):
+        files = {n: b for n, b in tok.files.items()}
+        special = {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id}
+    elif tok is not None and tok.kind in ("bpe", "pretrained"):
+        files = {"tokenizer.json": (workdir / "tokenizer.hf.json").read_bytes(),
+                 "tokenizer_config.json": json.dumps({"eos_token": tok.tok.id_to_token(tok.eos_id),
+                                                      "tokenizer_class": "PreTrainedTokenizerFast"}).encode()}
+        special = {"eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id}
+    else:
+        print(f"note: this run's {getattr(tok, 'kind', 'missing')} tokenizer has no Hugging Face form; the folder holds "
+              "weights and config.json only.", file=sys.stderr)
+    buffers = None
+    if layout == family and (workdir / "buffers.safetensors").exists():
+        from dlm.interop.safetensors import SafetensorsFile
+
+        f = SafetensorsFile(workdir / "buffers.safetensors")
+        buffers = {k: f.read(k) for k in f.keys()}
+    return export(model, out, layout, context=cfg.data.seq_len, base_config=base, special=special, dtype=dtype,
+                  max_shard_bytes=max_shard_bytes, tokenizer_files=files, buffers=buffers)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dlm.convert", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="src", required=True, help="A Hugging Face folder (import) or a dlm workdir (with --to).")
+    parser.add_argument("--out", required=True, help="The workdir to write (import) or the folder to write (export).")
+    parser.add_argument("--to", choices=["llada", "hf"], default=None, help="Export a workdir in this layout.")
+    parser.add_argument("--family", choices=["llada", "dream", "mdlm"], default=None, help="Import: the family, when config.json does not say.")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="Import: the parameters' dtype (default float32); export: the files' dtype (default the parameters').")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="Export: the largest safetensors file.")
+    parser.add_argument("--overwrite", action="store_true", help="Import: replace a non-empty --out.")
+    args = parser.parse_args(argv)
+    start = time.time()
+    try:
+        if args.to is None:
+            out = import_folder(args.src, args.out, args.family, args.dtype or "float32", args.overwrite, progress=True)
+            print(f"Imported a {out['family']} checkpoint ({out['keys']} tensors, {out['param_bytes'] / 1e9:.2f} GB) into "
+                  f"{out['workdir']} in {time.time() - start:.1f}s.")
+        else:
+            out = export_workdir(args.src, args.out, args.to, args.dtype, int(args.max_shard_gb * (1 << 30)))
+            print(f"Wrote {out['keys']} tensors ({out['bytes'] / 1e9:.2f} GB) in {len(out['files'])} file(s) to {args.out} "
+                  f"in {time.time() - start:.1f}s.")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Published checkpoints: import (HF safetensors folders -> dlm models on a mesh) and export."""

@@ -1,0 +1,181 @@
+"""Checkpoint key layouts: which published key fills which dlm parameter, and how.
+
+An `Entry` is one checkpoint key: its shape in the checkpoint, the dlm parameters it fills
+(a path in the model's state and, for the stacked blocks, a layer), `load` (checkpoint array ->
+one array per target) and `save` (the targets' arrays -> the checkpoint array), exact inverses
+of each other. Torch Linear weights are [out, in]; dlm kernels are [in, ...out]. Vocabulary
+tables are padded to a multiple of 128 rows / columns in dlm; the checkpoint keeps its own
+count (export cuts the padding off again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from dlm.config import ModelConfig
+from dlm.models.transformer import PAD_MULTIPLE, kv_heads, mlp_width
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # known buffers: recomputed from the config, not parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    key: str
+    shape: tuple
+    targets: tuple  # ((path tuple, layer or None), ...)
+    load: Callable  # checkpoint array -> tuple of target arrays
+    save: Callable  # target arrays -> checkpoint array
+
+
+def _pad(n: int) -> int:
+    return -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+def _one(key, shape, path, layer, load, save):
+    return Entry(key, tuple(shape), ((path, layer),), lambda a: (load(a),), save)
+
+
+def linear(key, n_out, n_in, path, layer=None):
+    """[out, in] -> [in, out]."""
+    return _one(key, (n_out, n_in), path, layer, lambda a: a.T, lambda w: w.T)
+
+
+def heads_in(key, n, hd, d, path, layer):
+    """q/k/v [n * hd, d] -> [d, n, hd]."""
+    return _one(key, (n * hd, d), path, layer, lambda a: a.T.reshape(d, n, hd), lambda w: w.reshape(d, n * hd).T)
+
+
+def heads_bias(key, n, hd, path, layer):
+    return _one(key, (n * hd,), path, layer, lambda a: a.reshape(n, hd), lambda b: b.reshape(n * hd))
+
+
+def heads_out(key, d, H, hd, path, layer):
+    """o_proj [d, H * hd] -> [H, hd, d]."""
+    return _one(key, (d, H * hd), path, layer, lambda a: a.T.reshape(H, hd, d), lambda w: w.reshape(H * hd, d).T)
+
+
+def vector(key, n, path, layer=None):
+    return _one(key, (n,), path, layer, lambda a: a, lambda v: v)
+
+
+def rows(key, n, d, path):
+    """An embedding table [n, d] -> [pad(n), d]."""
+    def load(a):
+        return a if _pad(n) == n else np.concatenate([a, np.zeros((_pad(n) - n, d), a.dtype)])
+    return _one(key, (n, d), path, None, load, lambda e: e[:n])
+
+
+def head(key, n, d, path, columns):
+    """An output layer [n, d] -> [d, columns]."""
+    def load(a):
+        t = a.T
+        return t if columns == n else np.concatenate([t, np.zeros((d, columns - n), a.dtype)], axis=1)
+    return _one(key, (n, d), path, None, load, lambda w: w[:, :n].T)
+
+
+def head_bias(key, n, path, columns):
+    return _one(key, (n,), path, None, lambda a: a if columns == n else np.concatenate([a, np.zeros(columns - n, a.dtype)]),
+                lambda b: b[:n])
+
+
+def modulation(key, k, d, cond, path, layer=None):
+    """adaLN [k * d, cond] -> [cond, k, d] (chunks shift, scale, gate, ... in order)."""
+    return _one(key, (k * d, cond), path, layer, lambda a: a.T.reshape(cond, k, d), lambda w: w.reshape(cond, k * d).T)
+
+
+def modulation_bias(key, k, d, path, layer=None):
+    return _one(key, (k * d,), path, layer, lambda a: a.reshape(k, d), lambda b: b.reshape(k * d))
+
+
+def fused_qkv(key, H, hd, d, layer):
+    """MDLM's attn_qkv [3 * H * hd, d], rows laid out (three h d) -> wq, wk, wv [d, H, hd]."""
+    def load(a):
+        w = a.reshape(3, H, hd, d)
+        return tuple(w[i].transpose(2, 0, 1) for i in range(3))
+
+    def save(q, k, v):
+        return np.concatenate([w.reshape(d, H * hd).T for w in (q, k, v)])
+
+    targets = tuple(((("blocks", n), layer)) for n in ("wq", "wk", "wv"))
+    return Entry(key, (3 * H * hd, d), targets, load, save)
+
+
+def layout(family: str, m: ModelConfig, checkpoint_vocab: int) -> list[Entry]:
+    """Every key of a `family` checkpoint of model `m` (checkpoint_vocab: the rows of its
+    embedding and output tables)."""
+    d, H, KV = m.d_model, m.num_heads, kv_heads(m)
+    hd, ff, V = d // H, mlp_width(m), m.vocab_size
+    n = checkpoint_vocab
+    b = lambda name: ("blocks", name)
+    out = []
+    if family == "llada":
+        p = "model.transformer."
+        out += [rows(p + "wte.weight", n, d, ("embed",)), vector(p + "ln_f.weight", d, ("final_scale",)),
+                head(p + "ff_out.weight", n, d, ("head",), _pad(V))]
+        for i in range(m.num_layers):
+            q = f"{p}blocks.{i}."
+            out += [vector(q + "attn_norm.weight", d, b("attn_scale"), i), vector(q + "ff_norm.weight", d, b("mlp_scale"), i),
+                    heads_in(q + "q_proj.weight", H, hd, d, b("wq"), i), heads_in(q + "k_proj.weight", KV, hd, d, b("wk"), i),
+                    heads_in(q + "v_proj.weight", KV, hd, d, b("wv"), i), heads_out(q + "attn_out.weight", d, H, hd, b("wo"), i),
+                    linear(q + "ff_proj.weight", ff, d, b("w_gate"), i), linear(q + "up_proj.weight", ff, d, b("w_up"), i),
+                    linear(q + "ff_out.weight", d, ff, b("w_down"), i)]
+            if m.qkv_bias:
+                out += [heads_bias(q + f"{x}_proj.bias", c, hd, b(f"b{x}"), i) for x, c in (("q", H), ("k", KV), ("v", KV))]
+    elif family == "dream":
+        out += [rows("model.embed_tokens.weight", n, d, ("embed",)), vector("model.norm.weight", d, ("final_scale",)),
+                head("lm_head.weight", n, d, ("head",), _pad(V))]
+        for i in range(m.num_layers):
+            q = f"model.layers.{i}."
+            out += [vector(q + "input_layernorm.weight", d, b("attn_scale"), i),
+                    vector(q + "post_attention_layernorm.weight", d, b("mlp_scale"), i),
+                    heads_in(q + "self_attn.q_proj.weight", H, hd, d, b("wq"), i),
+                    heads_in(q + "self_attn.k_proj.weight", KV, hd, d, b("wk"), i),
+                    heads_in(q + "self_attn.v_proj.weight", KV, hd, d, b("wv"), i),
+                    heads_bias(q + "self_attn.q_proj.bias", H, hd, b("bq"), i),
+                    heads_bias(q + "self_attn.k_proj.bias", KV, hd, b("bk"), i),
+                    heads_bias(q + "self_attn.v_proj.bias", KV, hd, b("bv"), i),
+                    heads_out(q + "self_attn.o_proj.weight", d, H, hd, b("wo"), i),
+                    linear(q + "mlp.gate_proj.weight", ff, d, b("w_gate"), i), linear(q + "mlp.up_proj.weight", ff, d, b("w_up"), i),
+                    linear(q + "mlp.down_proj.weight", d, ff, b("w_down"), i)]
+    elif family == "mdlm":
+        p, c = "backbone.", m.cond_dim
+        out += [rows(p + "vocab_embed.embedding", n, d, ("embed",)),
+                linear(p + "sigma_map.mlp.0.weight", c, 256, ("sigma_in",)), vector(p + "sigma_map.mlp.0.bias", c, ("sigma_in_bias",)),
+                linear(p + "sigma_map.mlp.2.weight", c, c, ("sigma_out",)), vector(p + "sigma_map.mlp.2.bias", c, ("sigma_out_bias",)),
+                vector(p + "output_layer.norm_final.weight", d, ("final_scale",)),
+                modulation(p + "output_layer.adaLN_modulation.weight", 2, d, c, ("final_ada",)),
+                modulation_bias(p + "output_layer.adaLN_modulation.bias", 2, d, ("final_ada_bias",)),
+                head(p + "output_layer.linear.weight", n, d, ("head",), _pad(V)),
+                head_bias(p + "output_layer.linear.bias", n, ("head_bias",), _pad(V))]
+        for i in range(m.num_layers):
+            q = f"{p}blocks.{i}."
+            out += [vector(q + "norm1.weight", d, b("attn_scale"), i), vector(q + "norm2.weight", d, b("mlp_scale"), i),
+                    fused_qkv(q + "attn_qkv.weight", H, hd, d, i), heads_out(q + "attn_out.weight", d, H, hd, b("wo"), i),
+                    linear(q + "mlp.0.weight", ff, d, b("w_up"), i), vector(q + "mlp.0.bias", ff, b("b_up"), i),
+                    linear(q + "mlp.2.weight", d, ff, b("w_down"), i), vector(q + "mlp.2.bias", d, b("b_down"), i),
+                    modulation(q + "adaLN_modulation.weight", 6, d, c, b("ada"), i),
+                    modulation_bias(q + "adaLN_modulation.bias", 6, d, b("ada_bias"), i)]
+    else:
+        raise ValueError(family)
+    return out
+
+
+def buffers(family: str, m: ModelConfig) -> dict:
+    """The known non-parameter tensors a family's checkpoints carry, as its reference code
+    computes them in float32 (MDLM's persistent rotary buffer)."""
+    if family != "mdlm":
+        return {}
+    hd = m.d_model // m.num_heads
+    f32 = np.float32
+    inv = f32(1.0) / (f32(m.rope_theta) ** (np.arange(0, hd, 2).astype(f32) / f32(hd)))
+    return {"backbone.rotary_emb.inv_freq": inv.astype(f32)}
+
+
+def checkpoint_vocab(family: str, config: dict) -> int:
+    """Rows of a checkpoint's embedding / output tables, from its config.json."""
+    if family == "llada":
+        return int(config.get("embedding_size") or config["vocab_size"])
+    return int(config["vocab_size"])

@@ -1,0 +1,131 @@
+"""Named presets of published diffusion-LM architectures: a Hugging Face config.json -> the
+ModelConfig options of dlm's one transformer, and back.
+
+- `llada` (LLaDA-8B Base / Instruct, LLaDA-1.5): the llama block, bidirectional; RMSNorm,
+  SwiGLU, RoPE theta 5e5, untied head, mask 126336 inside the 126464-column vocabulary.
+- `dream` (Dream-v0 7B): Qwen2.5 run without a causal mask; q/k/v biases, grouped-query
+  attention, RoPE theta 1e6, mask 151666, and the prediction shifted by one position.
+- `mdlm` (kuleshov-group/mdlm-owt): the DiT with adaLN (conditioning vector from sigma = 0),
+  fused QKV, LayerNorm without bias, GELU-tanh MLP; GPT-2's 50257 tokens with the mask appended
+  as id 50257 (dlm's own convention: vocab_size real tokens, mask = vocab_size).
+
+`detect(config)` names the family of a config.json; `model_options(family, config)` gives the
+ModelConfig fields and the context length; `hf_config(family, model_cfg, base)` writes the
+family's config.json fields for a model (export).
+"""
+
+from __future__ import annotations
+
+from dlm.config import ConfigError
+
+FAMILIES = ("llada", "dream", "mdlm")
+DEFAULT_MASK = {"llada": 126336, "dream": 151666}
+
+
+def detect(config: dict, family: str | None = None) -> str:
+    """The family of a config.json (or `family`, checked)."""
+    if family is not None:
+        if family not in FAMILIES:
+            raise ConfigError(f"family={family!r} is not one dlm imports; use one of {', '.join(FAMILIES)}.")
+        return family
+    kind = str(config.get("model_type", "")).lower()
+    archs = " ".join(config.get("architectures") or []).lower()
+    for fam, names in (("llada", ("llada",)), ("dream", ("dream",)), ("mdlm", ("mdlm",))):
+        if kind in names or any(n in archs for n in names):
+            return fam
+    raise ConfigError(f"config.json has model_type {config.get('model_type')!r} and architectures {config.get('architectures')}, "
+                      f"which is none of the families dlm imports ({', '.join(FAMILIES)}); pass family (--family) "
+                      "when the folder holds one of them under another name.")
+
+
+def _need(config: dict, key: str, family: str):
+    if key not in config:
+        raise ConfigError(f"config.json has no {key!r}, which a {family} checkpoint's config must give.")
+    return config[key]
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def model_options(family: str, config: dict) -> tuple[dict, int]:
+    """(ModelConfig fields, context length) of a family's config.json."""
+    if family == "llada":
+        n = lambda k: _need(config, k, family)
+        _check(config.get("block_type", "llama") == "llama",
+               f"This LLaDA config has block_type {config.get('block_type')!r}; dlm imports the llama block (LLaDA-8B) only.")
+        _check(config.get("activation_type", "silu") in ("silu", "swiglu"),
+               f"This LLaDA config has activation_type {config.get('activation_type')!r}; dlm imports silu (SwiGLU) only.")
+        _check(config.get("layer_norm_type", "rms") == "rms",
+               f"This LLaDA config has layer_norm_type {config.get('layer_norm_type')!r}; dlm imports rms only.")
+        _check(not config.get("weight_tying", False), "This LLaDA config ties the head to the embedding (weight_tying); dlm imports untied heads.")
+        _check(not config.get("include_bias", False), "This LLaDA config has include_bias=true; dlm imports bias-free LLaDA blocks.")
+        _check(not config.get("alibi", False), "This LLaDA config uses ALiBi; dlm imports RoPE models.")
+        vocab = config.get("embedding_size") or n("vocab_size")
+        options = dict(family="llada", d_model=n("d_model"), num_layers=n("n_layers"), num_heads=n("n_heads"),
+                       num_kv_heads=config.get("n_kv_heads") or n("n_heads"), mlp_dim=n("mlp_hidden_size"),
+                       rope_theta=float(config.get("rope_theta", 10000.0)), norm="rms", norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+                       mlp="swiglu", qkv_bias=bool(config.get("include_qkv_bias", False)), vocab_size=vocab,
+                       mask_id=int(config.get("mask_token_id", DEFAULT_MASK["llada"])), embed_init_std=0.02)
+        context = int(config.get("max_sequence_length", 4096))
+    elif family == "dream":
+        n = lambda k: _need(config, k, family)
+        _check(config.get("hidden_act", "silu") == "silu", f"This Dream config has hidden_act {config.get('hidden_act')!r}; dlm imports silu only.")
+        _check(not config.get("tie_word_embeddings", False), "This Dream config ties the head to the embedding; dlm imports untied heads.")
+        _check(not config.get("rope_scaling"), "This Dream config scales RoPE (rope_scaling); dlm imports plain RoPE.")
+        options = dict(family="dream", d_model=n("hidden_size"), num_layers=n("num_hidden_layers"),
+                       num_heads=n("num_attention_heads"), num_kv_heads=config.get("num_key_value_heads") or n("num_attention_heads"),
+                       mlp_dim=n("intermediate_size"), rope_theta=float(config.get("rope_theta", 10000.0)), norm="rms",
+                       norm_eps=float(config.get("rms_norm_eps", 1e-6)), mlp="swiglu", qkv_bias=True, vocab_size=n("vocab_size"),
+                       mask_id=int(config.get("mask_token_id", DEFAULT_MASK["dream"])), shift_logits=True, embed_init_std=0.02)
+        context = int(config.get("max_position_embeddings", 4096))
+    elif family == "mdlm":
+        n = lambda k: _need(config, k, family)
+        _check(not config.get("time_conditioning", False),
+               "This MDLM config is time-conditioned; dlm's DiT conditions on sigma = 0 (mdlm-owt), so it cannot run it.")
+        d = n("hidden_dim")
+        options = dict(family="mdlm", d_model=d, num_layers=n("n_blocks"), num_heads=n("n_heads"), mlp_dim=4 * d,
+                       rope_theta=10000.0, norm="layer", norm_eps=1e-5, mlp="gelu", block="dit", cond_dim=n("cond_dim"),
+                       vocab_size=n("vocab_size") - 1, mask_id=-1, embed_init_std=0.02)
+        context = int(config.get("model_length", 1024))
+    else:
+        raise ConfigError(f"Unknown family {family!r}; use one of {', '.join(FAMILIES)}.")
+    if options["d_model"] % options["num_heads"]:
+        raise ConfigError(f"config.json's width {options['d_model']} is not divisible by its {options['num_heads']} heads.")
+    return options, context
+
+
+def hf_config(family: str, m, context: int, base: dict | None = None, special: dict | None = None) -> dict:
+    """The family's config.json for a model of ModelConfig `m` (`base`: the imported folder's own
+    config, whose other fields are kept)."""
+    out = dict(base or {})
+    special = special or {}
+    if family == "llada":
+        out.setdefault("architectures", ["LLaDAModelLM"])
+        out.update(model_type="llada", block_type="llama", d_model=m.d_model, n_layers=m.num_layers, n_heads=m.num_heads,
+                   n_kv_heads=m.num_kv_heads or m.num_heads, mlp_hidden_size=m.mlp_dim, activation_type="silu",
+                   layer_norm_type="rms", rms_norm_eps=m.norm_eps, rope=True, rope_theta=m.rope_theta,
+                   include_bias=False, include_qkv_bias=m.qkv_bias, weight_tying=False, max_sequence_length=context)
+        out.setdefault("vocab_size", m.vocab_size)
+        out["embedding_size"] = m.vocab_size
+        out["mask_token_id"] = m.mask_id
+        for k in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            if special.get(k) is not None:
+                out.setdefault(k, special[k])
+        return out
+    if family == "dream":
+        out.setdefault("architectures", ["DreamModel"])
+        out.update(model_type="Dream", hidden_size=m.d_model, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                   num_key_value_heads=m.num_kv_heads or m.num_heads, intermediate_size=m.mlp_dim, hidden_act="silu",
+                   rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=False, vocab_size=m.vocab_size,
+                   mask_token_id=m.mask_id)
+        out.setdefault("max_position_embeddings", context)
+        return out
+    if family == "mdlm":
+        out.setdefault("architectures", ["MDLM"])
+        out.update(model_type="mdlm", hidden_dim=m.d_model, cond_dim=m.cond_dim, n_blocks=m.num_layers, n_heads=m.num_heads,
+                   vocab_size=m.vocab_size + 1, time_conditioning=False)
+        out.setdefault("model_length", context)
+        return out
+    raise ConfigError(f"Unknown family {family!r}; use one of {', '.join(FAMILIES)}.")
