@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import pathlib
-import resource
 import shutil
 import subprocess
 import sys
@@ -89,6 +88,16 @@ def write_checkpoint(directory: pathlib.Path, layers: int, seed: int = 0) -> dic
 
 BASELINE = ("import resource, jax, dlm.convert; jax.devices(); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+CONVERT = ("import resource, runpy, sys; sys.argv = ['dlm.convert'] + sys.argv[1:]; "
+           "runpy.run_module('dlm.convert', run_name='__main__'); "
+           "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+
+
+def child_output(args, env) -> str:
+    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{args[:2]} failed:\n{proc.stderr[-2000:]}")
+    return proc.stdout
 
 
 def main() -> None:
@@ -98,28 +107,27 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=10)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="The imported parameters' dtype.")
     parser.add_argument("--keep", action="store_true", help="Keep the checkpoint and the workdir.")
+    parser.add_argument("--write-only", default=None, help=argparse.SUPPRESS)  # the child that writes the checkpoint
     args = parser.parse_args()
+    if args.write_only:
+        print(json.dumps(write_checkpoint(pathlib.Path(args.write_only), args.layers)))
+        return
+    # Every measured step is its own process, and this one stays small: Linux carries a process's
+    # peak RSS across fork and exec, so a child's getrusage would otherwise report the parent's.
     base = pathlib.Path(args.dir or tempfile.mkdtemp(prefix="dlm-import-"))
     src, work = base / "llada-synthetic", base / "workdir"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(ROOT))
     try:
         t = time.time()
-        info = write_checkpoint(src, args.layers)
+        info = json.loads(child_output([__file__, "--write-only", str(src), "--layers", str(args.layers)], env).splitlines()[-1])
         print(f"wrote {info['checkpoint_bytes'] / 1e9:.2f} GB ({info['tensors']} tensors, largest "
               f"{info['largest_tensor_bytes'] / 1e9:.2f} GB) in {time.time() - t:.0f}s")
-        baseline = int(subprocess.run([sys.executable, "-c", BASELINE], env=env, capture_output=True, text=True,
-                                      check=True).stdout.strip().splitlines()[-1])
+        baseline = int(child_output(["-c", BASELINE], env).strip().splitlines()[-1])
         shutil.rmtree(work, ignore_errors=True)
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t = time.time()
-        proc = subprocess.run([sys.executable, "-m", "dlm.convert", "--from", str(src), "--out", str(work), "--dtype", args.dtype],
-                              env=env, capture_output=True, text=True)
+        out = child_output(["-c", CONVERT, "--from", str(src), "--out", str(work), "--dtype", args.dtype], env)
         seconds = time.time() - t
-        if proc.returncode:
-            raise SystemExit(f"dlm.convert failed:\n{proc.stderr[-2000:]}")
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-        if peak <= before * 1024:
-            raise SystemExit("the converter's peak RSS was not above the earlier children's; run the benchmark alone")
+        peak = int(next(line for line in out.splitlines() if line.startswith("PEAK")).split()[1])
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

@@ -104,8 +104,8 @@ def sample_main(argv=None) -> None:
 
             ckpt = open_checkpoint(args.pretrained, args.family, args.dtype)
             model, _ = _load(ckpt)
-            cfg = dlm.load_config(None, args.overrides)
-            cfg.model, cfg.data.seq_len = model.cfg, ckpt.context
+            cfg = dlm.load_config(None, [f"data.seq_len={ckpt.context}", *args.overrides])
+            cfg.model = model.cfg
             tok = FolderTokenizer(args.pretrained, ckpt.config, mask_id=model.mask_id)
             workdir = None
         else:

@@ -54,10 +54,12 @@ def _path(workdir) -> epath.Path:
 
 
 def save_params(path, params) -> None:
-    """One parameter tree (an imported model's) as an Orbax checkpoint at `path`."""
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(_path(path), params, force=True)
-    ckptr.wait_until_finished()
+    """One parameter tree (an imported model's) as an Orbax checkpoint at `path`, written
+    synchronously with at most the largest array (at least 1 GB) in flight: the default lets
+    Orbax copy many arrays to host buffers at once, gigabytes on top of an imported model."""
+    largest = max(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
+    ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=max(1, -(-largest // 10**9))))
+    ckptr.save(_path(path), args=ocp.args.StandardSave(params), force=True)
     ckptr.close()
 
 
