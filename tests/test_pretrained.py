@@ -122,6 +122,15 @@ def test_left_padded_prompts_get_the_greedy_tokens_they_get_alone(family, cache,
         np.testing.assert_array_equal(batched[b, 6 - len(p):6], p)
 
 
+def test_left_padded_prompts_shard_over_a_mesh_with_the_same_tokens(models):
+    mesh = make_mesh()  # 8 devices on data: the two rows are padded out to 8
+    model = dlm.load_pretrained(FIXTURES / "dream", mesh=mesh)
+    sc = _sampling(block_length=4, cache="dual")
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
+    sharded = dlm.generate(model, cfg=sc, prompts=prompts, length=18, mesh=mesh)["tokens"]
+    np.testing.assert_array_equal(sharded, dlm.generate(models["dream"], cfg=sc, prompts=prompts, length=18)["tokens"])
+
+
 @pytest.mark.parametrize("family,sampler", [
     ("llada", SamplingConfig(sampler="ancestral", steps=8)),
     ("llada", _sampling(block_length=4, score="margin", credit=True)),

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dlm.config import ConfigError, DiffusionConfig, Sampler, SamplingConfig, check_decode
 from dlm.diffusion import hyperschedules as hs
@@ -339,7 +339,7 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
             if mesh is not None:
                 x, fixed = jax.device_put(x, batch_sharding(mesh)), jax.device_put(fixed, batch_sharding(mesh))
                 if pad is not None:
-                    pad = jax.device_put(pad, NamedSharding(mesh, P(("data", "fsdp"))))
+                    pad = jax.device_put(pad, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
             args = (leaves, jnp.asarray(x), jnp.asarray(fixed), key, alphas, times, None if pad is None else jnp.asarray(pad))
             cache_key = _cache_key(sampler, setup, graphdef, treedef, args, mesh, cfg.x64)
             compiled = _COMPILED.get(cache_key)
