@@ -9,7 +9,7 @@ import pytest
 
 import dlm
 from dlm.config import ConfigError, DecodeConfig, SamplingConfig, load_config
-from dlm.models.attention import CAUSAL, dense
+from dlm.models.attention import dense
 from dlm.mesh import make_mesh
 from dlm.sampling import parallel as par
 

@@ -216,7 +216,7 @@ class Passes:
         position before the block as a query: its key stays hidden (the cache holds it), so it
         computes the hidden state the full pass computes, and the block's logits are the fed
         outputs 1..Bk."""
-        B, Bk, S = self.B, self.Bk, self.S
+        B, Bk = self.B, self.Bk
         end = start + Bk
         C = ck.shape[2]
         cpos = jnp.arange(C)
