@@ -48,6 +48,10 @@ class LazyLogits:
         """Positions of the logits (an index over the leading axes, e.g. [:, L:])."""
         return dataclasses.replace(self, hidden=self.hidden[index])
 
+    def slice(self, start, n: int, axis: int = 1):
+        """Positions [start, start + n) along `axis`, `start` traced or not."""
+        return dataclasses.replace(self, hidden=jax.lax.dynamic_slice_in_dim(self.hidden, start, n, axis=axis))
+
     def compute(self, hidden):
         w = self.head.astype(hidden.dtype)
         y = jnp.matmul(hidden.reshape(-1, hidden.shape[-1]), w, preferred_element_type=jnp.float32)

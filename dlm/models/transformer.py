@@ -278,7 +278,7 @@ class Transformer(nnx.Module):
             scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
                             transform_metadata={nnx.PARTITION_NAME: "layers"})
             x, new_kv = scan(self.blocks, x, kv_cache)
-            logits = self._head(x, cond)
+            logits = self._head(x, cond, lazy=not head)
             return (logits, new_kv) if return_kv else logits
 
         def body(block, x):

@@ -139,7 +139,8 @@ def parallel(s: Setup, module, x, fixed, key, alphas, times):
 
     def model_fn(tokens, positions, attention, kv_cache, return_kv):
         t = jnp.where(tokens == mask_id, 1.0, 0.0) if cond else None  # a clean/masked flag for noise-conditioned models
-        return module()(tokens, positions=positions, attention=attention, noise=t, kv_cache=kv_cache, return_kv=return_kv)
+        return module()(tokens, positions=positions, attention=attention, noise=t, kv_cache=kv_cache, return_kv=return_kv,
+                        head=False)  # LazyLogits: the decoder computes the block's logits only
 
     out = parallel_decode(model_fn, x, s.prompt_len, key, s.cfg.decode, mask_id=mask_id, vocab_size=s.vocab_size, eos_id=s.eos_id,
                           shift=s.model_cfg.shift_logits,

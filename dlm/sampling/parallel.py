@@ -56,6 +56,7 @@ import numpy as np
 
 from dlm.config import CommitRule, DecodeCache, DecodeConfig, Score
 from dlm.models.attention import FULL, visible_keys
+from dlm.models.logits import LazyLogits
 from dlm.sampling.draws import categorical
 
 
@@ -150,6 +151,14 @@ def fuse(logits, credit, dc: DecodeConfig):
     return logits + dc.credit_alpha * jnp.log1p(credit)
 
 
+def block_logits(logits, start, n: int):
+    """Float32 logits of positions [start, start + n): cut from an array, or computed for those
+    rows only from LazyLogits (the head is then applied to the block, not the whole canvas)."""
+    if isinstance(logits, LazyLogits):
+        return logits.slice(start, n).materialize()
+    return jax.lax.dynamic_slice_in_dim(logits, start, n, axis=1).astype(jnp.float32)
+
+
 class Passes:
     """The decoder's forward passes for one geometry: batch B, sequence length L, block Bk, DPad
     window W, S suffix slots and, under suffix dropout, a canvas of the first Lc positions.
@@ -199,7 +208,7 @@ class Passes:
         spec = visible_keys(vis) if self.drop else FULL
         out = self.model_fn(toks, positions, spec, None, return_kv)
         logits, kv = out if return_kv else (out, None)
-        return jax.lax.dynamic_slice_in_dim(logits, start, self.Bk, axis=1).astype(jnp.float32), kv
+        return block_logits(logits, start, self.Bk), kv
 
     def cache_length(self):
         """Positions the cache holds: the prefix region of the fed sequence (prefix cache) or all
@@ -236,12 +245,11 @@ class Passes:
             else:
                 cache_vis = (cpos < start)[None] | (self.visible(start, keep) & (cpos >= end)[None])
             vis = jnp.concatenate([jnp.broadcast_to(cache_vis, (B, C)), bvis], axis=1)
-            logits = self.model_fn(blk, bpos, visible_keys(vis), (ck, cv), False)
-            return logits[:, first:first + Bk].astype(jnp.float32)
+            return block_logits(self.model_fn(blk, bpos, visible_keys(vis), (ck, cv), False), first, Bk)
         toks = jnp.concatenate([blk, jnp.where(svalid, jnp.take_along_axis(x, spos, axis=1), self.mask_id)], axis=1)
         vis = jnp.concatenate([jnp.broadcast_to(cpos < start, (B, C)), bvis, svalid], axis=1)
         logits = self.model_fn(toks, jnp.concatenate([bpos, spos], axis=1), visible_keys(vis), (ck, cv), False)
-        return logits[:, first:first + Bk].astype(jnp.float32)
+        return block_logits(logits, first, Bk)
 
 
 def canvas_sizes(L: int, first_end: int, block_length: int, buckets: int = 16) -> list[int]:
@@ -264,7 +272,8 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
     is aligned to the end of the sequence (it overlaps the one before, whose positions are already
     decoded). Within a block only masked positions are scored and committed; given tokens stay.
 
-    model_fn(tokens, positions, attention, kv_cache, return_kv) -> logits | (logits, kv); `shift`:
+    model_fn(tokens, positions, attention, kv_cache, return_kv) -> logits | (logits, kv), where logits may be
+    LazyLogits (dlm.models.logits: only the block's rows are then computed); `shift`:
     the model predicts position i from position i - 1 (Dream), which cached passes account for.
     kv_dtype: the caches' dtype (their shapes follow the passes). Returns a dict of tokens [B, L], nfe (forward
     passes of the batch: a block runs until its slowest row is done), row_nfe [B] (the passes each
