@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -152,7 +153,7 @@ def sample_main(argv=None) -> None:
     path = pathlib.Path(args.out) if args.out else (workdir / "samples.jsonl" if workdir is not None else None)
     per = out["seconds"] / len(out["tokens"])
     stops = set(getattr(tok, "stop_ids", []))
-    with (path.open("a") if path is not None else open("/dev/null", "w")) as f:
+    with path.open("a") if path is not None else contextlib.nullcontext() as f:
         for i, row in enumerate(out["tokens"]):
             if args.chat is not None:  # the answer: the generated tokens up to the end of the turn
                 row = row[n_prompt:]
@@ -160,8 +161,9 @@ def sample_main(argv=None) -> None:
                 row = row[: ends[0]] if ends else row
             text = tok.decode(row)
             print(f"--- sample {i} (NFE {out['nfe']}, {out['seconds']:.2f}s for the batch)\n{text}")
-            f.write(json.dumps({"text": text, "tokens": row.tolist(), "nfe": out["nfe"], "steps": out["steps"],
-                                "idle_step_ratio": out["idle_step_ratio"],
-                                "seconds": per, "batch_seconds": out["seconds"], "prompt": args.prompt or args.chat}) + "\n")
+            if f is not None:
+                f.write(json.dumps({"text": text, "tokens": row.tolist(), "nfe": out["nfe"], "steps": out["steps"],
+                                    "idle_step_ratio": out["idle_step_ratio"], "seconds": per,
+                                    "batch_seconds": out["seconds"], "prompt": args.prompt or args.chat}) + "\n")
     if path is not None:
         print(f"Wrote {len(out['tokens'])} samples to {path}")

@@ -19,13 +19,14 @@ Importing an exported folder gives back the same parameters bit for bit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import shutil
 import sys
 import time
 
-from dlm.config import Config, ConfigError, ModelConfig, Schedule, TokenizerKind, save_config
+from dlm.config import Config, ConfigError, Schedule, TokenizerKind, save_config
 
 
 def import_folder(src, out, family: str | None = None, dtype: str = "float32", overwrite: bool = False, mesh=None,
@@ -35,12 +36,13 @@ def import_folder(src, out, family: str | None = None, dtype: str = "float32", o
     from dlm.interop import layouts
     from dlm.interop.hf import _load, open_checkpoint
     from dlm.interop.safetensors import write
+    from dlm.models.transformer import mask_id_of
     from dlm.train.checkpoint import save_params
     from flax import nnx
 
     src, out = pathlib.Path(src), pathlib.Path(out)
     ckpt = open_checkpoint(src, family, dtype)
-    tok = FolderTokenizer(src, ckpt.config, mask_id=_mask(ckpt))
+    tok = FolderTokenizer(src, ckpt.config, mask_id=mask_id_of(ckpt.model_cfg, ckpt.model_cfg.vocab_size))
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"{str(out)!r} is not empty; choose a new --out or pass --overwrite.")
@@ -56,7 +58,7 @@ def import_folder(src, out, family: str | None = None, dtype: str = "float32", o
         bar.close()
     save_params(out.resolve() / "pretrained", nnx.state(model))
     cfg = Config()
-    cfg.model = ModelConfig(**{**ckpt.model_cfg.__dict__})
+    cfg.model = dataclasses.replace(ckpt.model_cfg)
     cfg.data.seq_len = min(ckpt.context, 4096)
     cfg.data.tokenizer = TokenizerKind.PRETRAINED
     cfg.data.pretrained_tokenizer = str(out.resolve())
@@ -75,11 +77,6 @@ def import_folder(src, out, family: str | None = None, dtype: str = "float32", o
                                             for k in kept])
     return {"family": ckpt.family, "workdir": str(out), "keys": len(ckpt.entries), "param_bytes": ckpt.param_bytes,
             "seconds": seconds}
-
-
-def _mask(ckpt) -> int:
-    m = ckpt.model_cfg
-    return m.mask_id if m.mask_id >= 0 else m.vocab_size
 
 
 def export_workdir(workdir, out, to: str, dtype: str | None = None, max_shard_bytes: int = 5 << 30) -> dict:

@@ -29,12 +29,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dlm.config import ConfigError, ModelConfig
+from dlm.config import Config, ConfigError, ModelConfig
 from dlm.interop import layouts
 from dlm.interop.safetensors import Folder, write
 from dlm.mesh import make_mesh, mesh_context
 from dlm.models import families
 from dlm.models.transformer import Transformer
+from dlm.train.state import abstract_model_state
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -150,15 +151,6 @@ class _Placer:
         return self.values
 
 
-def abstract_params(m: ModelConfig, mesh):
-    """(graphdef, State of ShapeDtypeStructs with shardings) of a model of config `m`."""
-    with mesh_context(mesh):
-        graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(m, m.vocab_size, rngs=nnx.Rngs(params=0))))
-        shardings = nnx.get_named_sharding(params, mesh)
-    abstract = jax.tree.map(lambda p, sh: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=sh), params, shardings)
-    return graphdef, abstract
-
-
 def load_pretrained(path, family: str | None = None, mesh=None, dtype: str = "float32", *, progress=None) -> Transformer:
     """A published checkpoint folder as a dlm Transformer with parameters in `dtype` (float32,
     bfloat16, float16) sharded over `mesh` (default: every device on data). `family` (llada,
@@ -172,7 +164,7 @@ def load_pretrained(path, family: str | None = None, mesh=None, dtype: str = "fl
 def _load(ckpt: Checkpoint, mesh=None, progress=None):
     mesh = mesh or make_mesh()
     m = ckpt.model_cfg
-    graphdef, abstract = abstract_params(m, mesh)
+    graphdef, abstract = abstract_model_state(Config(model=m), m.vocab_size, mesh)
     flat = {tuple(p): v for p, v in nnx.to_flat_state(abstract)}
     placer = _Placer(flat, DTYPES[m.dtype.value])
     start = time.time()

@@ -79,7 +79,11 @@ def abstract_model_state(cfg: Config, vocab_size: int, mesh):
 
 def init_state(cfg: Config, vocab_size: int, tx) -> TrainState:
     """Build a fresh state (call inside jit under the mesh so every array is born sharded)."""
-    params = nnx.state(make_model(cfg, vocab_size, cfg.train.seed))
+    return state_of(cfg, nnx.state(make_model(cfg, vocab_size, cfg.train.seed)), tx)
+
+
+def state_of(cfg: Config, params, tx) -> TrainState:
+    """Step 0 of a run that starts from `params`: a fresh optimizer state, EMA = params."""
     ema = jax.tree.map(jnp.copy, params) if cfg.train.ema_decay > 0 else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=ema,
                       rng=jax.random.key_data(jax.random.key(cfg.train.seed + 1)), nonfinite=jnp.zeros((), jnp.int32))
@@ -102,6 +106,13 @@ def create_train_state(cfg: Config, vocab_size: int, mesh, *, abstract: bool = F
         else:
             state = compiled()
     return graphdef, state, shardings
+
+
+def start_from(cfg: Config, params, shardings) -> TrainState:
+    """The train state of a run that starts from given parameters (fine-tuning from dlm.convert's
+    import), placed by the state's `shardings`; the parameters' buffers are donated to it."""
+    tx = make_optimizer(cfg.train)
+    return jax.jit(lambda p: state_of(cfg, p, tx), out_shardings=shardings, donate_argnums=0)(params)
 
 
 def loss_and_grads(graphdef, objective, params, batch, key, grad_accum: int = 1):

@@ -6,13 +6,11 @@ so a resumed run sees exactly the batches and noise an uninterrupted one would h
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -23,7 +21,7 @@ from dlm.mesh import check_batch, global_batch, make_mesh
 from dlm.objectives import run_objective
 from dlm.train.checkpoint import Checkpointer, restore_params
 from dlm.train.metrics import MetricWriter
-from dlm.train.state import create_train_state, make_train_step
+from dlm.train.state import create_train_state, make_train_step, start_from
 
 
 def _log(msg: str) -> None:
@@ -104,18 +102,17 @@ class Trainer:
         self.checkpointer = Checkpointer(self.workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpointing)
         self.start_step = 0
         resume = self.checkpointer.latest_step() is not None
-        # resuming restores into the abstract state: the state is allocated once, by the restore
-        self.graphdef, self.state, self.shardings = create_train_state(cfg, self.vocab_size, self.mesh, abstract=resume)
+        # resuming (or starting from imported parameters) restores into the abstract state: the
+        # state is allocated once, by the restore
+        self.graphdef, self.state, self.shardings = create_train_state(cfg, self.vocab_size, self.mesh,
+                                                                       abstract=resume or bool(cfg.train.init_from))
         if resume:
             self.state = self.checkpointer.restore(self.state, self.iterator, log=_log)
             self.start_step = int(self.state.step)
             _log(f"Resumed from {self.checkpointer.directory}/{self.start_step}")
         elif cfg.train.init_from:
             source = self.workdir / cfg.train.init_from
-            params = restore_params(source, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                                                         self.state.params))
-            ema = jax.tree.map(jnp.copy, params) if self.state.ema is not None else None
-            self.state = dataclasses.replace(self.state, params=params, ema=ema)
+            self.state = start_from(cfg, restore_params(source, self.state.params), self.shardings)
             _log(f"Starting from the parameters in {source}")
         self.step_fn = make_train_step(cfg, self.graphdef, self.vocab_size, self.mesh, self.shardings)
         self.objective = run_objective(cfg, self.vocab_size)
