@@ -90,19 +90,12 @@ def norm(cfg: ModelConfig, x, scale):
     return (layer_norm if cfg.norm == "layer" else rms_norm)(x, scale, cfg.norm_eps)
 
 
-def dit_embedding(sigma, dim: int = 256, max_period: float = 10000.0):
-    """MDLM's sinusoidal embedding of sigma (no 1000x factor): [...] -> [..., dim] (cos, then sin)."""
-    half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    ang = jnp.asarray(sigma, jnp.float32)[..., None] * freqs
-    return jnp.concatenate([jnp.cos(ang), jnp.sin(ang)], axis=-1)
-
-
-def timestep_embedding(t, dim: int = COND_DIM):
-    """Sinusoidal embedding of 1000 * t: [...] -> [..., dim]."""
+def timestep_embedding(t, dim: int = COND_DIM, scale: float = 1000.0):
+    """Sinusoidal embedding of scale * t: [...] -> [..., dim] (cos, then sin; base 10000). dlm's
+    noise conditioning embeds 1000 t; MDLM's sigma_map embeds sigma itself (scale 1, dim 256)."""
     half = dim // 2
     freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
-    ang = 1000.0 * t.astype(jnp.float32)[..., None] * freqs
+    ang = scale * jnp.asarray(t, jnp.float32)[..., None] * freqs
     return jnp.concatenate([jnp.cos(ang), jnp.sin(ang)], axis=-1)
 
 
@@ -295,7 +288,7 @@ class Transformer(nnx.Module):
     def _dit_condition(self):
         """c = silu(sigma_map(sigma = 0)) [cond_dim]: MDLM-OWT is not time-conditioned, but its
         blocks still read this constant."""
-        e = dit_embedding(jnp.zeros(()))
+        e = timestep_embedding(jnp.zeros(()), 256, scale=1.0)
         h = jax.nn.silu(_dense(e, self.sigma_in[...], jnp.float32) + self.sigma_in_bias[...])
         return jax.nn.silu(_dense(h, self.sigma_out[...], jnp.float32) + self.sigma_out_bias[...])
 
