@@ -4,6 +4,7 @@ longer lengths. Every panel has a title, axis labels with units, and a legend.""
 
 from __future__ import annotations
 
+import math
 import textwrap
 
 import matplotlib
@@ -24,6 +25,16 @@ def _save(fig, path, title: str):
     return fig
 
 
+def _plain_log_ticks(ax, values, mantissas=(1, 2, 3, 5)):
+    """Ticks of a log x axis at m * 10^e (m in `mantissas`) around `values`, written as plain
+    numbers; no minor labels (matplotlib's default 'a x 10^b' minor labels run into each other)."""
+    lo, hi = min(values) / 1.5, max(values) * 1.5
+    e0, e1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    ax.set_xticks([m * 10.0**e for e in range(e0, e1 + 1) for m in mantissas if lo <= m * 10.0**e <= hi])
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def speed_quality(path, panels: list[dict], title: str = ""):
     """panels: [{'title', 'xlabel', 'ylabel', 'points': [(method, length, x, y)]}], methods in legend
     order of first appearance. Writes a PNG and returns the figure (closed)."""
@@ -40,6 +51,8 @@ def speed_quality(path, panels: list[dict], title: str = ""):
                            markeredgecolor="black", label=f"length {n}") for n in lengths]
         ax.legend(handles=handles, fontsize=8, loc="best")
         ax.set_xscale(panel.get("xscale", "log"))
+        if panel.get("xscale", "log") == "log":
+            _plain_log_ticks(ax, [x for _, _, x, _ in panel["points"]])
         ax.set_xlabel(panel["xlabel"])
         ax.set_ylabel(panel["ylabel"])
         ax.set_title(panel["title"])
@@ -68,10 +81,7 @@ def accuracy_vs_nfe(path, panels: list[dict], title: str = ""):
             if len(xy) > 1:
                 ax.plot(*zip(*xy), color=line[label][0], linestyle=line[label][1], linewidth=1.2, alpha=0.7, zorder=2)
         ax.set_xscale("log")
-        xs = [x for _, x, _ in panel["points"]]
-        ax.set_xticks([v for v in (1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 500) if min(xs) / 1.5 <= v <= max(xs) * 1.5])
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        _plain_log_ticks(ax, [x for _, x, _ in panel["points"]])
         ax.set_xlabel("forward passes (NFE) per problem, log scale")
         ax.set_ylabel("exact-solve rate")
         ax.set_ylim(-0.02, 1.02)

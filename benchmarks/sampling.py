@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 
 from common import peak_rss_bytes, write_json
 
@@ -252,24 +253,31 @@ def parallel_suite(args) -> dict:
     if args.out:
         import pathlib
 
-        from plot import speed_quality
-
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        png = str(pathlib.Path(args.out).with_suffix(".png"))
-        quality = {"markov": ("true_nll", "true NLL of the samples (nats/token)"),
-                   "sudoku": ("exact_solve", "exact-solve rate, 30-given puzzles"),
-                   "corpus": ("sample_unigram_entropy_bits", "sample unigram entropy (bits/byte)")}
-        panels = [{"title": f"{name} model", "ylabel": quality[name][1],
-                   "xlabel": "puzzles/s (batch 1, log scale)" if name == "sudoku" else "useful tokens/s (batch 1, log scale)",
-                   "points": [(r["method"], r["length"], r[speed_key.get(name, "useful_tokens_per_second")], r[quality[name][0]])
-                              for r in results if r["model"] == name]}
-                  for name in [m for m in ("sudoku", "markov", "corpus") if any(r["model"] == m for r in results)]]
-        what = [f"Sudoku: score {args.sudoku_score}, temperature 0"] if any(r["model"] == "sudoku" for r in results) else []
-        if any(r["model"] != "sudoku" for r in results):
-            what.insert(0, f"{'Markov/corpus' if 'corpus' in args.models else 'Markov'}: score {args.score}, temperature {args.temperature}")
-        speed_quality(png, panels, title=f"Parallel decoding: speed and quality ({'; '.join(what)})")
-        record["plot"] = png
+        record["plot"] = parallel_plot(record, str(pathlib.Path(args.out).with_suffix(".png")))
     return record
+
+
+def parallel_plot(record: dict, png: str) -> str:
+    """The parallel suite's speed-quality PNG of a record: one panel per model."""
+    from plot import speed_quality
+
+    results = record["results"]
+    quality = {"markov": ("true_nll", "true NLL of the samples (nats/token)"),
+               "sudoku": ("exact_solve", "exact-solve rate, 30-given puzzles"),
+               "corpus": ("sample_unigram_entropy_bits", "sample unigram entropy (bits/byte)")}
+    speed = {"sudoku": "puzzles_per_second"}
+    panels = [{"title": f"{name} model", "ylabel": quality[name][1],
+               "xlabel": "puzzles/s (batch 1, log scale)" if name == "sudoku" else "useful tokens/s (batch 1, log scale)",
+               "points": [(r["method"], r["length"], r[speed.get(name, "useful_tokens_per_second")], r[quality[name][0]])
+                          for r in results if r["model"] == name]}
+              for name in [m for m in ("sudoku", "markov", "corpus") if any(r["model"] == m for r in results)]]
+    what = [f"Sudoku: score {record['sudoku_score']}, temperature 0"] if any(r["model"] == "sudoku" for r in results) else []
+    if any(r["model"] != "sudoku" for r in results):
+        which = "Markov/corpus" if any(r["model"] == "corpus" for r in results) else "Markov"
+        what.insert(0, f"{which}: score {record['score']}, temperature {record['temperature']}")
+    speed_quality(png, panels, title=f"Parallel decoding: speed and quality ({'; '.join(what)})")
+    return png
 
 
 def main():
@@ -299,8 +307,14 @@ def main():
     parser.add_argument("--sudoku-score", default="margin", choices=[s.value for s in Score], help="parallel: the Sudoku methods' score")
     parser.add_argument("--methods", default=None, help="parallel: a subset of methods (vanilla always runs)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--replot", default=None, help="parallel: only redraw the PNG of an earlier JSON record (next to it)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.replot:
+        import pathlib
+
+        print(parallel_plot(json.loads(pathlib.Path(args.replot).read_text()), str(pathlib.Path(args.replot).with_suffix(".png"))))
+        return
     args.markov_samples = [int(v) for v in args.markov_samples.split(",")]
     args.corpus_samples = [int(v) for v in args.corpus_samples.split(",")]
     if args.temperature < 0:  # generate() rejects it too, but only after the models are trained
