@@ -27,7 +27,14 @@ LOGICAL_RULES = (
     ("kv", None),
     ("layers", None),
     ("cond", None),
+    # activations: rows over (data, fsdp), so that fsdp gathers weights rather than all-reducing
+    # activations; heads and the MLP's hidden units over tensor; the residual stream replicated
+    ("act_batch", ("data", "fsdp")),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
 )
+_RULES = dict(LOGICAL_RULES)
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int | None = None) -> tuple[int, int, int]:
@@ -55,8 +62,26 @@ def mesh_shape(cfg: MeshConfig, num_devices: int | None = None) -> tuple[int, in
 def make_mesh(cfg: MeshConfig | None = None, devices=None) -> jax.sharding.Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all devices)."""
     devices = jax.devices() if devices is None else list(devices)
+    slices = sorted({getattr(d, "slice_index", 0) or 0 for d in devices})
+    if len(slices) > 1:
+        return _multislice_mesh(cfg or MeshConfig(), devices, len(slices))
     shape = mesh_shape(cfg or MeshConfig(), len(devices))
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _multislice_mesh(cfg: MeshConfig, devices, num_slices: int) -> jax.sharding.Mesh:
+    """Devices of several slices (a multi-slice job: `slice_index` differs): the mesh config is
+    resolved within one slice (ICI), and the data axis is tiled over the slices (DCN), so fsdp and
+    tensor stay inside a slice and the only cross-slice traffic is the data-parallel gradient
+    reduction."""
+    from jax.experimental import mesh_utils
+
+    per = len(devices) // num_slices
+    if per * num_slices != len(devices):
+        raise ConfigError(f"{len(devices)} devices do not split evenly into {num_slices} slices.")
+    ici = mesh_shape(cfg, per)
+    arr = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices)
+    return jax.sharding.Mesh(arr, AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 @contextlib.contextmanager
@@ -64,6 +89,49 @@ def mesh_context(mesh: jax.sharding.Mesh):
     """Enter the mesh and the logical rules (needed to create or shard parameters)."""
     with jax.set_mesh(mesh), nnx.logical_axis_rules(LOGICAL_RULES):
         yield mesh
+
+
+def on_mesh(fn, mesh):
+    """`fn` traced with `mesh` as the abstract mesh in scope, so that `constrain` sees it however
+    the jitted function is called (a jit made under mesh_context is traced at its first call,
+    usually outside that context)."""
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def batch_axes(rows: int) -> tuple[str, ...]:
+    """The mesh axes (of data, fsdp) that split the batch under the mesh in scope, when `rows`
+    divides by their sizes; () without a mesh or a split."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    return axes if axes and rows % ways == 0 else ()
+
+
+def constrain(x, *names):
+    """Pin an activation's sharding by logical axis names (one per dimension, None: not
+    sharded) under the mesh in scope; without a mesh, or where a dimension does not divide by
+    its mesh axes, that dimension is left to XLA. Without it XLA's propagation may keep the whole
+    batch on every device and all-reduce partial activations over fsdp (the weights' sharded
+    axis) instead of gathering the weights: activation memory then does not shrink with fsdp."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    spec = []
+    for n, size in zip(names, x.shape):
+        axes = _RULES.get(n) if n is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if a in mesh.shape)
+        ways = math.prod(mesh.shape[a] for a in axes)
+        spec.append(axes if axes and ways > 1 and size % ways == 0 else None)
+    if all(s is None for s in spec):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
 def batch_sharding(mesh) -> NamedSharding:

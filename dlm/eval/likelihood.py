@@ -14,7 +14,7 @@ from flax import nnx
 
 from dlm.data.pipeline import num_rows, split_batch, take_rows
 from dlm.diffusion.losses import LN2
-from dlm.mesh import batch_sharding, mesh_context, replicated
+from dlm.mesh import batch_sharding, mesh_context, on_mesh, replicated
 from dlm.objectives import Objective, denoiser
 
 
@@ -30,7 +30,7 @@ def make_eval_fn(graphdef, objective: Objective, t_samples: int, mesh=None):
     if mesh is None:
         return jax.jit(fn)
     with mesh_context(mesh):
-        return jax.jit(fn, in_shardings=(None, batch_sharding(mesh), replicated(mesh)), out_shardings=replicated(mesh))
+        return jax.jit(on_mesh(fn, mesh), in_shardings=(None, batch_sharding(mesh), replicated(mesh)), out_shardings=replicated(mesh))
 
 
 def evaluate(eval_fn, params, rows, batch_size: int, seed: int = 0, mesh=None) -> dict:

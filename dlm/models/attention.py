@@ -16,11 +16,13 @@ Implementations (model.attention):
 - `chunked`: query tiles x key tiles with an online softmax (flash attention in pure JAX) and a
   backward pass that recomputes each tile from the saved log-sum-exp, so memory is
   O(L x chunk) forward and backward; any backend;
-- `auto` (default): einsum up to model.attention_chunk * 2 keys, chunked above;
+- `auto` (default): einsum up to model.attention_chunk * 2 keys; above, splash on TPU where the
+  mask allows it (full, causal, key visibility; lengths in multiples of 128), chunked otherwise;
 - `xla` / `cudnn`: jax.nn.dot_product_attention (cuDNN flash on GPU); causal is passed as
   is_causal, other rules as a dense mask built from the rule;
 - `splash`: the Pallas TPU splash kernel for full, causal and key-visibility rules (keys hidden
-  through segment ids); not run on CPU here.
+  through segment ids), in a shard_map over the mesh; compiled for TPU topologies by dlm.plan
+  and tested through the Pallas interpreter here.
 
 Rows whose keys are all hidden produce zeros rather than NaN. Scores, softmax and the
 accumulators are float32 whatever the dtype of q, k, v; the matmuls take their inputs in that
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -151,7 +154,10 @@ def attention(q, k, v, spec: AttentionSpec = FULL, implementation: str = "auto",
     """q [B, Lq, H, D], k / v [B, Lk, H, D] -> [B, Lq, H, D]."""
     Lq, Lk = q.shape[1], k.shape[1]
     if implementation == "auto":
-        implementation = "chunked" if Lk > 2 * chunk else "einsum"
+        if Lk > 2 * chunk:
+            implementation = "splash" if splash_fits(spec, Lq, Lk) else "chunked"
+        else:
+            implementation = "einsum"
     if implementation == "einsum":
         return einsum_attention(q, k, v, spec.mask(Lq, Lk))
     if implementation == "chunked":
@@ -313,25 +319,58 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def splash_attention(q, k, v, spec: AttentionSpec, interpret: bool = False):
     """Pallas splash attention (TPU): full and causal masks, and key visibility through segment
-    ids (queries in segment 1, visible keys 1, hidden keys 0). Other rules raise."""
+    ids (queries in segment 1, visible keys 1, hidden keys 0). Other rules raise.
+
+    On a mesh the kernel runs inside a shard_map that is manual over every mesh axis (Mosaic
+    kernels cannot be partitioned automatically, nor inside a shard_map manual over only some
+    axes): rows split over data x fsdp and heads over tensor where they divide, each device
+    calling the kernel on its own rows and heads."""
+    if spec.kind not in ("full", "causal", "keys"):
+        raise ValueError("model.attention=splash supports full, causal and key-visibility masks; this pass uses a "
+                         "hyperschedule or cache rule: use model.attention=chunked.")
+    B, Lk = q.shape[0], k.shape[1]
+    vis = jnp.broadcast_to(spec.k["visible"], (B, Lk)).astype(jnp.int32) if spec.kind == "keys" else None
+    local = functools.partial(_splash_local, kind=spec.kind, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(q, k, v, vis)
+    from jax.sharding import PartitionSpec as P
+
+    axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
+    rows = axes if axes and B % math.prod(mesh.shape[a] for a in axes) == 0 else None
+    heads = "tensor" if mesh.shape.get("tensor", 1) > 1 and q.shape[2] % mesh.shape["tensor"] == 0 \
+        and k.shape[2] % mesh.shape["tensor"] == 0 else None
+    qkv = P(rows, None, heads, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, None if vis is None else P(rows, None)), out_specs=qkv,
+                         axis_names=set(mesh.axis_names), check_vma=False)(q, k, v, vis)
+
+
+def _splash_local(q, k, v, vis, *, kind: str, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    if spec.kind == "causal":
-        base = sm.CausalMask((Lq, Lk), offset=Lk - Lq)
-    elif spec.kind in ("full", "keys"):
-        base = sm.FullMask((Lq, Lk))
-    else:
-        raise ValueError("model.attention=splash supports full, causal and key-visibility masks; this pass uses a "
-                         "hyperschedule or cache rule: use model.attention=chunked.")
+    base = sm.CausalMask((Lq, Lk), offset=Lk - Lq) if kind == "causal" else sm.FullMask((Lq, Lk))
     kernel = sk.make_splash_mha(sm.MultiHeadMask([base] * H), head_shards=1, q_seq_shards=1, interpret=interpret)
     qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q * D**-0.5, k, v))
-    if spec.kind == "keys":
-        vis = jnp.broadcast_to(spec.k["visible"], (B, Lk)).astype(jnp.int32)
+    if vis is not None:
         seg = lambda i: sk.SegmentIds(q=jnp.ones((Lq,), jnp.int32), kv=vis[i])
         o = jax.vmap(lambda a, b, c, i: kernel(a, b, c, segment_ids=seg(i)))(qt, kt, vt, jnp.arange(B))
     else:
         o = jax.vmap(kernel)(qt, kt, vt)
     return o.transpose(0, 2, 1, 3)
+
+
+def splash_fits(spec: AttentionSpec, Lq: int, Lk: int) -> bool:
+    """Whether `auto` may pick splash: a TPU mesh (or backend), a mask splash knows, and lengths
+    that its 128-wide blocks tile."""
+    return spec.kind in ("full", "causal", "keys") and Lq % 128 == 0 and Lk % 128 == 0 and _on_tpu()
+
+
+def _on_tpu() -> bool:
+    """Whether the program is traced for TPU: the mesh in scope's devices, else the backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    if device is not None and getattr(device, "platform", None):
+        return device.platform == "tpu"
+    return jax.default_backend() == "tpu"

@@ -90,8 +90,28 @@ def per_token(fn: Callable, logits, *args):
 
 
 def _chunked(fn, logits: LazyLogits, N: int, flat):
-    """fn over the N rows in chunks of logits.rows -> results with a leading [N] axis."""
-    hidden = logits.hidden.reshape(N, -1)
+    """fn over the N rows in chunks of logits.rows -> results with a leading [N] axis.
+
+    On a mesh whose batch is split (data x fsdp) the chunks run inside a shard_map over those
+    axes: each device loops over its own rows with the head gathered once before the loop, and
+    the head's gradient is summed over devices once, after it (left to XLA, a loop over
+    consecutive rows sits on one device's shard, and the head's gradient is all-reduced in every
+    chunk: a gigabyte per chunk at LLaDA's size)."""
+    from dlm.mesh import batch_axes
+
+    axes = batch_axes(N)
+    if not axes:
+        return _local_chunks(fn, logits, N, logits.hidden.reshape(N, -1), logits.head, flat)
+    from jax.sharding import PartitionSpec as P
+
+    rows = P(axes)
+    head = logits.head.astype(logits.hidden.dtype)  # gathered in the compute dtype
+    local = lambda h, w, *a: _local_chunks(fn, logits, h.shape[0], h, w, a)
+    return jax.shard_map(local, in_specs=(rows, P(), *(rows for _ in flat)), out_specs=rows, axis_names=set(axes),
+                         check_vma=False)(logits.hidden.reshape(N, -1), head, *flat)
+
+
+def _local_chunks(fn, logits: LazyLogits, N: int, hidden, head, flat):
     n = logits.rows
     chunks = -(-N // n)
     pad = chunks * n - N
@@ -103,5 +123,5 @@ def _chunked(fn, logits: LazyLogits, N: int, flat):
     def body(head, h, *a):
         return fn(dataclasses.replace(logits, head=head).compute(h), *a)
 
-    out = jax.lax.map(lambda xs: body(logits.head, *xs), (cut(hidden), *(cut(a) for a in flat)))
+    out = jax.lax.map(lambda xs: body(head, *xs), (cut(hidden), *(cut(a) for a in flat)))
     return jax.tree.map(lambda o: o.reshape(chunks * n, *o.shape[2:])[:N], out)

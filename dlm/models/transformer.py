@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dlm.config import ModelConfig, Remat
+from dlm.mesh import constrain
 from dlm.models.attention import FULL, AttentionSpec, attention as attend
 from dlm.models.logits import LazyLogits, rows_for
 
@@ -161,7 +162,7 @@ class Block(nnx.Module):
         h = norm(cfg, x, self.attn_scale[...]).astype(dt)
         if self.ada is not None:
             h = h * (1 + scale1) + shift1
-        q, k, v = (_dense(h, w[...], dt) for w in (self.wq, self.wk, self.wv))
+        q, k, v = (constrain(_dense(h, w[...], dt), "act_batch", None, "act_heads", None) for w in (self.wq, self.wk, self.wv))
         if self.bq is not None:
             q, k, v = (a + b[...].astype(dt) for a, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -178,12 +179,14 @@ class Block(nnx.Module):
         if self.ada is not None:
             h = h * (1 + scale2) + shift2
         if self.w_gate is not None:
-            h = jax.nn.silu(_dense(h, self.w_gate[...], dt)) * _dense(h, self.w_up[...], dt)
+            h = constrain(jax.nn.silu(_dense(h, self.w_gate[...], dt)) * _dense(h, self.w_up[...], dt), "act_batch", None, "act_mlp")
             m = _dense(h, self.w_down[...], dt, x.dtype)
         else:
             h = jax.nn.gelu(_dense(h, self.w_up[...], dt) + self.b_up[...].astype(dt), approximate=True)
+            h = constrain(h, "act_batch", None, "act_mlp")
             m = (_dense(h, self.w_down[...], dt, jnp.float32) + self.b_down[...]).astype(x.dtype)
-        return x + (m if gate2 is None else gate2.astype(x.dtype) * m), new_kv
+        x = x + (m if gate2 is None else gate2.astype(x.dtype) * m)
+        return constrain(x, "act_batch", None, None), new_kv
 
 
 class Transformer(nnx.Module):
@@ -252,7 +255,7 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(L), (B, L))
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, L, d] (Prime: [B, L, l, d/l]) float32 residual stream
         x = x.reshape(B, L, cfg.d_model)
-        x = x + self._position_embedding(positions)
+        x = constrain(x + self._position_embedding(positions), "act_batch", None, None)
         cos, sin = rope_tables(positions, cfg.d_model // cfg.num_heads, cfg.rope_theta)
         cond = None
         if self.sigma_in is not None:

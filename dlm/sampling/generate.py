@@ -251,6 +251,22 @@ class Padded:
                           kv_cache=kv_cache, **kw)
 
 
+def program(sampler: Callable, setup: Setup, graphdef, treedef) -> Callable:
+    """The function that generate() compiles: (parameter leaves, x, fixed, key, alphas, times,
+    pad or None) -> the sampler's dict (also what dlm.plan compiles for a pod)."""
+
+    def run(leaves, x, fixed, key, alphas, times, pad):
+        # The module is rebuilt from plain arrays where it is used, so that NNX sees Variables
+        # created at the trace level of the loop body, not at the level of this jit.
+        module = lambda: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        if pad is not None:
+            merged = module
+            module = lambda: Padded(merged(), pad)
+        return sampler(setup, module, x, fixed, key, alphas, times)
+
+    return run
+
+
 def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, *, diffusion: DiffusionConfig | None = None,
              num_samples: int | None = None, length: int | None = None, mesh=None, key=None, plan=None,
              eos_id: int = -1, prompts=None, pad_id: int | None = None) -> dict:
@@ -323,15 +339,7 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
     leaves, treedef = jax.tree.flatten(params)
     key = jax.random.key(cfg.seed) if key is None else key
 
-    def run(leaves, x, fixed, key, alphas, times, pad):
-        # The module is rebuilt from plain arrays where it is used, so that NNX sees Variables
-        # created at the trace level of the loop body, not at the level of this jit.
-        module = lambda: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-        if pad is not None:
-            merged = module
-            module = lambda: Padded(merged(), pad)
-        return sampler(setup, module, x, fixed, key, alphas, times)
-
+    run = program(sampler, setup, graphdef, treedef)
     start = time.time()
     with jax.enable_x64(cfg.x64):
         times = jnp.asarray(time_grid(cfg.steps, cfg.grid), jnp.float64 if cfg.x64 else jnp.float32)

@@ -17,7 +17,7 @@ from flax import nnx
 from dlm.config import Config, TrainConfig
 from dlm.data.pipeline import split_batch
 from dlm.diffusion import batch as rows
-from dlm.mesh import batch_sharding, mesh_context, replicated
+from dlm.mesh import batch_sharding, mesh_context, on_mesh, replicated
 from dlm.models.transformer import Transformer
 from dlm.objectives import denoiser, run_objective
 
@@ -89,22 +89,61 @@ def state_of(cfg: Config, params, tx) -> TrainState:
                       rng=jax.random.key_data(jax.random.key(cfg.train.seed + 1)), nonfinite=jnp.zeros((), jnp.int32))
 
 
+def param_shardings(cfg: Config, vocab_size: int, mesh):
+    """NamedShardings of the parameters on `mesh`, from their logical axis names."""
+    return jax.tree.map(lambda p: p.sharding, abstract_model_state(cfg, vocab_size, mesh)[1])
+
+
+def shard_like_params(tree, params_sharding, replicated_sharding, what: str = "optimizer state"):
+    """Shardings for a tree that holds copies of the parameter tree (Adam's mu and nu, an EMA,
+    gradients) and scalars (step counts): every subtree shaped like the parameters takes their
+    shardings, every scalar is replicated. Anything else is an error: a parameter-sized leaf
+    that is neither would silently be replicated on every device."""
+    treedef = jax.tree.structure(params_sharding)
+    like = lambda x: jax.tree.structure(x) == treedef
+
+    def one(x):
+        if like(x):
+            return params_sharding
+        if getattr(x, "ndim", None) == 0:
+            return replicated_sharding
+        raise ValueError(f"A {what} leaf of shape {getattr(x, 'shape', None)} is neither a scalar nor inside a copy of the "
+                         "parameter tree, so dlm cannot give it the parameters' sharding.")
+
+    return jax.tree.map(one, tree, is_leaf=like)
+
+
+def state_shardings(cfg: Config, vocab_size: int, mesh, abstract_state=None) -> TrainState:
+    """The train state's shardings, set from the parameters' logical axes: parameters, EMA and
+    every parameter-shaped optimizer leaf (Adam's moments) sharded like the parameter, scalars
+    (step, Adam's count, rng, fault count) replicated. Nothing is left to XLA's propagation: an
+    optimizer initialised inside jit from sharded parameters comes out replicated otherwise."""
+    if abstract_state is None:
+        tx = make_optimizer(cfg.train)
+        with mesh_context(mesh):
+            abstract_state = jax.eval_shape(lambda: init_state(cfg, vocab_size, tx))
+    params = param_shardings(cfg, vocab_size, mesh)
+    rep = replicated(mesh)
+    return TrainState(step=rep, params=params, opt_state=shard_like_params(abstract_state.opt_state, params, rep),
+                      ema=None if abstract_state.ema is None else params, rng=rep, nonfinite=rep)
+
+
 def create_train_state(cfg: Config, vocab_size: int, mesh, *, abstract: bool = False):
     """(graphdef, state or its abstract ShapeDtypeStructs with shardings, state shardings).
 
-    The init is compiled with the mesh and rules in scope and its output shardings read back,
-    so the state is created sharded, never first on one device.
+    The init is compiled with the state's shardings (`state_shardings`) as its output
+    shardings, so the state is created sharded, never first on one device; the abstract state
+    (a restore target) carries the same shardings.
     """
     tx = make_optimizer(cfg.train)
     with mesh_context(mesh):
         graphdef = model_graphdef(cfg, vocab_size)
-        compiled = jax.jit(lambda: init_state(cfg, vocab_size, tx)).lower().compile()
-        shardings = compiled.output_shardings
+        shapes = jax.eval_shape(lambda: init_state(cfg, vocab_size, tx))
+        shardings = state_shardings(cfg, vocab_size, mesh, shapes)
         if abstract:
-            shapes = jax.eval_shape(lambda: init_state(cfg, vocab_size, tx))
             state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
         else:
-            state = compiled()
+            state = jax.jit(lambda: init_state(cfg, vocab_size, tx), out_shardings=shardings)()
     return graphdef, state, shardings
 
 
@@ -115,10 +154,13 @@ def start_from(cfg: Config, params, shardings) -> TrainState:
     return jax.jit(lambda p: state_of(cfg, p, tx), out_shardings=shardings, donate_argnums=0)(params)
 
 
-def loss_and_grads(graphdef, objective, params, batch, key, grad_accum: int = 1):
+def loss_and_grads(graphdef, objective, params, batch, key, grad_accum: int = 1, grad_shardings=None):
     """((loss, metrics), grads) of a batch; with grad_accum = N a scan over N micro-batches (rows
     j, j + N, ... : each device keeps its rows) whose mean loss, metrics and gradients are the
-    large batch's, since every draw is the large batch's (dlm.diffusion.batch)."""
+    large batch's, since every draw is the large batch's (dlm.diffusion.batch). `grad_shardings`
+    (the parameters' shardings) pins the gradients, and the accumulator, to them: reduce-scattered
+    over fsdp like the parameters rather than left to XLA's propagation."""
+    pin = (lambda g: g) if grad_shardings is None else (lambda g: jax.lax.with_sharding_constraint(g, grad_shardings))
     tokens, given = split_batch(batch)
 
     def loss_fn(params, tokens, given):
@@ -126,7 +168,8 @@ def loss_and_grads(graphdef, objective, params, batch, key, grad_accum: int = 1)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum == 1:
-        return grad_fn(params, tokens, given)
+        out, grads = grad_fn(params, tokens, given)
+        return out, pin(grads)
     B, L = tokens.shape
     n = grad_accum
     split = lambda a: None if a is None else a.reshape(B // n, n, *a.shape[1:])
@@ -136,9 +179,9 @@ def loss_and_grads(graphdef, objective, params, batch, key, grad_accum: int = 1)
         pick = lambda a: None if a is None else jax.lax.dynamic_index_in_dim(a, j, axis=1, keepdims=False)
         with rows.micro_batch(j, n, B):
             (loss, metrics), g = grad_fn(params, pick(tokens_n), pick(given_n))
-        return jax.tree.map(jnp.add, grads, g), (loss, metrics)
+        return pin(jax.tree.map(jnp.add, grads, pin(g))), (loss, metrics)
 
-    grads, (losses, metrics) = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), jnp.arange(n))
+    grads, (losses, metrics) = jax.lax.scan(micro, pin(jax.tree.map(jnp.zeros_like, params)), jnp.arange(n))
     mean = lambda x: jnp.mean(x, axis=0)
     return (mean(losses), jax.tree.map(mean, metrics)), jax.tree.map(lambda g: g / n, grads)
 
@@ -155,7 +198,8 @@ def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
     def step(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         poison = jnp.where(jnp.any(inject == state.step), jnp.nan, 1.0)
-        (loss, metrics), grads = loss_and_grads(graphdef, objective, state.params, batch, key, cfg.train.grad_accum)
+        (loss, metrics), grads = loss_and_grads(graphdef, objective, state.params, batch, key, cfg.train.grad_accum,
+                                                shardings.params)
         loss = loss * poison
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -175,5 +219,5 @@ def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
                           ema=keep(ema, state.ema), rng=state.rng, nonfinite=count), metrics
 
     with mesh_context(mesh):
-        return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+        return jax.jit(on_mesh(step, mesh), in_shardings=(shardings, batch_sharding(mesh)),
                        out_shardings=(shardings, replicated(mesh)), donate_argnums=0)

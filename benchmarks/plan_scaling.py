@@ -1,0 +1,91 @@
+"""Weak scaling of the LLaDA-8B pretraining plan on v5p: 16, 32, 64 and 128 chips at a fixed
+per-chip batch (4 rows of 4096 tokens), compiled for each topology by dlm.plan on this host.
+
+    python benchmarks/plan_scaling.py --out FILE [--rows-per-chip 4] [--config configs/llada8b_pretrain.yaml]
+
+Per chip, FSDP should give: the state (parameters, Adam's moments, EMA) proportional to
+1 / chips; temporaries (activations of the chip's own rows, one layer's gathered weights) flat;
+and weight traffic per step near 3 x the parameters in the compute dtype (each layer's weights
+all-gathered for the forward pass, again for the rematerialised forward and the backward pass)
+plus the gradients' reduction, whatever the chip count. The record has one row per chip count
+and those three ratios; the plot shows them against chips. Compiles only: a compiler's view,
+not a measured step (README "Plan a pod run").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+TOPOLOGIES = {16: "v5p:2x2x4", 32: "v5p:2x4x4", 64: "v5p:4x4x4", 128: "v5p:4x4x8"}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default=str(pathlib.Path(__file__).resolve().parents[1] / "configs/llada8b_pretrain.yaml"))
+    p.add_argument("--rows-per-chip", type=int, default=4)
+    args = p.parse_args()
+    from dlm.config import load_config
+    from dlm.plan import matmul_params, plan
+
+    rows = []
+    for chips, topo in TOPOLOGIES.items():
+        cfg = load_config(args.config, [f"train.batch_size={args.rows_per_chip * chips}"])
+        r = plan(cfg, topo, "train")
+        pc = r["per_chip"]
+        state = pc["params_bytes"] + pc["optimizer_bytes"] + pc["ema_bytes"]
+        n = matmul_params(cfg.model, cfg.model.vocab_size)
+        compute_bytes = (n["layers"] + n["head"]) * 2  # the matmul weights in bfloat16
+        ici = sum(c["traffic_bytes"] for c in r["collectives"] if not c["dcn"])
+        row = {"chips": chips, "topology": topo, "state_bytes_per_chip": state, "state_total_bytes": r["state_total_bytes"],
+               "temp_bytes": pc["temp_bytes"], "total_bytes": pc["total_bytes"], "fits": r["fits"],
+               "ici_traffic_bytes": ici, "collectives": r["collectives"], "matmul_weight_bytes_bf16": compute_bytes,
+               "traffic_over_weights": ici / compute_bytes, "mfu": r["roofline"]["mfu"],
+               "step_seconds": r["roofline"]["step_seconds"]}
+        rows.append(row)
+        print(f"{chips:4d} chips {topo:11s} state/chip {state / 2**30:7.3f} GiB (total/chips {r['state_total_bytes'] / chips / 2**30:7.3f}),"
+              f" temp {pc['temp_bytes'] / 2**30:7.2f} GiB, total {pc['total_bytes'] / 2**30:6.2f} GiB, ICI traffic "
+              f"{ici / 1e9:7.1f} GB = {ici / compute_bytes:4.2f} x the bf16 weights, MFU <= {row['mfu']:.1%}", flush=True)
+    base = rows[0]
+    for row in rows:
+        row["state_ratio_to_ideal"] = row["state_bytes_per_chip"] / (row["state_total_bytes"] / row["chips"])
+        row["temp_ratio_to_16"] = row["temp_bytes"] / base["temp_bytes"]
+    print("state per chip / (total / chips):", ", ".join(f"{r['state_ratio_to_ideal']:.4f}" for r in rows))
+    print("temp / temp at 16 chips:        ", ", ".join(f"{r['temp_ratio_to_16']:.3f}" for r in rows))
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": args.config, "rows_per_chip": args.rows_per_chip, "rows": rows}, indent=1) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        chips = [r["chips"] for r in rows]
+        ax.plot(chips, [r["state_bytes_per_chip"] / 2**30 for r in rows], "o-", label="state (params, Adam, EMA)")
+        ax.plot(chips, [r["temp_bytes"] / 2**30 for r in rows], "s-", label="temporaries")
+        ax.plot(chips, [r["ici_traffic_bytes"] / 1e9 / 10 for r in rows], "^-", label="ICI traffic per step / 10 (GB)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(chips, [str(c) for c in chips])
+        ax.set_xlabel("v5p chips (4 rows of 4096 tokens each)")
+        ax.set_ylabel("GiB per chip")
+        ax.set_title("LLaDA-8B pretraining plan, per chip, as compiled for v5p")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=120)
+    except ImportError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,555 @@
+"""Plan a pod run on this host: compile the real train step or sampler for a TPU topology and
+report what one chip holds, what it computes and what it sends, before anyone pays for the pod.
+
+    python -m dlm.plan --config C [key=value ...] --topology v5p:4x4x4 [--num-slices N]
+                       --what train|sample [--param-dtype bfloat16] --out plan.json
+
+libtpu (the `tpu` extra, installed with the tests) describes the topology's chips to JAX on a
+CPU-only host (`jax.experimental.topologies`); the state, the batch and the parameters are
+ShapeDtypeStructs with their shardings on a mesh of those chips, so nothing is allocated, and
+`jit(...).lower(...).compile()` runs XLA's TPU compiler on the same program the trainer or
+`dlm.generate` runs. What comes back is a compiler's view, not a measured step:
+
+- per-chip bytes: the state's shards (parameters, optimizer, EMA: from the shardings), other
+  arguments, temporaries, outputs and code (`memory_analysis()`, per device), and their total
+  code + arguments + outputs - aliased + temporaries (what XLA calls the minimum to run), against
+  the chip's HBM;
+- FLOPs per chip from the model (dlm.plan.model_flops): XLA's `cost_analysis()` counts a scanned
+  layer once and a Pallas kernel as almost nothing, so its figure is printed beside, labelled;
+- every collective of the optimized HLO (kind, count, bytes per step per chip, with while-loop
+  bodies multiplied by their trip counts), and which cross slices (DCN); for a sampler these are
+  the whole decode's, its data-dependent loops counted at their bound;
+- a roofline: step time >= max(FLOPs / peak, HBM bytes / bandwidth, ICI bytes / bandwidth,
+  DCN bytes / bandwidth) with published per-chip figures (CHIPS), and the MFU that bound allows;
+  for a sampler, of one denoising pass (its ICI: the weights it gathers over fsdp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+import sys
+from collections import defaultdict
+
+GiB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Published per-chip figures (bf16 dense peak; ICI one-way bandwidth of one link)."""
+
+    name: str
+    hbm_bytes: int
+    peak_flops: float
+    hbm_bandwidth: float  # bytes / s
+    ici_link: float  # bytes / s, one way, one link
+    dcn: float  # bytes / s per chip (the host's NICs shared by its 4 chips)
+
+
+# Sources: cloud.google.com/tpu/docs/v4, /v5e, /v5p-training, /v6e (HBM, peak bf16, HBM bandwidth);
+# ICI per link and DCN per host from the scaling book (jax-ml.github.io/scaling-book, "How to Think
+# About TPUs": per link one way v4 4.5e10, v5e 4.5e10, v5p 9e10 and v6e 9e10 B/s; DCN about 2.5e10
+# B/s per host of 4 chips). HBM as published: v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB.
+CHIPS = {
+    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1.2e12, 4.5e10, 2.5e10 / 4),
+    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 8.19e11, 4.5e10, 2.5e10 / 4),
+    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2.765e12, 9e10, 2.5e10 / 4),
+    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1.64e12, 9e10, 2.5e10 / 4),
+}
+
+
+class PlanError(ValueError):
+    """The plan cannot be made as asked; the message says why and what to do."""
+
+
+def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
+    m = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})", name)
+    if not m:
+        raise PlanError(f"--topology {name!r} is not a TPU topology this planner knows; use one of v4:AxBxC, v5p:AxBxC, "
+                        "v5e:AxB, v6e:AxB (chips per axis, e.g. v5p:4x4x4).")
+    dims = tuple(int(d) for d in m.group(2).split("x"))
+    if (m.group(1) in ("v4", "v5p")) != (len(dims) == 3):
+        raise PlanError(f"--topology {name!r}: {m.group(1)} slices are {'3' if m.group(1) in ('v4', 'v5p') else '2'}-D "
+                        "(v4 / v5p: AxBxC, v5e / v6e: AxB).")
+    return m.group(1), dims
+
+
+def topology_devices(name: str, num_slices: int = 1):
+    """The compile-only TPU devices of `num_slices` slices of topology `name` (libtpu describes
+    them on a CPU host)."""
+    gen, _ = parse_topology(name)
+    try:
+        from jax.experimental import topologies
+    except ImportError as e:  # pragma: no cover
+        raise PlanError(f"jax.experimental.topologies is unavailable ({e}).") from None
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=name, chips_per_host_bounds=(2, 2, 1),
+                                            num_slices=num_slices)
+    except Exception as e:  # libtpu missing or the name unknown to it
+        raise PlanError(f"libtpu could not describe {name!r} ({str(e).splitlines()[0][:160]}); install the tpu extra "
+                        "(pip install -e '.[tpu]') and check the topology name.") from None
+    return desc.devices
+
+
+# ------------------------------------------------------------------------------------------
+# the model's FLOPs
+
+
+def matmul_params(mcfg, vocab_size: int) -> dict:
+    """Weights that take part in a matmul per token: per layer (attention projections, MLP) and
+    the output head (the embedding is a lookup)."""
+    from dlm.models.transformer import kv_heads, mlp_width
+
+    d, H, KV = mcfg.d_model, mcfg.num_heads, kv_heads(mcfg)
+    hd, ff = d // H, mlp_width(mcfg)
+    attn = d * H * hd * 2 + d * KV * hd * 2
+    mlp = (3 if mcfg.mlp == "swiglu" else 2) * d * ff
+    return {"layer": attn + mlp, "layers": mcfg.num_layers * (attn + mlp), "head": d * vocab_size}
+
+
+def model_flops(mcfg, vocab_size: int, tokens: int, keys: int, backward: bool) -> float:
+    """2 N per token per matmul weight plus the attention scores and values (4 L_k d per token
+    per layer, bidirectional: nothing halved); x 3 with the backward pass. Rematerialisation is
+    not counted (these are model FLOPs, the numerator of MFU)."""
+    n = matmul_params(mcfg, vocab_size)
+    per_token = 2 * (n["layers"] + n["head"]) + 4 * mcfg.num_layers * keys * mcfg.d_model
+    return (3 if backward else 1) * per_token * tokens
+
+
+# ------------------------------------------------------------------------------------------
+# collectives of the optimized HLO
+
+_KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute", "send", "recv")
+_OP = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(.+?)\s+(" + "|".join(_KINDS) + r")(-start)?\(")
+_ARRAY = re.compile(r"\b(pred|s4|u4|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64|f8e4m3fn|f8e5m2|c64|c128)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4, "s64": 8, "u64": 8,
+          "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1, "c64": 8, "c128": 16}
+_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\))?\s*->.*\{\s*$")
+_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations|called_computations)=\{?([^}\s]+(?:,\s*%[\w.\-]+)*)\}?")
+
+
+def _arrays(type_text: str) -> list[int]:
+    out = []
+    for dt, dims in _ARRAY.findall(type_text):
+        n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        out.append(int(n * _BYTES[dt]))
+    return out
+
+
+def _group_size(line: str, num_devices: int) -> int:
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if m:
+        sizes = dict((k.strip("' "), int(v)) for k, v in (kv.split("=") for kv in m.group(1).split(",")))
+        return math.prod(sizes[a.strip("' ")] for a in m.group(2).split(",") if a.strip())
+    m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    if m:
+        return len(m.group(1).split(","))
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
+    if m:
+        return int(m.group(2))
+    m = re.search(r"source_target_pairs=\{([^}]*(?:\}[^}]*)*)\}", line)
+    return 2 if m else num_devices
+
+
+def parse_collectives(hlo: str, num_devices: int) -> list[dict]:
+    """Collectives of an optimized HLO module: [{kind, count, bytes, traffic_bytes, dcn}] per
+    step and chip. `bytes` are each op's result (the gathered array of an all-gather, the shard
+    of a reduce-scatter); ops in a while body count once per iteration, the trip count read from
+    the loop condition's `i < N`. `traffic_bytes` is what a ring sends per chip: (n - 1) / n of
+    the gathered bytes for all-gather, n - 1 shards for reduce-scatter, twice (n - 1) / n for
+    all-reduce, (n - 1) / n for all-to-all, all of it for a permute. `dcn`: a cross-slice
+    transfer (XLA's megascale send / recv)."""
+    comps: dict[str, list[str]] = {}
+    entry, name = None, None
+    for line in hlo.splitlines():
+        if name is None:
+            m = _COMP.match(line)
+            if m and not line.startswith(" "):
+                name = m.group(1)
+                comps[name] = []
+                if line.startswith("ENTRY"):
+                    entry = name
+            continue
+        if line.startswith("}"):
+            name = None
+            continue
+        comps[name].append(line)
+    trips: dict[str, int] = {}
+    edges: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for cname, lines in comps.items():
+        for line in lines:
+            w = re.search(r"\bwhile\(.*condition=%([\w.\-]+), body=%([\w.\-]+)", line)
+            if w:
+                cond, body = w.group(1), w.group(2)
+                n = _trip_count(comps.get(cond, []))
+                trips[body] = n
+                edges[cname] += [(cond, n), (body, n)]
+                continue
+            for m in _CALLS.finditer(line):
+                for callee in re.findall(r"%?([\w.\-]+)", m.group(1)):
+                    if callee in comps:
+                        edges[cname].append((callee, 1))
+    mult: dict[str, int] = defaultdict(int)
+
+    def visit(c, k, depth=0):
+        mult[c] += k
+        if depth < 64:
+            for callee, n in edges.get(c, []):
+                visit(callee, k * n, depth + 1)
+
+    if entry is not None:
+        visit(entry, 1)
+    table: dict[tuple[str, bool], dict] = {}
+    for cname, lines in comps.items():
+        k = mult.get(cname, 0)
+        if not k:
+            continue
+        for line in lines:
+            m = _OP.match(line)
+            if not m:
+                continue
+            type_text, kind, start = m.groups()
+            arrays = _arrays(type_text)
+            if not arrays:
+                continue
+            if start and type_text.startswith("("):  # async start: (operand(s), result(s), contexts...)
+                arrays = [a for a in arrays if a > 16] or arrays
+                size = arrays[-1] if kind == "all-gather" else arrays[0]
+            else:
+                size = sum(arrays)
+            dcn = "megascale" in line
+            n = max(_group_size(line, num_devices), 1)
+            share = {"all-gather": (n - 1) / n, "all-reduce": 2 * (n - 1) / n, "reduce-scatter": n - 1,
+                     "all-to-all": (n - 1) / n}.get(kind, 1.0)
+            row = table.setdefault((kind, dcn), {"kind": kind, "count": 0, "bytes": 0, "traffic_bytes": 0, "dcn": dcn})
+            row["count"] += k
+            row["bytes"] += k * size
+            row["traffic_bytes"] += int(k * size * share)
+    return sorted(table.values(), key=lambda r: -r["traffic_bytes"])
+
+
+def _trip_count(cond_lines: list[str]) -> int:
+    """N of a loop condition `i < N` (a scan's counter starts at 0); 1 when it is not that shape."""
+    consts = {}
+    for line in cond_lines:
+        m = re.match(r"\s*%(\S+)\s*=\s*s32\[\]\S*\s+constant\((-?\d+)\)", line)
+        if m:
+            consts[m.group(1)] = int(m.group(2))
+    for line in cond_lines:
+        m = re.search(r"compare\(%\S+?, %(\S+?)\), direction=LT", line)
+        if m and m.group(1) in consts:
+            return max(consts[m.group(1)], 1)
+    return 1
+
+
+# ------------------------------------------------------------------------------------------
+# building and compiling the programs
+
+
+def _abstract(tree, dtype=None):
+    import jax
+
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=a.sharding), tree)
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (its largest shard)."""
+    import jax
+
+    total = 0
+    for a in jax.tree.leaves(tree):
+        shape = a.sharding.shard_shape(a.shape) if a.sharding is not None else a.shape
+        total += math.prod(shape) * a.dtype.itemsize
+    return int(total)
+
+
+def vocab_of(cfg) -> int:
+    from dlm.config import TokenizerKind
+
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size
+    if cfg.data.tokenizer == TokenizerKind.BYTE:
+        return 257
+    if cfg.data.tokenizer == TokenizerKind.BPE:
+        return cfg.data.bpe_vocab_size
+    raise PlanError("The plan needs the vocabulary size without loading a tokenizer: set model.vocab_size.")
+
+
+def _train_program(cfg, mesh, V):
+    import jax
+    import jax.numpy as jnp
+
+    from dlm.mesh import batch_sharding, check_batch
+    from dlm.train.state import create_train_state, make_train_step
+
+    check_batch(cfg.train.batch_size, mesh, cfg.train.grad_accum)
+    graphdef, state, shardings = create_train_state(cfg, V, mesh, abstract=True)
+    step = make_train_step(cfg, graphdef, V, mesh, shardings)
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), jnp.int32, sharding=batch_sharding(mesh))
+    parts = {"params_bytes": shard_bytes(state.params), "optimizer_bytes": shard_bytes(state.opt_state),
+             "ema_bytes": shard_bytes(state.ema) if state.ema is not None else 0}
+    total = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(state))
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    return step, (state, batch), parts, total, {
+        "tokens": tokens, "flops": model_flops(cfg.model, V, tokens, cfg.data.seq_len, backward=True),
+        "weight_passes": 4 if cfg.model.remat.value != "none" else 3, "description":
+            f"train step: batch {cfg.train.batch_size} x seq {cfg.data.seq_len}, remat {cfg.model.remat.value}, "
+            f"attention {cfg.model.attention}, compute {cfg.model.dtype.value}"}
+
+
+def _sample_program(cfg, mesh, V, param_dtype: str, prompt_len: int):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from dlm.diffusion import hyperschedules as hs
+    from dlm.mesh import batch_sharding, mesh_context
+    from dlm.objectives import objective_for
+    from dlm.sampling.ancestral import time_grid
+    from dlm.sampling.generate import Setup, parallel, program, sampler_for
+    from dlm.sampling.hyper import make_plan
+    from dlm.diffusion.schedules import make_schedule
+    from dlm.config import check_decode
+    from dlm.models.transformer import mask_id_of
+    from dlm.train.state import abstract_model_state
+
+    sc = cfg.sampling
+    L = sc.length or cfg.data.seq_len
+    B = sc.num_samples
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if B % shards:
+        raise PlanError(f"sampling.num_samples={B} must be divisible by mesh data*fsdp={shards} (generate pads it; a plan "
+                        "should not count padding rows).")
+    if not 0 <= prompt_len < L:
+        raise PlanError(f"--prompt-len {prompt_len} must be below the generation length {L} (sampling.length).")
+    graphdef, params = abstract_model_state(cfg, V, mesh)
+    params = _abstract(params, jnp.dtype(param_dtype))
+    leaves, treedef = jax.tree.flatten(params)
+    mask_id = mask_id_of(cfg.model, cfg.model.vocab_size or V)
+    objective = objective_for(cfg.diffusion, mask_id, cfg.model.noise_conditioning, V)
+    sampler = sampler_for(objective, sc)
+    setup = Setup(sc, objective, V, L, cfg.model)
+    if sampler is parallel:
+        check_decode(sc.decode, L - prompt_len if sc.decode.suffix_dropout else L)
+        setup = dataclasses.replace(setup, prompt_len=prompt_len)
+    else:
+        kind = objective.diffusion.hyperschedule
+        width = hs.width_for(kind, L, objective.diffusion.block_width)
+        setup = dataclasses.replace(setup, plan=make_plan(hs.Hyperschedule(kind, L, width=width, steps=sc.steps), sc.grid))
+    run = program(sampler, setup, graphdef, treedef)
+    bs = batch_sharding(mesh)
+    rep = NamedSharding(mesh, P())
+    with jax.enable_x64(sc.x64):
+        times = jnp.asarray(time_grid(sc.steps, sc.grid), jnp.float64 if sc.x64 else jnp.float32)
+        alphas = make_schedule(objective.diffusion).alpha(times)
+        key = jax.eval_shape(lambda: jax.random.key(0))
+    args = (leaves, jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=bs), jax.ShapeDtypeStruct((B, L), jnp.bool_, sharding=bs),
+            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
+            jax.ShapeDtypeStruct(alphas.shape, alphas.dtype, sharding=rep), jax.ShapeDtypeStruct(times.shape, times.dtype, sharding=rep),
+            None)
+    total = sum(math.prod(a.shape) * a.dtype.itemsize for a in leaves)
+    gen = L - prompt_len
+    if sampler is parallel:
+        dc = sc.decode
+        block = min(dc.block_length, gen)
+        pass_tokens = {"none": L, "prefix": L - prompt_len, "dual": block}[dc.cache.value]
+        what = (f"parallel decoder: batch {B}, prompt {prompt_len} + generation {gen}, block {block}, {dc.rule.value} "
+                f"{dc.score.value}, cache {dc.cache.value}")
+    else:  # a cached step feeds the active block (its width), an uncached one the whole canvas
+        pass_tokens = setup.plan.width if sc.cache else L
+        what = f"{sampler.__name__} loop: batch {B}, length {L}, {sc.steps} steps, hyperschedule {cfg.diffusion.hyperschedule.value}"
+    extra = {"tokens": B * pass_tokens, "flops": model_flops(cfg.model, V, B * pass_tokens, L, backward=False),
+             "weight_passes": 1, "description": what + f", {param_dtype} parameters; one denoising pass",
+             "full_pass_flops": model_flops(cfg.model, V, B * L, L, backward=False)}
+    return run, args, {"params_bytes": shard_bytes(params), "optimizer_bytes": 0, "ema_bytes": 0}, total, extra
+
+
+def _on_tpu(compiled) -> bool:
+    import jax
+
+    shardings = [s for s in jax.tree.leaves(compiled.input_shardings) + jax.tree.leaves(compiled.output_shardings)
+                 if hasattr(s, "device_set")]
+    return bool(shardings) and all(d.platform == "tpu" for s in shardings for d in s.device_set)
+
+
+def make_mesh_for(cfg, devices):
+    from dlm.mesh import make_mesh
+
+    return make_mesh(cfg.mesh, devices=devices)
+
+
+def plan(cfg, topology: str, what: str = "train", num_slices: int = 1, param_dtype: str | None = None,
+         prompt_len: int = 0, hlo_path=None) -> dict:
+    """Compile `what` (train: the train step; sample: the configured sampler) for `num_slices`
+    slices of `topology` and return the report (see the module docstring)."""
+    import jax
+
+    from dlm.mesh import mesh_context
+
+    gen, _ = parse_topology(topology)
+    chip = CHIPS[gen]
+    devices = topology_devices(topology, num_slices)
+    mesh = make_mesh_for(cfg, devices)
+    V = vocab_of(cfg)
+    if what == "train":
+        fn, args, parts, total, extra = _train_program(cfg, mesh, V)
+    elif what == "sample":
+        fn, args, parts, total, extra = _sample_program(cfg, mesh, V, param_dtype or cfg.model.dtype.value, prompt_len)
+        fn = jax.jit(fn)
+    else:
+        raise PlanError(f"--what {what!r}: use train or sample.")
+    report = {"topology": topology, "num_slices": num_slices, "chips": len(devices), "chip": chip.name, "what": what,
+              "description": extra["description"], "mesh": dict(mesh.shape), "hbm_bytes_per_chip": chip.hbm_bytes,
+              "state_total_bytes": int(total)}
+    try:
+        with mesh_context(mesh), jax.enable_x64(cfg.sampling.x64 if what == "sample" else False):
+            compiled = fn.lower(*args).compile()
+    except Exception as e:  # XLA refuses programs that do not fit: turn that into the verdict
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" not in text and "exceeds" not in text.lower():
+            raise
+        first = next((l for l in text.splitlines() if "RESOURCE_EXHAUSTED" in l or "exceeds" in l), text.splitlines()[0])
+        return dict(report, compiled=False, fits=False, per_chip=dict(parts), collectives=[], roofline=None,
+                    verdict=f"does not fit: the compiler refused it ({first.strip()[:300]}); the state alone is "
+                            f"{_gib(sum(parts.values()))} GiB per chip of {_gib(chip.hbm_bytes)}.")
+    if not _on_tpu(compiled):
+        raise PlanError("The program compiled for the host, not the topology's chips (no input is sharded on them); "
+                        "this is a bug in the planner.")
+    mem = compiled.memory_analysis()
+    args_b, out_b, alias_b = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes
+    temp_b, code_b = mem.temp_size_in_bytes, mem.generated_code_size_in_bytes
+    per_chip = dict(parts, other_args_bytes=int(args_b - sum(parts.values())), temp_bytes=int(temp_b),
+                    output_bytes=int(out_b), alias_bytes=int(alias_b), code_bytes=int(code_b),
+                    total_bytes=int(code_b + args_b + out_b - alias_b + temp_b))
+    peak = getattr(mem, "peak_memory_in_bytes", None)
+    if peak:
+        per_chip["peak_memory_bytes"] = int(peak)
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost
+    hlo = compiled.as_text()
+    if hlo_path:
+        pathlib.Path(hlo_path).write_text(hlo)
+    collectives = parse_collectives(hlo, len(devices))
+    chips = len(devices)
+    flops = extra["flops"] / chips
+    # HBM traffic, a lower bound: the weights each chip reads per matmul pass (gathered to its
+    # tensor shard), and the optimizer's read and write of the state's shards
+    tensor = mesh.shape["tensor"]
+    n = matmul_params(cfg.model, V)
+    wbytes = extra["weight_passes"] * (n["layers"] + n["head"]) / tensor * jax.numpy.dtype(
+        param_dtype or cfg.model.dtype.value).itemsize
+    state_rw = 2 * (parts["params_bytes"] + parts["optimizer_bytes"] + parts["ema_bytes"]) + 2 * parts["params_bytes"] \
+        if what == "train" else 0
+    hbm = wbytes + state_rw
+    ici = sum(c["traffic_bytes"] for c in collectives if not c["dcn"])
+    dcn = sum(c["traffic_bytes"] for c in collectives if c["dcn"])
+    if what == "sample":
+        # the HLO's collectives are the whole decode's (data-dependent loops at their bound);
+        # the roofline is one pass's: the weights gathered over fsdp where the program gathers
+        fsdp = mesh.shape["fsdp"]
+        gathers = any(c["kind"] == "all-gather" for c in collectives)
+        ici = parts["params_bytes"] * (fsdp - 1) if gathers else 0
+        dcn = 0
+    times = {"compute_seconds": flops / chip.peak_flops, "hbm_seconds": hbm / chip.hbm_bandwidth,
+             "ici_seconds": ici / (2 * chip.ici_link), "dcn_seconds": dcn / chip.dcn}
+    step_s = max(times.values())
+    roofline = dict(times, step_seconds=step_s, mfu=(flops / chip.peak_flops) / step_s if step_s else 0.0,
+                    bound=max(times, key=times.get).replace("_seconds", ""), hbm_bytes=int(hbm), ici_bytes=int(ici),
+                    dcn_bytes=int(dcn))
+    if what == "train":
+        roofline["tokens_per_second_per_chip"] = extra["tokens"] / chips / step_s if step_s else 0.0
+    fits = per_chip["total_bytes"] <= chip.hbm_bytes
+    report.update(compiled=True, fits=fits, per_chip=per_chip, flops_per_chip=flops, model_flops_per_step=extra["flops"],
+                  xla_cost_analysis_flops_per_chip=float(cost.get("flops", 0.0)),
+                  xla_cost_analysis_note="XLA counts a scanned layer once and a Pallas kernel as almost nothing; "
+                                         "flops_per_chip is computed from the model",
+                  collectives=collectives, roofline=roofline, verdict=_verdict(fits, per_chip, chip))
+    if "full_pass_flops" in extra:
+        report["full_pass_flops_per_chip"] = extra["full_pass_flops"] / chips
+    return report
+
+
+def _gib(b) -> str:
+    return f"{b / GiB:.2f}"
+
+
+_LABELS = {"params_bytes": "parameters", "optimizer_bytes": "optimizer state", "ema_bytes": "EMA",
+           "other_args_bytes": "other arguments", "temp_bytes": "temporaries (activations, gradients, buffers)",
+           "output_bytes": "outputs", "code_bytes": "code"}
+
+
+def _verdict(fits: bool, per_chip: dict, chip: Chip) -> str:
+    total = per_chip["total_bytes"]
+    if fits:
+        return f"fits with {_gib(chip.hbm_bytes - total)} GiB to spare ({_gib(total)} of {_gib(chip.hbm_bytes)} GiB per chip)."
+    top = sorted(((per_chip[k], k) for k in _LABELS if per_chip.get(k, 0) > 0), reverse=True)[:3]
+    consumers = ", ".join(f"{_LABELS[k]} {_gib(v)} GiB" for v, k in top)
+    return f"does not fit by {_gib(total - chip.hbm_bytes)} GiB ({_gib(total)} of {_gib(chip.hbm_bytes)} GiB per chip): the largest consumers are {consumers}."
+
+
+def table(report: dict) -> str:
+    """The report as a readable table."""
+    lines = [f"{report['what']} on {report['topology']} x {report['num_slices']} slice(s): {report['chips']} chips "
+             f"({report['chip']}, {_gib(report['hbm_bytes_per_chip'])} GiB HBM each), mesh {report['mesh']}",
+             f"  {report['description']}",
+             f"  state: {report['state_total_bytes'] / 1e9:.2f} GB in all", "  per chip:"]
+    pc = report["per_chip"]
+    for k in ("params_bytes", "optimizer_bytes", "ema_bytes", "other_args_bytes", "temp_bytes", "output_bytes",
+              "alias_bytes", "code_bytes", "total_bytes", "peak_memory_bytes"):
+        if k in pc:
+            lines.append(f"    {k.replace('_bytes', ''):<18} {pc[k] / GiB:9.3f} GiB")
+    if report.get("compiled"):
+        r = report["roofline"]
+        lines += [f"  FLOPs per chip: {report['flops_per_chip']:.3e} from the model "
+                  f"(XLA cost_analysis: {report['xla_cost_analysis_flops_per_chip']:.3e}, undercounts scans and kernels)",
+                  "  collectives per step per chip:"]
+        for c in report["collectives"]:
+            lines.append(f"    {c['kind'] + (' (DCN)' if c['dcn'] else ''):<24} x{c['count']:<6} {c['bytes'] / 1e9:10.3f} GB"
+                         f"  ring traffic {c['traffic_bytes'] / 1e9:10.3f} GB")
+        lines.append(f"  roofline: compute {r['compute_seconds'] * 1e3:.1f} ms, HBM {r['hbm_seconds'] * 1e3:.1f} ms, "
+                     f"ICI {r['ici_seconds'] * 1e3:.1f} ms, DCN {r['dcn_seconds'] * 1e3:.1f} ms -> step >= "
+                     f"{r['step_seconds'] * 1e3:.1f} ms ({r['bound']}-bound), MFU <= {r['mfu']:.1%}")
+    lines.append(f"  verdict: {report['verdict']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; libtpu only describes the chips
+    p = argparse.ArgumentParser(prog="dlm-plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the config")
+    p.add_argument("--topology", required=True, help="v5p:4x4x4, v5e:4x4, v4:2x2x2, v6e:2x4, ...")
+    p.add_argument("--num-slices", type=int, default=1)
+    p.add_argument("--what", choices=("train", "sample"), default="train")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="sample: the parameters' dtype (default: model.dtype; dlm.load_pretrained's dtype)")
+    p.add_argument("--prompt-len", type=int, default=0, help="sample: prompt tokens before the generation")
+    p.add_argument("--out", default=None, help="write the report as JSON here")
+    p.add_argument("--hlo", default=None, help="write the optimized HLO text here")
+    args = p.parse_args(argv)
+    from dlm.config import ConfigError, load_config
+
+    try:
+        if args.num_slices < 1:
+            raise PlanError(f"--num-slices {args.num_slices} must be at least 1.")
+        cfg = load_config(args.config, args.overrides)
+        report = plan(cfg, args.topology, args.what, args.num_slices, args.param_dtype, args.prompt_len, hlo_path=args.hlo)
+    except (ConfigError, PlanError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(report))
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Per-device memory of the sharded train state on the CPU mesh, and dlm.plan compiling the real
+train step and decoder for a TPU topology (libtpu describes the chips; nothing runs on them)."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from dlm import plan as P
+from dlm.config import MeshConfig, load_config
+from dlm.mesh import make_mesh
+from dlm.train.state import create_train_state
+
+V = 32000
+
+
+def _cfg(root, *over):
+    return load_config(root / "configs/test.yaml", ["model.d_model=128", "model.num_heads=4", "model.num_layers=2", *over])
+
+
+def _device_bytes(tree, device):
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
+
+
+@pytest.mark.parametrize("fsdp,tensor", [(8, 1), (4, 2)])
+def test_every_state_leaf_holds_its_parameter_shard(root, fsdp, tensor):
+    cfg = _cfg(root)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=fsdp, tensor=tensor))
+    _, state, _ = create_train_state(cfg, V, mesh)
+    dev = jax.devices()[0]
+    params = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+    moments = [state.opt_state[1][0].mu, state.opt_state[1][0].nu, state.ema]
+    for tree in moments:
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            p = params[jax.tree_util.keystr(path)]
+            assert leaf.sharding.is_equivalent_to(p.sharding, p.ndim), jax.tree_util.keystr(path)
+            shard = math.prod(p.sharding.shard_shape(p.shape)) * leaf.dtype.itemsize
+            assert _device_bytes([leaf], dev) == shard, jax.tree_util.keystr(path)
+    scalars = [x for x in jax.tree.leaves(state) if x.ndim == 0]
+    assert scalars and all(x.sharding.is_fully_replicated for x in scalars)
+    total = sum(x.nbytes for x in jax.tree.leaves(state))
+    scalar_bytes = sum(x.nbytes for x in jax.tree.leaves(state) if x.size <= 2)
+    per_device = _device_bytes(state, dev)
+    assert per_device <= (total / 8) * 1.02 + scalar_bytes, (per_device, total / 8)
+
+
+def test_unshardable_optimizer_leaf_is_refused():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from dlm.train.state import shard_like_params
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
+    params = {"w": NamedSharding(mesh, PartitionSpec("fsdp"))}
+    rep = NamedSharding(mesh, PartitionSpec())
+    out = shard_like_params((jax.ShapeDtypeStruct((), np.int32), {"w": jax.ShapeDtypeStruct((8,), np.float32)}), params, rep)
+    assert out[0] == rep and out[1] == params
+    with pytest.raises(ValueError, match="neither a scalar nor inside a copy of the parameter tree"):
+        shard_like_params({"extra": jax.ShapeDtypeStruct((3, 4), np.float32)}, params, rep)
+
+
+KEYS = {"topology", "chips", "what", "hbm_bytes_per_chip", "state_total_bytes", "per_chip", "fits", "flops_per_chip",
+        "collectives", "roofline", "verdict"}
+PER_CHIP = {"params_bytes", "optimizer_bytes", "ema_bytes", "other_args_bytes", "temp_bytes", "output_bytes", "code_bytes",
+            "total_bytes"}
+
+
+def test_train_step_plan_for_v5e_2x2(root, tmp_path):
+    out = tmp_path / "plan.json"
+    code = P.main(["--config", str(root / "configs/test.yaml"), "mesh.data=1", "mesh.fsdp=4", "train.batch_size=8",
+                   "--topology", "v5e:2x2", "--what", "train", "--out", str(out)])
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert KEYS <= set(r) and PER_CHIP <= set(r["per_chip"])
+    assert r["chips"] == 4 and r["fits"] and r["verdict"].startswith("fits with")
+    cfg = load_config(root / "configs/test.yaml")
+    # the state's shards: parameters, Adam's two moments and the EMA, a quarter each on 4 chips (the
+    # stacked layers' small vectors may not divide)
+    pc = r["per_chip"]
+    state = pc["params_bytes"] + pc["optimizer_bytes"] + pc["ema_bytes"]
+    assert r["state_total_bytes"] / 4 <= state <= r["state_total_bytes"] / 4 * 1.05
+    assert pc["optimizer_bytes"] >= 2 * pc["params_bytes"] * 0.99
+    # the model's FLOPs: 6 N per token (+ attention) on 8 x 32 tokens, over 4 chips
+    n = P.matmul_params(cfg.model, 257)
+    tokens = 8 * 32
+    expect = 3 * (2 * (n["layers"] + n["head"]) + 4 * cfg.model.num_layers * 32 * cfg.model.d_model) * tokens / 4
+    assert r["flops_per_chip"] == pytest.approx(expect)
+    kinds = {c["kind"] for c in r["collectives"]}
+    assert "all-reduce" in kinds or "all-gather" in kinds  # fsdp gathers weights and reduces gradients
+    assert 0 < r["roofline"]["mfu"] <= 1 and r["roofline"]["step_seconds"] > 0
+
+
+def test_parallel_decoder_plan_for_v5e_2x2(root, tmp_path):
+    out = tmp_path / "plan.json"
+    code = P.main(["--config", str(root / "configs/test.yaml"), "mesh.data=4", "sampling.sampler=parallel",
+                   "sampling.decode.cache=dual", "sampling.num_samples=4", "sampling.length=32",
+                   "sampling.decode.block_length=8", "--prompt-len", "8", "--param-dtype", "bfloat16",
+                   "--topology", "v5e:2x2", "--what", "sample", "--out", str(out)])
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert KEYS <= set(r) and PER_CHIP <= set(r["per_chip"]) and r["fits"]
+    assert r["per_chip"]["optimizer_bytes"] == 0
+    # bfloat16 parameters, replicated over data: each chip holds all of them in 2 bytes each
+    assert r["per_chip"]["params_bytes"] == r["state_total_bytes"]
+
+
+def test_plan_that_cannot_fit_gets_the_sentence(root, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    code = P.main(["--config", str(root / "configs/test.yaml"), "model.d_model=4096",
+                   "model.num_layers=16", "model.num_heads=32", "model.vocab_size=32000", "mesh.data=1", "mesh.fsdp=4", "train.batch_size=4",
+                   "--topology", "v5e:2x2", "--what", "train", "--out", str(out)])
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert not r["fits"]
+    assert r["verdict"].startswith("does not fit") and ("largest consumers" in r["verdict"] or "refused" in r["verdict"])
+    assert "does not fit" in capsys.readouterr().out
+
+
+def test_collective_parser_counts_loop_bodies():
+    hlo = """HloModule m
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %constant.1 = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %constant.1), direction=LT
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %x = f32[8] get-tuple-element(%p), index=1
+  %ag = f32[32]{0} all-gather(%x), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %t = (s32[], f32[8]) tuple(%i, %x)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8] parameter(0)
+  %w = (s32[], f32[8]) while(%t0), condition=%cond, body=%body
+  %ar = bf16[16]{0} all-reduce(%a), channel_id=2, replica_groups=[2,4]<=[8], to_apply=%add
+  ROOT %r = f32[8] get-tuple-element(%w), index=1
+}
+"""
+    rows = {r["kind"]: r for r in P.parse_collectives(hlo, 8)}
+    assert rows["all-gather"]["count"] == 5 and rows["all-gather"]["bytes"] == 5 * 128
+    assert rows["all-gather"]["traffic_bytes"] == int(5 * 128 * 3 / 4)
+    assert rows["all-reduce"]["count"] == 1 and rows["all-reduce"]["bytes"] == 32
+    assert rows["all-reduce"]["traffic_bytes"] == int(32 * 2 * 3 / 4)
+
+
+def test_unknown_topology_is_one_sentence(root, capsys):
+    assert P.main(["--config", str(root / "configs/test.yaml"), "--topology", "v5q:2x2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not a TPU topology" in err
