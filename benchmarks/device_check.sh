@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 out="${1:-${OUT:-benchmarks/results}}"
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
-python -c "import jax; print('jax', jax.__version__, jax.devices())"
-timeout 470 python benchmarks/device_check.py --out "$out/device_check.json" "${@:2}"
+py="$(command -v python3 || command -v python)"  # the GPU image's python3 holds its JAX
+"$py" -c "import jax; print('jax', jax.__version__, jax.devices())"
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout 470 "$py" benchmarks/device_check.py --out "$out/device_check.json" "${@:2}"

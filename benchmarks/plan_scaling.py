@@ -4,7 +4,9 @@ per-chip batch (4 rows of 4096 tokens), compiled for each topology by dlm.plan o
     python benchmarks/plan_scaling.py --out FILE [--rows-per-chip 4] [--config configs/llada8b_pretrain.yaml]
 
 Per chip, FSDP should give: the state (parameters, Adam's moments, EMA) proportional to
-1 / chips; temporaries (activations of the chip's own rows, one layer's gathered weights) flat;
+1 / chips; temporaries flat, except for the buffers shaped like the parameters (gradients, the
+optimizer's update), which are sharded like them and so shrink like the state (the benchmark
+fits temp = flat + sharded / chips and reports the flat part at every size);
 and weight traffic per step near 3 x the parameters in the compute dtype (each layer's weights
 all-gathered for the forward pass, again for the rematerialised forward and the backward pass)
 plus the gradients' reduction, whatever the chip count. The record has one row per chip count
@@ -19,6 +21,8 @@ import json
 import os
 import pathlib
 import sys
+
+import numpy as np
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -57,11 +61,27 @@ def main() -> int:
     for row in rows:
         row["state_ratio_to_ideal"] = row["state_bytes_per_chip"] / (row["state_total_bytes"] / row["chips"])
         row["temp_ratio_to_16"] = row["temp_bytes"] / base["temp_bytes"]
+    # temporaries = a part that does not depend on the chip count (the chip's own activations,
+    # one layer's gathered weights, the gathered head) + parameter-shaped buffers that shard
+    # like the state (the gradients, the update): least squares of temp = flat + per / chips
+    A = np.array([[1.0, 1.0 / r["chips"]] for r in rows])
+    flat, per = np.linalg.lstsq(A, np.array([r["temp_bytes"] for r in rows], float), rcond=None)[0]
+    param_f32 = rows[0]["state_total_bytes"] / 4  # parameters, mu, nu, EMA: four float32 copies
+    for row in rows:
+        row["temp_flat_part_bytes"] = row["temp_bytes"] - per / row["chips"]
+    flat_parts = [r["temp_flat_part_bytes"] for r in rows]
     print("state per chip / (total / chips):", ", ".join(f"{r['state_ratio_to_ideal']:.4f}" for r in rows))
     print("temp / temp at 16 chips:        ", ", ".join(f"{r['temp_ratio_to_16']:.3f}" for r in rows))
+    print(f"temp = {flat / 2**30:.2f} GiB + {per / 2**30:.1f} GiB / chips ({per / param_f32:.2f} x the float32 parameters: "
+          f"gradients and update sharded like the state); the part that does not shrink, per chip count: "
+          + ", ".join(f"{x / 2**30:.2f}" for x in flat_parts) + f" GiB (spread {max(flat_parts) / min(flat_parts) - 1:.1%})")
+    fit = {"temp_flat_bytes": float(flat), "temp_sharded_bytes_times_chips": float(per),
+           "temp_sharded_over_param_f32": float(per / param_f32),
+           "temp_flat_part_spread": float(max(flat_parts) / min(flat_parts) - 1)}
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": args.config, "rows_per_chip": args.rows_per_chip, "rows": rows}, indent=1) + "\n")
+    out.write_text(json.dumps({"config": args.config, "rows_per_chip": args.rows_per_chip, "temp_fit": fit, "rows": rows},
+                              indent=1) + "\n")
     try:
         import matplotlib
 

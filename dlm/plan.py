@@ -20,8 +20,12 @@ ShapeDtypeStructs with their shardings on a mesh of those chips, so nothing is a
   bodies multiplied by their trip counts), and which cross slices (DCN); for a sampler these are
   the whole decode's, its data-dependent loops counted at their bound;
 - a roofline: step time >= max(FLOPs / peak, HBM bytes / bandwidth, ICI bytes / bandwidth,
-  DCN bytes / bandwidth) with published per-chip figures (CHIPS), and the MFU that bound allows;
-  for a sampler, of one denoising pass (its ICI: the weights it gathers over fsdp).
+  DCN bytes / bandwidth) with published per-chip figures (CHIPS), and the MFU that bound allows
+  (perfect overlap), beside the step and MFU if none of the four overlapped (their sum);
+  for a sampler, of one denoising pass (its ICI: the weights it gathers over fsdp, and with
+  tensor parallelism two all-reduces of the pass's activations per layer). HBM bytes are
+  the larger of the weights and state each step must read and write, and XLA's bytes accessed
+  scaled by the factor by which its FLOPs fall short of the model's (it counts a loop body once).
 """
 
 from __future__ import annotations
@@ -83,6 +87,9 @@ def topology_devices(name: str, num_slices: int = 1):
     """The compile-only TPU devices of `num_slices` slices of topology `name` (libtpu describes
     them on a CPU host)."""
     gen, _ = parse_topology(name)
+    # nothing touches a chip here, so several planning processes may load libtpu at once (it
+    # otherwise takes a machine-wide lock file and refuses a second process)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
     except ImportError as e:  # pragma: no cover
@@ -175,7 +182,7 @@ def parse_collectives(hlo: str, num_devices: int) -> list[dict]:
                 if line.startswith("ENTRY"):
                     entry = name
             continue
-        if line.startswith("}"):
+        if line.rstrip() == "}":  # a computation's end (a kernel's multi-line config may start a line with "}}")
             name = None
             continue
         comps[name].append(line)
@@ -237,7 +244,7 @@ def _trip_count(cond_lines: list[str]) -> int:
     """N of a loop condition `i < N` (a scan's counter starts at 0); 1 when it is not that shape."""
     consts = {}
     for line in cond_lines:
-        m = re.match(r"\s*%(\S+)\s*=\s*s32\[\]\S*\s+constant\((-?\d+)\)", line)
+        m = re.match(r"\s*%(\S+)\s*=\s*[su](?:8|16|32|64)\[\]\S*\s+constant\((-?\d+)\)", line)
         if m:
             consts[m.group(1)] = int(m.group(2))
     for line in cond_lines:
@@ -305,11 +312,10 @@ def _train_program(cfg, mesh, V):
 def _sample_program(cfg, mesh, V, param_dtype: str, prompt_len: int):
     import jax
     import jax.numpy as jnp
-    from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from dlm.diffusion import hyperschedules as hs
-    from dlm.mesh import batch_sharding, mesh_context
+    from dlm.mesh import batch_sharding
     from dlm.objectives import objective_for
     from dlm.sampling.ancestral import time_grid
     from dlm.sampling.generate import Setup, parallel, program, sampler_for
@@ -378,24 +384,18 @@ def _on_tpu(compiled) -> bool:
     return bool(shardings) and all(d.platform == "tpu" for s in shardings for d in s.device_set)
 
 
-def make_mesh_for(cfg, devices):
-    from dlm.mesh import make_mesh
-
-    return make_mesh(cfg.mesh, devices=devices)
-
-
 def plan(cfg, topology: str, what: str = "train", num_slices: int = 1, param_dtype: str | None = None,
          prompt_len: int = 0, hlo_path=None) -> dict:
     """Compile `what` (train: the train step; sample: the configured sampler) for `num_slices`
     slices of `topology` and return the report (see the module docstring)."""
     import jax
 
-    from dlm.mesh import mesh_context
+    from dlm.mesh import make_mesh, mesh_context
 
     gen, _ = parse_topology(topology)
     chip = CHIPS[gen]
     devices = topology_devices(topology, num_slices)
-    mesh = make_mesh_for(cfg, devices)
+    mesh = make_mesh(cfg.mesh, devices=devices)
     V = vocab_of(cfg)
     if what == "train":
         fn, args, parts, total, extra = _train_program(cfg, mesh, V)
@@ -432,35 +432,48 @@ def plan(cfg, topology: str, what: str = "train", num_slices: int = 1, param_dty
         per_chip["peak_memory_bytes"] = int(peak)
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
+    tensor = mesh.shape["tensor"]
     hlo = compiled.as_text()
     if hlo_path:
         pathlib.Path(hlo_path).write_text(hlo)
     collectives = parse_collectives(hlo, len(devices))
     chips = len(devices)
     flops = extra["flops"] / chips
-    # HBM traffic, a lower bound: the weights each chip reads per matmul pass (gathered to its
-    # tensor shard), and the optimizer's read and write of the state's shards
-    tensor = mesh.shape["tensor"]
+    # HBM traffic: at least the weights each chip reads per matmul pass (gathered to its tensor
+    # shard) and the optimizer's read and write of the state's shards
     n = matmul_params(cfg.model, V)
     wbytes = extra["weight_passes"] * (n["layers"] + n["head"]) / tensor * jax.numpy.dtype(
         param_dtype or cfg.model.dtype.value).itemsize
     state_rw = 2 * (parts["params_bytes"] + parts["optimizer_bytes"] + parts["ema_bytes"]) + 2 * parts["params_bytes"] \
         if what == "train" else 0
-    hbm = wbytes + state_rw
+    hbm_floor = wbytes + state_rw
+    # XLA's own count of bytes accessed, scaled up by the factor its FLOPs fall short of the
+    # model's (both count a loop body once): activations' traffic included, approximately
+    xla_flops, xla_bytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    hbm_scaled = xla_bytes * max(flops / xla_flops, 1.0) if xla_flops > 0 else 0.0
+    hbm = max(hbm_floor, hbm_scaled)
     ici = sum(c["traffic_bytes"] for c in collectives if not c["dcn"])
     dcn = sum(c["traffic_bytes"] for c in collectives if c["dcn"])
     if what == "sample":
         # the HLO's collectives are the whole decode's (data-dependent loops at their bound);
-        # the roofline is one pass's: the weights gathered over fsdp where the program gathers
+        # the roofline is one pass's: the weights gathered over fsdp where the program gathers,
+        # and, with tensor parallelism, two all-reduces per layer of the pass's activations
         fsdp = mesh.shape["fsdp"]
         gathers = any(c["kind"] == "all-gather" for c in collectives)
         ici = parts["params_bytes"] * (fsdp - 1) if gathers else 0
+        if tensor > 1:
+            rows = extra["tokens"] / (mesh.shape["data"] * mesh.shape["fsdp"])
+            act = rows * cfg.model.d_model * jax.numpy.dtype(cfg.model.dtype.value).itemsize
+            ici += 2 * cfg.model.num_layers * act * 2 * (tensor - 1) / tensor
         dcn = 0
     times = {"compute_seconds": flops / chip.peak_flops, "hbm_seconds": hbm / chip.hbm_bandwidth,
              "ici_seconds": ici / (2 * chip.ici_link), "dcn_seconds": dcn / chip.dcn}
     step_s = max(times.values())
+    serial = sum(times.values())
     roofline = dict(times, step_seconds=step_s, mfu=(flops / chip.peak_flops) / step_s if step_s else 0.0,
-                    bound=max(times, key=times.get).replace("_seconds", ""), hbm_bytes=int(hbm), ici_bytes=int(ici),
+                    step_seconds_no_overlap=serial, mfu_no_overlap=(flops / chip.peak_flops) / serial if serial else 0.0,
+                    bound=max(times, key=times.get).replace("_seconds", ""), hbm_bytes=int(hbm),
+                    hbm_bytes_weights_and_state=int(hbm_floor), hbm_bytes_xla_scaled=int(hbm_scaled), ici_bytes=int(ici),
                     dcn_bytes=int(dcn))
     if what == "train":
         roofline["tokens_per_second_per_chip"] = extra["tokens"] / chips / step_s if step_s else 0.0
@@ -514,7 +527,8 @@ def table(report: dict) -> str:
                          f"  ring traffic {c['traffic_bytes'] / 1e9:10.3f} GB")
         lines.append(f"  roofline: compute {r['compute_seconds'] * 1e3:.1f} ms, HBM {r['hbm_seconds'] * 1e3:.1f} ms, "
                      f"ICI {r['ici_seconds'] * 1e3:.1f} ms, DCN {r['dcn_seconds'] * 1e3:.1f} ms -> step >= "
-                     f"{r['step_seconds'] * 1e3:.1f} ms ({r['bound']}-bound), MFU <= {r['mfu']:.1%}")
+                     f"{r['step_seconds'] * 1e3:.1f} ms ({r['bound']}-bound), MFU <= {r['mfu']:.1%}; with no overlap "
+                     f"{r['step_seconds_no_overlap'] * 1e3:.1f} ms, MFU {r['mfu_no_overlap']:.1%}")
     lines.append(f"  verdict: {report['verdict']}")
     return "\n".join(lines)
 

@@ -131,6 +131,10 @@ def test_collective_parser_counts_loop_bodies():
   %p = (s32[], f32[8]) parameter(0)
   %x = f32[8] get-tuple-element(%p), index=1
   %ag = f32[32]{0} all-gather(%x), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}
+  %k = f32[8] custom-call(%x), custom_call_target="tpu_custom_call", backend_config={"cfg":
+"{\\"block_q\\": 128}"
+}}, metadata={op_name="a kernel whose config spans lines"}
+  %ag = f32[32]{0} all-gather(%k), channel_id=3, replica_groups={{0,1,2,3}}, dimensions={0}
   ROOT %t = (s32[], f32[8]) tuple(%i, %x)
 }
 
@@ -142,8 +146,8 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 }
 """
     rows = {r["kind"]: r for r in P.parse_collectives(hlo, 8)}
-    assert rows["all-gather"]["count"] == 5 and rows["all-gather"]["bytes"] == 5 * 128
-    assert rows["all-gather"]["traffic_bytes"] == int(5 * 128 * 3 / 4)
+    assert rows["all-gather"]["count"] == 10 and rows["all-gather"]["bytes"] == 10 * 128
+    assert rows["all-gather"]["traffic_bytes"] == int(10 * 128 * 3 / 4)
     assert rows["all-reduce"]["count"] == 1 and rows["all-reduce"]["bytes"] == 32
     assert rows["all-reduce"]["traffic_bytes"] == int(32 * 2 * 3 / 4)
 
@@ -152,3 +156,20 @@ def test_unknown_topology_is_one_sentence(root, capsys):
     assert P.main(["--config", str(root / "configs/test.yaml"), "--topology", "v5q:2x2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not a TPU topology" in err
+
+
+def test_two_slices_reduce_only_gradients_across_slices(root, tmp_path):
+    """With two slices the data axis spans them (DCN) and fsdp stays inside each: the only
+    cross-slice transfers are the gradients' reduction, about one float32 copy of the chip's
+    parameter shard per step."""
+    out = tmp_path / "plan.json"
+    code = P.main(["--config", str(root / "configs/test.yaml"), "mesh.data=1", "mesh.fsdp=4", "train.batch_size=8",
+                   "--topology", "v5e:2x2", "--num-slices", "2", "--what", "train", "--out", str(out)])
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert r["chips"] == 8 and r["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    dcn = [c for c in r["collectives"] if c["dcn"]]
+    assert dcn, "no cross-slice transfer: the slices would not agree on the gradients"
+    sent = sum(c["bytes"] for c in dcn if c["kind"] == "send")
+    grads = r["per_chip"]["params_bytes"]  # float32 gradients sharded like the parameters
+    assert 0.9 * grads <= sent <= 1.5 * grads + 64 * 1024, (sent, grads)

@@ -17,7 +17,6 @@ import pathlib
 import sys
 from typing import Callable
 
-import grain
 import numpy as np
 
 from dlm.config import ConfigError, DataConfig, DataFormat, Source
@@ -270,6 +269,8 @@ class _Batches:
             if num_rows(data.train_rows) < global_batch:
                 raise ConfigError(f"The training data holds {num_rows(data.train_rows)} rows of {seq_len} tokens, fewer than one batch "
                                   f"of train.batch_size={global_batch}; add data or lower the batch size.")
+            import grain  # imported where used: the device check's image has no grain
+
             self.order = grain.MapDataset.range(num_rows(data.train_rows)).seed(seed).shuffle().repeat()
 
     def portable(self) -> "_Batches":
@@ -294,6 +295,8 @@ def train_iterator(data: Data, seq_len: int, global_batch: int, seed: int, proce
     batches = _Batches(data, seq_len, global_batch, seed, process_index, process_count)
     if workers:
         return ProcessBatches(batches, workers, prefetch)
+    import grain
+
     ds = grain.MapDataset.range(sys.maxsize).map(batches)
     return iter(ds.to_iter_dataset(read_options=grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)))
 
