@@ -30,12 +30,51 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 TOPOLOGIES = {16: "v5p:2x2x4", 32: "v5p:2x4x4", 64: "v5p:4x4x4", 128: "v5p:4x4x8"}
 
 
+def plot(record: dict, path) -> None:
+    """State, temporaries (and their part that does not shrink) and ICI traffic against chips."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = record["rows"]
+    chips = [r["chips"] for r in rows]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5))
+    ax.plot(chips, [r["state_bytes_per_chip"] / 2**30 for r in rows], "o-", label="state (params, Adam, EMA)")
+    ax.plot(chips, [r["state_total_bytes"] / r["chips"] / 2**30 for r in rows], "k:", label="state total / chips")
+    ax.plot(chips, [r["temp_bytes"] / 2**30 for r in rows], "s-", label="temporaries")
+    ax.plot(chips, [r["temp_flat_part_bytes"] / 2**30 for r in rows], "s--", label="temporaries less gradient-shaped buffers")
+    ax.set_ylabel("GiB per chip")
+    ax.set_title("Memory per chip")
+    bx.plot(chips, [sum(c["bytes"] for c in r["collectives"] if not c["dcn"]) / 1e9 for r in rows], "^-",
+            label="collective bytes per step")
+    bx.plot(chips, [3 * r["matmul_weight_bytes_bf16"] / 1e9 for r in rows], "k:", label="3 x the bf16 weights")
+    bx.set_ylabel("GB per chip per step")
+    bx.set_title("FSDP traffic per chip")
+    for a in (ax, bx):
+        a.set_xscale("log", base=2)
+        a.set_xticks(chips, [str(c) for c in chips])
+        a.set_xlabel(f"v5p chips ({record['rows_per_chip']} rows of 4096 tokens each)")
+        a.set_ylim(bottom=0)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.suptitle("LLaDA-8B pretraining plan, as compiled for v5p (weak scaling)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--config", default=str(pathlib.Path(__file__).resolve().parents[1] / "configs/llada8b_pretrain.yaml"))
     p.add_argument("--rows-per-chip", type=int, default=4)
+    p.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON at --out, compiling nothing")
     args = p.parse_args()
+    if args.replot:
+        out = pathlib.Path(args.out)
+        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+        return 0
     from dlm.config import load_config
     from dlm.plan import matmul_params, plan
 
@@ -82,28 +121,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": args.config, "rows_per_chip": args.rows_per_chip, "temp_fit": fit, "rows": rows},
                               indent=1) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        chips = [r["chips"] for r in rows]
-        ax.plot(chips, [r["state_bytes_per_chip"] / 2**30 for r in rows], "o-", label="state (params, Adam, EMA)")
-        ax.plot(chips, [r["temp_bytes"] / 2**30 for r in rows], "s-", label="temporaries")
-        ax.plot(chips, [r["ici_traffic_bytes"] / 1e9 / 10 for r in rows], "^-", label="ICI traffic per step / 10 (GB)")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(chips, [str(c) for c in chips])
-        ax.set_xlabel("v5p chips (4 rows of 4096 tokens each)")
-        ax.set_ylabel("GiB per chip")
-        ax.set_title("LLaDA-8B pretraining plan, per chip, as compiled for v5p")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=120)
-    except ImportError:
-        pass
+    plot(json.loads(out.read_text()), out.with_suffix(".png"))
     return 0
 
 

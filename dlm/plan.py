@@ -407,6 +407,9 @@ def plan(cfg, topology: str, what: str = "train", num_slices: int = 1, param_dty
     report = {"topology": topology, "num_slices": num_slices, "chips": len(devices), "chip": chip.name, "what": what,
               "description": extra["description"], "mesh": dict(mesh.shape), "hbm_bytes_per_chip": chip.hbm_bytes,
               "state_total_bytes": int(total)}
+    # a compile-only TPU client can neither read nor usefully write JAX's persistent cache
+    cache_was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
     try:
         with mesh_context(mesh), jax.enable_x64(cfg.sampling.x64 if what == "sample" else False):
             compiled = fn.lower(*args).compile()
@@ -418,6 +421,8 @@ def plan(cfg, topology: str, what: str = "train", num_slices: int = 1, param_dty
         return dict(report, compiled=False, fits=False, per_chip=dict(parts), collectives=[], roofline=None,
                     verdict=f"does not fit: the compiler refused it ({first.strip()[:300]}); the state alone is "
                             f"{_gib(sum(parts.values()))} GiB per chip of {_gib(chip.hbm_bytes)}.")
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was)
     if not _on_tpu(compiled):
         raise PlanError("The program compiled for the host, not the topology's chips (no input is sharded on them); "
                         "this is a bug in the planner.")

@@ -173,3 +173,21 @@ def test_two_slices_reduce_only_gradients_across_slices(root, tmp_path):
     sent = sum(c["bytes"] for c in dcn if c["kind"] == "send")
     grads = r["per_chip"]["params_bytes"]  # float32 gradients sharded like the parameters
     assert 0.9 * grads <= sent <= 1.5 * grads + 64 * 1024, (sent, grads)
+
+
+def test_restore_target_and_start_from_shard_the_optimizer_like_the_parameters(root):
+    """The abstract state a resume restores into, and the state `start_from` builds from imported
+    parameters, give Adam's moments and the EMA the parameters' shardings."""
+    from dlm.train.state import start_from
+
+    cfg = _cfg(root)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
+    _, abstract, shardings = create_train_state(cfg, V, mesh, abstract=True)
+    params = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), abstract.params)
+    state = start_from(cfg, params, shardings)
+    p_leaves = jax.tree.leaves(abstract.params)
+    for tree in (abstract.opt_state[1][0].mu, abstract.opt_state[1][0].nu, abstract.ema,
+                 state.opt_state[1][0].mu, state.opt_state[1][0].nu, state.ema):
+        for leaf, p in zip(jax.tree.leaves(tree), p_leaves):
+            assert leaf.sharding.is_equivalent_to(p.sharding, p.ndim)
+    assert any(not p.sharding.is_fully_replicated for p in p_leaves)
