@@ -62,18 +62,19 @@ def mesh_shape(cfg: MeshConfig, num_devices: int | None = None) -> tuple[int, in
 def make_mesh(cfg: MeshConfig | None = None, devices=None) -> jax.sharding.Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all devices)."""
     devices = jax.devices() if devices is None else list(devices)
-    slices = sorted({getattr(d, "slice_index", 0) or 0 for d in devices})
-    if len(slices) > 1:
+    slices = sorted({getattr(d, "slice_index", 0) or 0 for d in devices if d.platform == "tpu"})
+    if len(slices) > 1:  # TPU slices joined over the data-center network
         return _multislice_mesh(cfg or MeshConfig(), devices, len(slices))
     shape = mesh_shape(cfg or MeshConfig(), len(devices))
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def _multislice_mesh(cfg: MeshConfig, devices, num_slices: int) -> jax.sharding.Mesh:
-    """Devices of several slices (a multi-slice job: `slice_index` differs): the mesh config is
-    resolved within one slice (ICI), and the data axis is tiled over the slices (DCN), so fsdp and
-    tensor stay inside a slice and the only cross-slice traffic is the data-parallel gradient
-    reduction."""
+    """TPU devices of several slices (a multi-slice job: `slice_index` differs): the mesh config
+    is resolved within one slice (ICI: mesh.data, mesh.fsdp, mesh.tensor and the -1 count the
+    devices of one slice), and the data axis is tiled over the slices (DCN), so the mesh's data
+    axis is mesh.data x slices; fsdp and tensor stay inside a slice and the only cross-slice
+    traffic is the data-parallel gradient reduction."""
     from jax.experimental import mesh_utils
 
     per = len(devices) // num_slices
@@ -114,22 +115,30 @@ def batch_axes(rows: int) -> tuple[str, ...]:
 
 
 def constrain(x, *names):
-    """Pin an activation's sharding by logical axis names (one per dimension, None: not
-    sharded) under the mesh in scope; without a mesh, or where a dimension does not divide by
-    its mesh axes, that dimension is left to XLA. Without it XLA's propagation may keep the whole
-    batch on every device and all-reduce partial activations over fsdp (the weights' sharded
-    axis) instead of gathering the weights: activation memory then does not shrink with fsdp."""
+    """Pin an activation's sharding by logical axis names (one per dimension; None: replicated)
+    under the mesh in scope. A named dimension that its mesh axes do not divide (or whose axes
+    have size 1) is left to XLA (unconstrained); without a mesh nothing is pinned. Without it
+    XLA's propagation may keep the whole batch on every device and all-reduce partial
+    activations over fsdp (the weights' sharded axis) instead of gathering the weights:
+    activation memory then does not shrink with fsdp."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return x
-    spec = []
+    spec, pinned = [], False
     for n, size in zip(names, x.shape):
-        axes = _RULES.get(n) if n is not None else None
+        if n is None:
+            spec.append(None)
+            continue
+        axes = _RULES.get(n)
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         axes = tuple(a for a in axes if a in mesh.shape)
         ways = math.prod(mesh.shape[a] for a in axes)
-        spec.append(axes if axes and ways > 1 and size % ways == 0 else None)
-    if all(s is None for s in spec):
+        if axes and ways > 1 and size % ways == 0:
+            spec.append(axes)
+            pinned = True
+        else:
+            spec.append(P.UNCONSTRAINED)
+    if not pinned:
         return x
     return jax.lax.with_sharding_constraint(x, P(*spec))
 

@@ -51,7 +51,7 @@ class Chip:
     hbm_bytes: int
     peak_flops: float
     hbm_bandwidth: float  # bytes / s
-    ici_link: float  # bytes / s, one way, one link
+    ici_link: float  # bytes / s, one way, one link; a ring collective on one torus axis uses two (both ways)
     dcn: float  # bytes / s per chip (the host's NICs shared by its 4 chips)
 
 
@@ -148,6 +148,41 @@ def _arrays(type_text: str) -> list[int]:
     return out
 
 
+def _top_level(type_text: str) -> list[str]:
+    """The top-level elements of a tuple type '(a, (b, c), d)' (or [type_text] for an array)."""
+    t = type_text.strip()
+    if not t.startswith("("):
+        return [t]
+    parts, depth, cur = [], 0, ""
+    for ch in t[1:-1]:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        parts.append(cur.strip())
+    return parts
+
+
+def _result_bytes(type_text: str, kind: str, start: bool) -> int:
+    """Bytes of a collective's result(s). A synchronous op's type is its result (a tuple when
+    combined). An async start's is (operands, results, contexts...): for all-gather and
+    collective-permute the results follow the operands (each possibly a tuple of combined
+    arrays); an all-reduce-start's type is its result(s), the same shapes as its operands."""
+    parts = _top_level(type_text)
+    if not start or kind == "all-reduce" or len(parts) == 1:
+        return sum(_arrays(type_text))
+    arrays = [p for p in parts if _arrays(p) and not re.fullmatch(r"[su]32\[\]\S*", p)]  # contexts are u32[] scalars
+    if len(arrays) >= 2:
+        return sum(_arrays(arrays[1]))
+    return sum(_arrays(arrays[0])) if arrays else 0
+
+
 def _group_size(line: str, num_devices: int) -> int:
     m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
     if m:
@@ -193,7 +228,8 @@ def parse_collectives(hlo: str, num_devices: int) -> list[dict]:
             w = re.search(r"\bwhile\(.*condition=%([\w.\-]+), body=%([\w.\-]+)", line)
             if w:
                 cond, body = w.group(1), w.group(2)
-                n = _trip_count(comps.get(cond, []))
+                known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                n = int(known.group(1)) if known else _trip_count(comps.get(cond, []), comps.get(body, []))
                 trips[body] = n
                 edges[cname] += [(cond, n), (body, n)]
                 continue
@@ -221,14 +257,9 @@ def parse_collectives(hlo: str, num_devices: int) -> list[dict]:
             if not m:
                 continue
             type_text, kind, start = m.groups()
-            arrays = _arrays(type_text)
-            if not arrays:
+            size = _result_bytes(type_text, kind, bool(start))
+            if not size:
                 continue
-            if start and type_text.startswith("("):  # async start: (operand(s), result(s), contexts...)
-                arrays = [a for a in arrays if a > 16] or arrays
-                size = arrays[-1] if kind == "all-gather" else arrays[0]
-            else:
-                size = sum(arrays)
             dcn = "megascale" in line
             n = max(_group_size(line, num_devices), 1)
             share = {"all-gather": (n - 1) / n, "all-reduce": 2 * (n - 1) / n, "reduce-scatter": n - 1,
@@ -240,18 +271,44 @@ def parse_collectives(hlo: str, num_devices: int) -> list[dict]:
     return sorted(table.values(), key=lambda r: -r["traffic_bytes"])
 
 
-def _trip_count(cond_lines: list[str]) -> int:
-    """N of a loop condition `i < N` (a scan's counter starts at 0); 1 when it is not that shape."""
-    consts = {}
-    for line in cond_lines:
+def _constants(lines: list[str]) -> dict[str, int]:
+    out = {}
+    for line in lines:
         m = re.match(r"\s*%(\S+)\s*=\s*[su](?:8|16|32|64)\[\]\S*\s+constant\((-?\d+)\)", line)
         if m:
-            consts[m.group(1)] = int(m.group(2))
+            out[m.group(1)] = int(m.group(2))
+    return out
+
+
+def _trip_count(cond_lines: list[str], body_lines: list[str] = ()) -> int:
+    """Iterations of a loop whose condition is `i < N` on a tuple element i that the body steps
+    by a constant c (1 for a scan; XLA's unrolled windowed einsums step by 2): ceil(N / c), a
+    counter starting at 0. 1 when the loop is not of that shape."""
+    consts = _constants(cond_lines)
+    index = bound = None
+    gtes = {}
     for line in cond_lines:
-        m = re.search(r"compare\(%\S+?, %(\S+?)\), direction=LT", line)
-        if m and m.group(1) in consts:
-            return max(consts[m.group(1)], 1)
-    return 1
+        m = re.match(r"\s*%(\S+)\s*=.*get-tuple-element\(%\S+\), index=(\d+)", line)
+        if m:
+            gtes[m.group(1)] = int(m.group(2))
+    for line in cond_lines:
+        m = re.search(r"compare\(%(\S+?), %(\S+?)\), direction=LT", line)
+        if m and m.group(2) in consts:
+            bound, index = consts[m.group(2)], gtes.get(m.group(1))
+    if bound is None:
+        return 1
+    step = 1
+    if index is not None and body_lines:
+        bconsts = _constants(body_lines)
+        root = next((l for l in body_lines if l.lstrip().startswith("ROOT") and " tuple(" in l), "")
+        elems = re.findall(r"%([\w.\-]+)", root.split(" tuple(", 1)[1]) if root else []
+        if index < len(elems):
+            for line in body_lines:
+                m = re.match(r"\s*%" + re.escape(elems[index]) + r"\s*=.*\badd\(%(\S+?), %(\S+?)\)", line)
+                if m:
+                    c = bconsts.get(m.group(2), bconsts.get(m.group(1)))
+                    step = c if c and c > 0 else 1
+    return max(-(-bound // step), 1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -458,7 +515,9 @@ def plan(cfg, topology: str, what: str = "train", num_slices: int = 1, param_dty
     hbm_scaled = xla_bytes * max(flops / xla_flops, 1.0) if xla_flops > 0 else 0.0
     hbm = max(hbm_floor, hbm_scaled)
     ici = sum(c["traffic_bytes"] for c in collectives if not c["dcn"])
-    dcn = sum(c["traffic_bytes"] for c in collectives if c["dcn"])
+    # a cross-slice transfer is a send on one chip and a recv on another, over full-duplex links
+    dcn = max(sum(c["traffic_bytes"] for c in collectives if c["dcn"] and c["kind"] != "recv"),
+              sum(c["traffic_bytes"] for c in collectives if c["dcn"] and c["kind"] == "recv"))
     if what == "sample":
         # the HLO's collectives are the whole decode's (data-dependent loops at their bound);
         # the roofline is one pass's: the weights gathered over fsdp where the program gathers,
@@ -482,6 +541,10 @@ def plan(cfg, topology: str, what: str = "train", num_slices: int = 1, param_dty
                     dcn_bytes=int(dcn))
     if what == "train":
         roofline["tokens_per_second_per_chip"] = extra["tokens"] / chips / step_s if step_s else 0.0
+    # the sum of the parts decides (MaxText's figure): XLA's own out-of-memory check compares
+    # the temporaries alone with the HBM, and its peak_memory_in_bytes (undocumented) comes out
+    # below the temporaries on these programs, so neither bounds what is resident; the peak is
+    # reported beside the sum
     fits = per_chip["total_bytes"] <= chip.hbm_bytes
     report.update(compiled=True, fits=fits, per_chip=per_chip, flops_per_chip=flops, model_flops_per_step=extra["flops"],
                   xla_cost_analysis_flops_per_chip=float(cost.get("flops", 0.0)),
@@ -499,16 +562,21 @@ def _gib(b) -> str:
 
 _LABELS = {"params_bytes": "parameters", "optimizer_bytes": "optimizer state", "ema_bytes": "EMA",
            "other_args_bytes": "other arguments", "temp_bytes": "temporaries (activations, gradients, buffers)",
-           "output_bytes": "outputs", "code_bytes": "code"}
+           "output_bytes": "outputs (not donated)", "code_bytes": "code"}
 
 
 def _verdict(fits: bool, per_chip: dict, chip: Chip) -> str:
-    total = per_chip["total_bytes"]
+    total, peak, hbm = per_chip["total_bytes"], per_chip.get("peak_memory_bytes"), chip.hbm_bytes
+    beside = ""
+    if peak and (total > hbm) != (peak > hbm):
+        beside = f"; XLA's peak estimate, {_gib(peak)} GiB, would {'' if peak <= hbm else 'not '}fit"
     if fits:
-        return f"fits with {_gib(chip.hbm_bytes - total)} GiB to spare ({_gib(total)} of {_gib(chip.hbm_bytes)} GiB per chip)."
-    top = sorted(((per_chip[k], k) for k in _LABELS if per_chip.get(k, 0) > 0), reverse=True)[:3]
+        return f"fits with {_gib(hbm - total)} GiB to spare ({_gib(total)} of {_gib(hbm)} GiB per chip{beside})."
+    parts = dict(per_chip, output_bytes=per_chip["output_bytes"] - per_chip.get("alias_bytes", 0))  # donated outputs reuse inputs
+    top = sorted(((parts[k], k) for k in _LABELS if parts.get(k, 0) > 0), reverse=True)[:3]
     consumers = ", ".join(f"{_LABELS[k]} {_gib(v)} GiB" for v, k in top)
-    return f"does not fit by {_gib(total - chip.hbm_bytes)} GiB ({_gib(total)} of {_gib(chip.hbm_bytes)} GiB per chip): the largest consumers are {consumers}."
+    return (f"does not fit by {_gib(total - hbm)} GiB ({_gib(total)} of {_gib(hbm)} GiB per chip{beside}): the largest "
+            f"consumers are {consumers}.")
 
 
 def table(report: dict) -> str:
@@ -539,7 +607,10 @@ def table(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; libtpu only describes the chips
+    import jax
+
+    if not jax.config.jax_platforms:  # the host compiles; libtpu only describes the chips (jax is imported already)
+        jax.config.update("jax_platforms", "cpu")
     p = argparse.ArgumentParser(prog="dlm-plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the config")

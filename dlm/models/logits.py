@@ -105,10 +105,11 @@ def _chunked(fn, logits: LazyLogits, N: int, flat):
     from jax.sharding import PartitionSpec as P
 
     rows = P(axes)
-    head = logits.head.astype(logits.hidden.dtype)  # gathered in the compute dtype
+    # the head goes in as it is (float32 parameters): each chunk casts it to the compute dtype,
+    # so its gradient is summed over the chunks and the devices in float32
     local = lambda h, w, *a: _local_chunks(fn, logits, h.shape[0], h, w, a)
     return jax.shard_map(local, in_specs=(rows, P(), *(rows for _ in flat)), out_specs=rows, axis_names=set(axes),
-                         check_vma=False)(logits.hidden.reshape(N, -1), head, *flat)
+                         check_vma=False)(logits.hidden.reshape(N, -1), logits.head, *flat)
 
 
 def _local_chunks(fn, logits: LazyLogits, N: int, hidden, head, flat):

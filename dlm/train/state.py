@@ -113,15 +113,12 @@ def shard_like_params(tree, params_sharding, replicated_sharding, what: str = "o
     return jax.tree.map(one, tree, is_leaf=like)
 
 
-def state_shardings(cfg: Config, vocab_size: int, mesh, abstract_state=None) -> TrainState:
-    """The train state's shardings, set from the parameters' logical axes: parameters, EMA and
-    every parameter-shaped optimizer leaf (Adam's moments) sharded like the parameter, scalars
-    (step, Adam's count, rng, fault count) replicated. Nothing is left to XLA's propagation: an
-    optimizer initialised inside jit from sharded parameters comes out replicated otherwise."""
-    if abstract_state is None:
-        tx = make_optimizer(cfg.train)
-        with mesh_context(mesh):
-            abstract_state = jax.eval_shape(lambda: init_state(cfg, vocab_size, tx))
+def state_shardings(cfg: Config, vocab_size: int, mesh, abstract_state) -> TrainState:
+    """The shardings of a train state (`abstract_state`: its shapes), set from the parameters'
+    logical axes: parameters, EMA and every parameter-shaped optimizer leaf (Adam's moments)
+    sharded like the parameter, scalars (step, Adam's count, rng, fault count) replicated.
+    Nothing is left to XLA's propagation: an optimizer initialised inside jit from sharded
+    parameters comes out replicated otherwise."""
     params = param_shardings(cfg, vocab_size, mesh)
     rep = replicated(mesh)
     return TrainState(step=rep, params=params, opt_state=shard_like_params(abstract_state.opt_state, params, rep),
