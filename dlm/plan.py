@@ -475,9 +475,10 @@ def plan(cfg, topology: str, what: str = "train", num_slices: int = 1, param_dty
         if "RESOURCE_EXHAUSTED" not in text and "exceeds" not in text.lower():
             raise
         first = next((l for l in text.splitlines() if "RESOURCE_EXHAUSTED" in l or "exceeds" in l), text.splitlines()[0])
-        return dict(report, compiled=False, fits=False, per_chip=dict(parts), collectives=[], roofline=None,
-                    verdict=f"does not fit: the compiler refused it ({first.strip()[:300]}); the state alone is "
-                            f"{_gib(sum(parts.values()))} GiB per chip of {_gib(chip.hbm_bytes)}.")
+        per_chip = dict(parts, other_args_bytes=None, temp_bytes=None, output_bytes=None, code_bytes=None, total_bytes=None)
+        return dict(report, compiled=False, fits=False, per_chip=per_chip, flops_per_chip=extra["flops"] / len(devices),
+                    collectives=[], roofline=None,
+                    verdict=_refused(first.strip(), sum(parts.values()), chip))
     finally:
         jax.config.update("jax_enable_compilation_cache", cache_was)
     if not _on_tpu(compiled):
@@ -565,6 +566,19 @@ _LABELS = {"params_bytes": "parameters", "optimizer_bytes": "optimizer state", "
            "output_bytes": "outputs (not donated)", "code_bytes": "code"}
 
 
+def _refused(message: str, state_bytes: int, chip: Chip) -> str:
+    """The verdict of a program XLA refused for memory: by at least its temporaries plus the
+    state's shards beyond the HBM (XLA checks the temporaries alone against what is free)."""
+    m = re.search(r"temporaries \(([\d.]+)G\) exceeds available HBM", message)
+    if not m:
+        return (f"does not fit: the compiler refused it ({message[:300]}); the state alone is {_gib(state_bytes)} GiB "
+                f"per chip of {_gib(chip.hbm_bytes)}.")
+    temp = float(m.group(1)) * GiB
+    short = temp + state_bytes - chip.hbm_bytes
+    return (f"does not fit by at least {_gib(short)} GiB: XLA refused it, its temporaries alone ({_gib(temp)} GiB) exceed "
+            f"the free HBM, and the state's shards add {_gib(state_bytes)} GiB per chip of {_gib(chip.hbm_bytes)}.")
+
+
 def _verdict(fits: bool, per_chip: dict, chip: Chip) -> str:
     total, peak, hbm = per_chip["total_bytes"], per_chip.get("peak_memory_bytes"), chip.hbm_bytes
     beside = ""
@@ -588,7 +602,7 @@ def table(report: dict) -> str:
     pc = report["per_chip"]
     for k in ("params_bytes", "optimizer_bytes", "ema_bytes", "other_args_bytes", "temp_bytes", "output_bytes",
               "alias_bytes", "code_bytes", "total_bytes", "peak_memory_bytes"):
-        if k in pc:
+        if pc.get(k) is not None:
             lines.append(f"    {k.replace('_bytes', ''):<18} {pc[k] / GiB:9.3f} GiB")
     if report.get("compiled"):
         r = report["roofline"]
