@@ -464,9 +464,13 @@ def plan(cfg, topology: str, what: str = "train", num_slices: int = 1, param_dty
     report = {"topology": topology, "num_slices": num_slices, "chips": len(devices), "chip": chip.name, "what": what,
               "description": extra["description"], "mesh": dict(mesh.shape), "hbm_bytes_per_chip": chip.hbm_bytes,
               "state_total_bytes": int(total)}
-    # a compile-only TPU client can neither read nor usefully write JAX's persistent cache
+    # a compile-only TPU client can neither read nor usefully write JAX's persistent cache (JAX
+    # decides once per process whether to use it: reset that decision on both sides)
+    from jax.experimental.compilation_cache import compilation_cache
+
     cache_was = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     try:
         with mesh_context(mesh), jax.enable_x64(cfg.sampling.x64 if what == "sample" else False):
             compiled = fn.lower(*args).compile()
@@ -481,6 +485,7 @@ def plan(cfg, topology: str, what: str = "train", num_slices: int = 1, param_dty
                     verdict=_refused(first.strip(), sum(parts.values()), chip))
     finally:
         jax.config.update("jax_enable_compilation_cache", cache_was)
+        compilation_cache.reset_cache()
     if not _on_tpu(compiled):
         raise PlanError("The program compiled for the host, not the topology's chips (no input is sharded on them); "
                         "this is a bug in the planner.")
