@@ -51,15 +51,16 @@ def test_chunked_logits_give_the_plain_nelbo_and_its_gradients(root, name):
     np.testing.assert_allclose(l1, l2, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", WITH_OWN_TERMS)
+@pytest.mark.parametrize("name", [*WITH_OWN_TERMS, "dit_head_bias"])
 def test_chunked_logits_on_a_mesh_give_the_one_device_nelbo_and_gradients(root, name):
     """On 8 devices (fsdp = 8) the chunks run in a shard_map over the batch, each device over its
-    own rows with the head gathered once: the loss and every gradient equal the plain logits on
-    one device."""
+    own rows with the head gathered once: the loss and every gradient (the DiT head's bias too)
+    equal the plain logits on one device."""
     from dlm.config import MeshConfig
     from dlm.mesh import make_mesh, mesh_context, on_mesh
 
-    cfg = load_config(root / "configs/test.yaml", OBJECTIVES[name] + ["model.logits_chunk=7"])
+    over = ["model.block=dit"] if name == "dit_head_bias" else OBJECTIVES[name]
+    cfg = load_config(root / "configs/test.yaml", over + ["model.logits_chunk=7"])
     mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
     one = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     x0 = jax.random.randint(jax.random.key(0), (8, 32), 0, 257)

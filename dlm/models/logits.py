@@ -105,11 +105,15 @@ def _chunked(fn, logits: LazyLogits, N: int, flat):
     from jax.sharding import PartitionSpec as P
 
     rows = P(axes)
-    # the head goes in as it is (float32 parameters): each chunk casts it to the compute dtype,
-    # so its gradient is summed over the chunks and the devices in float32
-    local = lambda h, w, *a: _local_chunks(fn, logits, h.shape[0], h, w, a)
-    return jax.shard_map(local, in_specs=(rows, P(), *(rows for _ in flat)), out_specs=rows, axis_names=set(axes),
-                         check_vma=False)(logits.hidden.reshape(N, -1), logits.head, *flat)
+    # the head (and bias) go in as they are (float32 parameters), explicit inputs rather than
+    # closures: each chunk casts the head to the compute dtype, so its gradient is summed over
+    # the chunks and the devices in float32
+
+    def local(h, w, b, *a):
+        return _local_chunks(fn, dataclasses.replace(logits, bias=b), h.shape[0], h, w, a)
+
+    return jax.shard_map(local, in_specs=(rows, P(), P(), *(rows for _ in flat)), out_specs=rows, axis_names=set(axes),
+                         check_vma=False)(logits.hidden.reshape(N, -1), logits.head, logits.bias, *flat)
 
 
 def _local_chunks(fn, logits: LazyLogits, N: int, hidden, head, flat):
