@@ -78,9 +78,9 @@ def restore(workdir: str | pathlib.Path, *, use_ema: bool = True, mesh=None, ste
     mesh = mesh or make_mesh(cfg.mesh)
     graphdef, params = abstract_model_state(cfg, tok.vocab_size, mesh)
     if ckpt.latest_step() is None:
+        ckpt.close()
         if not cfg.train.init_from or step is not None:
             raise ConfigError(f"No checkpoint found in {str(ckpt.directory)!r}; train first or point --workdir at a trained run.")
-        ckpt.close()
         with mesh_context(mesh):  # a converted checkpoint that has not been fine-tuned: its parameters
             return nnx.merge(graphdef, restore_params(workdir / cfg.train.init_from, params)), cfg
     # The restore target holds only the parameters that are used (the EMA or the raw ones); the
@@ -92,8 +92,10 @@ def restore(workdir: str | pathlib.Path, *, use_ema: bool = True, mesh=None, ste
                         opt_state=skip(jax.eval_shape(make_optimizer(cfg.train).init, params)),
                         ema=(params if use_ema else skip(params)) if has_ema else None, rng=ocp.PLACEHOLDER,
                         nonfinite=ocp.PLACEHOLDER)
-    state = ckpt.restore(wanted, step=step)
-    ckpt.close()
+    try:
+        state = ckpt.restore(wanted, step=step)
+    finally:  # also when the restore fails: no checkpoint manager (and its event loop) left open
+        ckpt.close()
     params = state.ema if use_ema else state.params
     with mesh_context(mesh):
         model = nnx.merge(graphdef, params)

@@ -111,9 +111,12 @@ def sample_main(argv=None) -> None:
             workdir = None
         else:
             workdir = pathlib.Path(args.workdir)
-            model, cfg = dlm.restore(workdir, use_ema=not args.no_ema)
+            wanted = dlm.load_config(workdir / "config.yaml", args.overrides) if (workdir / "config.yaml").exists() else None
+            # sampling.use_ema (the run's config, or an override) and --no-ema both choose the raw parameters
+            use_ema = (wanted is None or wanted.sampling.use_ema) and not args.no_ema
+            model, cfg = dlm.restore(workdir, use_ema=use_ema)
             if args.overrides:
-                cfg = dlm.load_config(workdir / "config.yaml", args.overrides)
+                cfg = wanted
             tok = dlm.load_tokenizer(workdir)
         s = cfg.sampling
         for name in ("steps", "temperature", "seed", "length"):

@@ -111,3 +111,17 @@ def test_splash_kernel_in_pallas_interpret_mode_equals_reference():
         np.testing.assert_allclose(A.splash_attention(q, k, v, spec, interpret=True), ref, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="model.attention=chunked"):
         A.splash_attention(q, k, v, A.block_causal(4), interpret=True)
+
+
+@pytest.mark.parametrize("name", list(_specs()))
+def test_xla_attention_equals_reference_forward_and_backward(name):
+    """jax.nn.dot_product_attention with the rule's mask, rows without a visible key included
+    (0, as the reference gives)."""
+    spec = _specs()[name]
+    q, k, v = _qkv()
+    ref = A.einsum_attention(q, k, v, spec.mask(L, L))
+    np.testing.assert_allclose(A.attention(q, k, v, spec, "xla"), ref, atol=1e-5, rtol=0)
+    cot = jax.random.normal(jax.random.key(9), ref.shape)
+    loss = lambda impl: lambda q, k, v: (A.attention(q, k, v, spec, impl, 8) * cot).sum()
+    for g_ref, g in zip(jax.grad(loss("einsum"), (0, 1, 2))(q, k, v), jax.grad(loss("xla"), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=0)

@@ -166,7 +166,12 @@ def attention(q, k, v, spec: AttentionSpec = FULL, implementation: str = "auto",
         impl = None if implementation == "xla" else "cudnn"
         if spec.kind == "causal" and Lq == Lk:
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-        return jax.nn.dot_product_attention(q, k, v, mask=spec.mask(Lq, Lk), implementation=impl)
+        mask = spec.mask(Lq, Lk)
+        o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        if mask is None:
+            return o
+        seen = jnp.moveaxis(mask.any(-1), 1, -1)[..., None]  # [B | 1, Lq, 1, 1]: rows with a visible key
+        return jnp.where(seen, o, jnp.zeros((), o.dtype))  # the others give 0, as in every implementation
     if implementation == "splash":
         return splash_attention(q, k, v, spec)
     raise ValueError(f"unknown attention implementation {implementation!r}")
