@@ -154,3 +154,21 @@ def test_a_second_generate_with_the_same_shapes_does_not_compile(root):
     np.testing.assert_array_equal(first["tokens"], second["tokens"])  # same seed, same executable
     dlm.generate(model, [5, 6], cfg.sampling, num_samples=3, length=32)  # another shape compiles
     assert compilations() == n + 1
+
+
+def test_twenty_seeds_at_the_same_shapes_compile_once(root):
+    """The seed only makes the key, an argument of the compiled sampler: 20 seeds, one compile,
+    and the draws differ (the key does reach the loop)."""
+    import dataclasses
+
+    import dlm
+    from dlm.config import load_config
+    from dlm.sampling.generate import compilations
+
+    cfg = load_config(root / "configs/test.yaml", ["sampling.steps=4"])
+    model = dlm.build_model(cfg)
+    n = compilations()
+    outs = [dlm.generate(model, [5, 6], dataclasses.replace(cfg.sampling, seed=s), num_samples=2, length=32)["tokens"]
+            for s in range(20)]
+    assert compilations() <= n + 1
+    assert len({o.tobytes() for o in outs}) > 1

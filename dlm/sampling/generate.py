@@ -197,11 +197,13 @@ def compilations() -> int:
 
 
 def _cache_key(sampler, setup, graphdef, treedef, args, mesh, x64: bool):
-    """What the compiled sampler depends on: the loop, its settings and the model's structure
-    (hashed through pickle: they hold configs and a plan's arrays), and every argument's shape,
-    dtype and sharding."""
+    """What the compiled sampler depends on: the loop, its settings (all but the seed) and the
+    model's structure (hashed through pickle: they hold configs and a plan's arrays), and every
+    argument's shape, dtype and sharding."""
     avals = tuple((tuple(a.shape), str(a.dtype), getattr(a, "sharding", None)) for a in jax.tree.leaves(args))
-    settings = hashlib.sha256(pickle.dumps((setup, graphdef))).hexdigest()
+    # the seed only makes the key, an argument: samplers that differ in it alone are one program
+    static = dataclasses.replace(setup, cfg=dataclasses.replace(setup.cfg, seed=0))
+    settings = hashlib.sha256(pickle.dumps((static, graphdef))).hexdigest()
     return (sampler.__name__, settings, treedef, avals, mesh, x64)
 
 
