@@ -11,8 +11,10 @@ Nothing in a file is executed: it is bytes and JSON.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
+import stat
 import struct
 
 import ml_dtypes
@@ -25,14 +27,82 @@ DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dt
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
+def _plain_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def check_header(header, where: str, data_bytes: int) -> tuple[dict, dict]:
+    """The tensors of a parsed safetensors header, every field checked before anything is
+    allocated: a JSON object of name -> {dtype: a known name, shape: non-negative integers,
+    data_offsets: [begin, end] integers with end - begin = the shape's bytes}, the tensors inside
+    the `data_bytes` after the header and not overlapping; `__metadata__` an object of strings.
+    Anything else is one ConfigError sentence naming `where` and the tensor. Returns (tensors,
+    metadata)."""
+    if not isinstance(header, dict):
+        raise ConfigError(f"{where} has a header that is a JSON {type(header).__name__}, not an object: the file is not safetensors.")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ConfigError(f"{where} has a __metadata__ that is not an object of strings: the header is damaged.")
+    spans = []
+    for name, t in header.items():
+        bad = lambda what: ConfigError(f"Tensor {name[:80]!r} in {where} has {what}: the header is damaged or not safetensors.")
+        if not isinstance(t, dict):
+            raise bad(f"an entry that is a JSON {type(t).__name__}, not an object")
+        dtype, shape, offsets = t.get("dtype"), t.get("shape"), t.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise bad(f"dtype {dtype!r}, not a name")
+        if dtype not in DTYPES:
+            raise ConfigError(f"Tensor {name[:80]!r} in {where} has dtype {dtype[:20]}, which dlm does not read.")
+        if not isinstance(shape, list) or len(shape) > 16 or not all(_plain_int(d) and d >= 0 for d in shape):
+            raise bad(f"shape {str(shape)[:60]}, not a list of at most 16 non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_plain_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise bad(f"data_offsets {str(offsets)[:60]}, not [begin, end] with 0 <= begin <= end")
+        need = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+        if need != offsets[1] - offsets[0]:
+            raise bad(f"{offsets[1] - offsets[0]} bytes for shape {shape} {dtype} ({need} bytes)")
+        if offsets[1] > data_bytes:
+            raise ConfigError(f"{where} holds {data_bytes} bytes of data but tensor {name[:80]!r} ends at byte {offsets[1]}: "
+                              "the file is truncated; download it again.")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0 and e1 > b1:
+            raise ConfigError(f"Tensors {n0[:80]!r} and {n1[:80]!r} in {where} overlap (bytes {b1} to {min(e0, e1)}): the header is damaged.")
+    return header, meta or {}
+
+
+def regular_file(path: pathlib.Path, what: str) -> None:
+    """`path` exists and is a regular file (not a FIFO, device or folder, which could block or
+    never end), checked with stat before anything opens it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{str(path)!r} does not exist; the checkpoint folder is missing this {what}.") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{str(path)!r} is not a regular file; a checkpoint's {what} must be one.")
+
+
 class SafetensorsFile:
     """The header of one .safetensors file, checked against the file's size; `read(name)` reads a
     tensor."""
 
     def __init__(self, path):
         self.path = pathlib.Path(path)
-        if not self.path.exists():
-            raise ConfigError(f"{str(self.path)!r} does not exist; the checkpoint folder is missing this shard.")
+        regular_file(self.path, "shard")
         size = self.path.stat().st_size
         with self.path.open("rb") as f:
             head = f.read(8)
@@ -42,18 +112,13 @@ class SafetensorsFile:
             if n > size - 8 or n > 100_000_000:
                 raise ConfigError(f"{str(self.path)!r} declares a {n}-byte header but holds {size} bytes: the file is truncated or not safetensors.")
             try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 raise ConfigError(f"{str(self.path)!r} has a header that is not JSON: the file is damaged or not safetensors.") from None
-        self.metadata = header.pop("__metadata__", {}) or {}
+            except _Duplicate as e:
+                raise ConfigError(f"{str(self.path)!r} names {str(e.args[0])[:80]!r} twice in its header: the file is damaged.") from None
         self.base = 8 + n
-        self.tensors = header
-        end = max((t["data_offsets"][1] for t in header.values()), default=0)
-        if self.base + end > size:
-            raise ConfigError(f"{str(self.path)!r} is {size} bytes but its tensors need {self.base + end}: the file is truncated; download it again.")
-        for name, t in header.items():
-            if t["dtype"] not in DTYPES:
-                raise ConfigError(f"{name!r} in {str(self.path)!r} has dtype {t['dtype']}, which dlm does not read.")
+        self.tensors, self.metadata = check_header(header, repr(str(self.path)), size - self.base)
 
     def keys(self):
         return list(self.tensors)
@@ -124,12 +189,18 @@ class Folder:
         index = self.path / "model.safetensors.index.json"
         single = self.path / "model.safetensors"
         if index.exists():
+            regular_file(index, "index")
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
                 raise ConfigError(f"{str(index)!r} is not a safetensors index (no weight_map).") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConfigError(f"{str(index)!r} has a weight_map that is not an object of file names.")
             files = {}
             for key, fname in weight_map.items():
+                if fname in (".", "..") or "/" in fname or "\\" in fname or "\0" in fname or not fname:
+                    raise ConfigError(f"{str(index)!r} names {fname[:80]!r} for {key[:80]!r}: a shard must be a plain file name "
+                                      "inside the checkpoint folder.")
                 if fname not in files:
                     files[fname] = SafetensorsFile(self.path / fname)
                 if key not in files[fname].tensors:
