@@ -59,3 +59,9 @@ def test_prompt_longer_than_the_context(root, tmp_path):
 def test_restore_without_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="config.yaml"):
         dlm.restore(tmp_path)
+
+
+def test_eval_cli_on_a_missing_workdir_names_the_workdir(root, tmp_path):
+    p = _run(root, "-m", "dlm.eval", "--workdir", str(tmp_path / "missing"))
+    msg = _one_sentence(p.stderr)
+    assert p.returncode == 2 and "--workdir" in msg and "--config" not in msg

@@ -63,9 +63,12 @@ def _restore(workdir, step=None, use_ema=None, overrides=()):
 
 
 def cfg_ema(workdir: pathlib.Path) -> bool:
+    """The run's train.eval_use_ema; True for a folder without a config (dlm.restore then says
+    what the folder lacks)."""
     from dlm.config import load_config
 
-    return load_config(workdir / "config.yaml").train.eval_use_ema
+    path = workdir / "config.yaml"
+    return load_config(path).train.eval_use_ema if path.exists() else True
 
 
 def nelbo_report(workdir, *, split: str = "validation", windows: int | None = None, t_samples: int | None = None,
