@@ -174,3 +174,21 @@ def test_a_6x6_model_solves_more_puzzles_in_margin_order_than_in_random_order(ro
         sampling = SamplingConfig(sampler=sampler, temperature=0.0, steps=36, float64=False, decode=decode)
         rates[name] = solve_sudoku(model, cfg.diffusion, puzzles, solutions, sampling)["exact_solve"]
     assert rates["margin"] - rates["random"] >= 0.30, rates
+
+
+def test_every_batch_of_the_harness_draws_its_own_noise(root):
+    """The same puzzle in two batches of the harness gets different draws at temperature 1 (one
+    seed for every batch made the batches' draws identical, so the rows were not independent)."""
+    import dataclasses
+
+    import dlm
+    from dlm.config import load_config
+    from dlm.eval.tasks import decode_all
+
+    cfg = load_config(root / "configs/test.yaml", ["sampling.steps=4"])
+    model = dlm.build_model(cfg)
+    spec = np.full((2, 32), model.mask_id, np.int32)
+    spec[:, :4] = [5, 6, 7, 8]
+    tokens, _, _ = decode_all(model, cfg.diffusion, spec, dataclasses.replace(cfg.sampling, temperature=1.0), batch=1)
+    assert (tokens[:, :4] == [5, 6, 7, 8]).all()
+    assert not np.array_equal(tokens[0], tokens[1])

@@ -24,14 +24,19 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def decode_all(model, diffusion: DiffusionConfig, specs: np.ndarray, sampling: SamplingConfig, batch: int, mesh=None):
-    """Fill the mask positions of every row of `specs` [N, L] in batches -> (tokens [N, L], NFE per row
-    [N], compiled decoding seconds). NFE is per row for the parallel decoder and the token
+    """Fill the mask positions of every row of `specs` [N, L] in batches, each batch with its own
+    key -> (tokens [N, L], NFE per row [N], compiled decoding seconds). NFE is per row for the parallel decoder and the token
     ancestral loop (rows stop at different steps), per batch otherwise."""
+    import jax
+
     tokens, nfe, seconds = [], [], 0.0
+    root = jax.random.key(sampling.seed)
     for i in range(0, len(specs), batch):
         spec = specs[i: i + batch]
+        # every batch its own key (folded from the seed), so no two puzzles share their draws: the
+        # intervals assume independent trials
         out = generate(model, spec, dataclasses.replace(sampling, num_samples=len(spec)), diffusion=diffusion,
-                       length=spec.shape[1], mesh=mesh)
+                       length=spec.shape[1], mesh=mesh, key=jax.random.fold_in(root, i))
         tokens.append(np.asarray(out["tokens"]))
         nfe += list(out.get("nfe_per_sample", [out["nfe"]] * len(spec)))
         seconds += out["seconds"]
