@@ -141,6 +141,91 @@ class HFTokenizer:
         (workdir / "tokenizer.json").write_text(json.dumps({"kind": self.kind}))
 
 
+CHAT_SECONDS = 2.0  # a chat template renders a few messages: milliseconds
+CHAT_CHARS = 1 << 20
+
+
+class _Limit(Exception):
+    pass
+
+
+def render_template(source: str, what: str, **values) -> str:
+    """`source` rendered in jinja2's ImmutableSandboxedEnvironment with limits: at most
+    CHAT_SECONDS of rendering (a trace function counts the template's own lines, so loops with no
+    output are caught too), at most CHAT_CHARS of output, no string or list repeated past that
+    size and no call with an integer argument past it ('a' * 10**10, 'a'.ljust(10**10)); ranges
+    are the sandbox's (at most 100,000 items). Any failure is one ConfigError that starts with
+    `what`."""
+    import sys
+    import time
+
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    import re
+
+    wide = re.compile(r"\d{7,}")  # a width or precision of a million or more in a format string
+
+    class Limited(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**", "%"])
+
+        def wrap_str_format(self, value):  # str.format / format_map, at attribute access
+            owner = getattr(value, "__self__", None)
+            if (isinstance(owner, str) and getattr(value, "__name__", "") in ("format", "format_map")
+                    and any(wide.search(field) for field in re.findall(r"\{[^{}]*\}", owner))):
+                raise _Limit("a format field wider than a million characters")
+            return super().wrap_str_format(value)
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "%" and isinstance(left, str) and re.search(r"%[-+ #0]*\d{7,}|%[-+ #0]*\d*\.\d{7,}", left):
+                raise _Limit("a %-format wider than a million characters")
+            sized = lambda x: isinstance(x, (str, list, tuple, bytes))
+            if operator == "*" and ((sized(left) and isinstance(right, int) and len(left) * right > CHAT_CHARS)
+                                    or (sized(right) and isinstance(left, int) and len(right) * left > CHAT_CHARS)):
+                raise _Limit(f"a repetition of more than {CHAT_CHARS} items")
+            if operator == "**" and isinstance(right, int) and abs(right) > 4096:
+                raise _Limit("a power with an exponent above 4096")
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
+            if any(isinstance(a, int) and abs(a) > CHAT_CHARS for a in (*args, *kwargs.values())):
+                raise _Limit(f"a call with an integer argument above {CHAT_CHARS}")
+
+            return super().call(__context, __obj, *args, **kwargs)
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    deadline = time.monotonic() + CHAT_SECONDS
+
+    def tracer(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _Limit(f"more than {CHAT_SECONDS:g} s of rendering")
+        return tracer
+
+    env = Limited(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    previous = sys.gettrace()
+    out, size = [], 0
+    try:
+        template = env.from_string(source)
+        sys.settrace(tracer)
+        for chunk in template.generate(**values):
+            size += len(chunk)
+            if size > CHAT_CHARS:
+                raise _Limit(f"more than {CHAT_CHARS} characters of output")
+            out.append(chunk)
+    except _Limit as e:
+        raise ConfigError(f"{what} stopped at {e.args[0]}; the folder holds a template dlm will not render.") from None
+    except (TemplateError, ArithmeticError, MemoryError, RecursionError, TypeError, ValueError, AttributeError,
+            KeyError, IndexError) as e:  # SecurityError is a TemplateError
+        raise ConfigError(f"{what} failed ({type(e).__name__}: {str(e)[:160]}); the folder holds a template dlm cannot "
+                          "render safely.") from None
+    finally:
+        sys.settrace(previous)
+    return "".join(out)
+
+
 class FolderTokenizer(HFTokenizer):
     """A published model's tokenizer folder: tokenizer.json, tokenizer_config.json (special
     tokens, chat template) and config.json (special ids). The special ids come from those
@@ -163,6 +248,7 @@ class FolderTokenizer(HFTokenizer):
         except Exception as e:  # the tokenizers library's parse errors
             raise ConfigError(f"{str(directory / 'tokenizer.json')!r} is not a Hugging Face tokenizer file ({str(e)[:120]}).") from None
         self.kind = "hf-folder"
+        self.directory = directory
         self.files = {n: (directory / n).read_bytes() for n in self.FILES if (directory / n).exists()}
         tc = json.loads(self.files.get("tokenizer_config.json", b"{}"))
         if config is None:
@@ -207,23 +293,12 @@ class FolderTokenizer(HFTokenizer):
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The chat template rendered in jinja2's sandbox (a template from a downloaded folder is
-        untrusted code: it cannot reach Python internals or change its inputs)."""
+        untrusted code: it cannot reach Python internals or change its inputs), within
+        CHAT_SECONDS and CHAT_CHARS; whatever goes wrong is one ConfigError naming the folder."""
         if not self.chat_template:
             raise ConfigError("This tokenizer has no chat_template (a base model?); prompt it with --prompt instead of --chat.")
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        try:
-            return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                              **self.special_text)
-        except TemplateError as e:  # SecurityError is one
-            raise ConfigError(f"The chat template failed ({type(e).__name__}: {e}); the folder's tokenizer_config.json "
-                              "holds a template dlm cannot render safely.") from None
+        return render_template(self.chat_template, f"The chat template of {str(getattr(self, 'directory', '?'))!r}",
+                               messages=messages, add_generation_prompt=add_generation_prompt, **self.special_text)
 
     def encode_chat(self, question: str) -> np.ndarray:
         return np.asarray(self.tok.encode(self.render_chat([{"role": "user", "content": question}]),
