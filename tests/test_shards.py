@@ -196,3 +196,17 @@ def test_hf_dataset_streamed_by_prepare_gives_the_rows_of_the_in_memory_hf_loade
                                                                 f"data.seq_len={SEQ_LEN}"]).data)
     np.testing.assert_array_equal(shards.train_rows[:], memory.train_rows)
     np.testing.assert_array_equal(shards.val_rows, memory.val_rows)
+
+
+def test_prepare_with_another_bpe_sample_size_is_not_taken_for_the_same_shards(corpus, tmp_path):
+    """The BPE is trained on the first tokenizer_sample_mb of text, so that size is part of what
+    the shards hold: the same config with another size is refused without --overwrite, not
+    reported as already prepared."""
+    cfg, _ = corpus
+    out = tmp_path / "s"
+    prepare(cfg.data, out, workers=1, rows_per_shard=300, tokenizer_sample_mb=0.001, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert prepare(cfg.data, out, workers=1, rows_per_shard=300, tokenizer_sample_mb=0.001, progress=False)  # the same: nothing to do
+    with pytest.raises(ConfigError, match="another data config"):
+        prepare(cfg.data, out, workers=1, rows_per_shard=300, tokenizer_sample_mb=1.0, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

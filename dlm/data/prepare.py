@@ -58,12 +58,28 @@ def tokenizer_sha256(directory: pathlib.Path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(cfg: DataConfig) -> dict:
-    """The data settings that decide the shards' content (not the loader's threads)."""
+DEFAULT_TOKENIZER_SAMPLE_MB = 256.0
+
+
+def fingerprint(cfg: DataConfig, tokenizer_sample_mb: float = DEFAULT_TOKENIZER_SAMPLE_MB) -> dict:
+    """The settings that decide the shards' content (not the loader's threads): the data config,
+    and for a BPE trained here the size of the text it is trained on."""
     d = dataclasses.asdict(cfg)
     for k in ("path", "loader_threads", "prefetch", "loader_workers", "markov", "sudoku", "addition", "format", "prompt_field", "response_field"):
         d.pop(k, None)
+    if cfg.tokenizer == TokenizerKind.BPE:
+        d["tokenizer_sample_mb"] = float(tokenizer_sample_mb)
     return json.loads(json.dumps(d, default=lambda v: v.value if hasattr(v, "value") else str(v)))
+
+
+def _same_data(stored: dict | None, current: dict) -> bool:
+    """Whether shards' stored fingerprint is `current`; shards written before the BPE sample
+    size was recorded were made with the default."""
+    if stored is None:
+        return False
+    if "tokenizer_sample_mb" in current and "tokenizer_sample_mb" not in stored:
+        stored = dict(stored, tokenizer_sample_mb=DEFAULT_TOKENIZER_SAMPLE_MB)
+    return stored == current
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +196,7 @@ def _train_tokenizer(cfg: DataConfig, directory: pathlib.Path, sample_bytes: int
 
 
 def prepare(cfg: DataConfig, out: str | pathlib.Path, workers: int = 2, rows_per_shard: int = 16384,
-            tokenizer_sample_mb: float = 256.0, overwrite: bool = False, progress: bool = True) -> dict:
+            tokenizer_sample_mb: float = DEFAULT_TOKENIZER_SAMPLE_MB, overwrite: bool = False, progress: bool = True) -> dict:
     """Tokenise, pack and write the shards of `cfg`'s corpus into `out`; returns the metadata."""
     from tqdm.auto import tqdm
 
@@ -196,7 +212,7 @@ def prepare(cfg: DataConfig, out: str | pathlib.Path, workers: int = 2, rows_per
     meta_path = out / "metadata.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if meta.get("data") == fingerprint(cfg) and not overwrite:
+        if _same_data(meta.get("data"), fingerprint(cfg, tokenizer_sample_mb)) and not overwrite:
             print(f"{out} already holds the shards of this data config; nothing to do (--overwrite rewrites them).")
             return meta
         if not overwrite:
@@ -246,7 +262,7 @@ def prepare(cfg: DataConfig, out: str | pathlib.Path, workers: int = 2, rows_per
         "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": int(tok.eos_id), "sha256": tokenizer_sha256(partial)},
         "bytes_per_token": val["bytes"] / val["tokens"],
         "splits": splits,
-        "data": fingerprint(cfg),
+        "data": fingerprint(cfg, tokenizer_sample_mb),
     }
     # move into place, metadata last: a directory with metadata.json is complete
     if meta_path.exists():
