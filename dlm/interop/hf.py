@@ -46,9 +46,14 @@ def read_config(path) -> dict:
         what = "does not exist" if not pathlib.Path(path).exists() else "holds no config.json"
         raise ConfigError(f"{str(path)!r} {what}; point at a Hugging Face checkpoint folder (config.json and safetensors).")
     try:
-        return json.loads(f.read_text())
+        config = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{str(f)!r} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    except (UnicodeDecodeError, RecursionError):
+        raise ConfigError(f"{str(f)!r} is not a JSON text file.") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{str(f)!r} holds a JSON {type(config).__name__}, not an object of settings.")
+    return config
 
 
 @dataclasses.dataclass

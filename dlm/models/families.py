@@ -29,7 +29,8 @@ def detect(config: dict, family: str | None = None) -> str:
             raise ConfigError(f"family={family!r} is not one dlm imports; use one of {', '.join(FAMILIES)}.")
         return family
     kind = str(config.get("model_type", "")).lower()
-    archs = " ".join(config.get("architectures") or []).lower()
+    archs = config.get("architectures") or []
+    archs = " ".join(a for a in archs if isinstance(a, str)).lower() if isinstance(archs, list) else str(archs).lower()
     for fam, names in (("llada", ("llada",)), ("dream", ("dream",)), ("mdlm", ("mdlm",))):
         if kind in names or any(n in archs for n in names):
             return fam
@@ -38,10 +39,38 @@ def detect(config: dict, family: str | None = None) -> str:
                       "when the folder holds one of them under another name.")
 
 
+# the largest value dlm accepts for each size a config.json gives: far beyond any published
+# model, and small enough that a hostile value is refused before anything is built
+LIMITS = {"width": 1 << 16, "layers": 1024, "heads": 1024, "mlp": 1 << 20, "vocab": 1 << 24, "context": 1 << 24}
+
+
 def _need(config: dict, key: str, family: str):
     if key not in config:
         raise ConfigError(f"config.json has no {key!r}, which a {family} checkpoint's config must give.")
     return config[key]
+
+
+def _int(config: dict, key: str, family: str, kind: str, default=None, low: int = 1) -> int:
+    """config[key] (or `default` when absent or null and a default exists) as an integer in [low, LIMITS[kind]]."""
+    v = config.get(key)
+    if v is None:
+        if default is None:
+            _need(config, key, family)  # absent: the "has no" sentence
+            raise ConfigError(f"config.json's {key!r} is null; a {family} checkpoint's config must give an integer.")
+        v = default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"config.json's {key!r} is {str(v)[:40]!r} ({type(v).__name__}); it must be an integer.")
+    if not low <= v <= LIMITS[kind]:
+        raise ConfigError(f"config.json's {key!r} is {v}; dlm accepts {low} to {LIMITS[kind]} for it.")
+    return v
+
+
+def _float(config: dict, key: str, default: float, low: float = 0.0) -> float:
+    v = config.get(key, default)
+    v = default if v is None else v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > low) or v != v or v == float("inf"):
+        raise ConfigError(f"config.json's {key!r} is {str(v)[:40]!r}; it must be a finite number above {low:g}.")
+    return float(v)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -52,7 +81,6 @@ def _check(cond: bool, message: str) -> None:
 def model_options(family: str, config: dict) -> tuple[dict, int]:
     """(ModelConfig fields, context length) of a family's config.json."""
     if family == "llada":
-        n = lambda k: _need(config, k, family)
         _check(config.get("block_type", "llama") == "llama",
                f"This LLaDA config has block_type {config.get('block_type')!r}; dlm imports the llama block (LLaDA-8B) only.")
         _check(config.get("activation_type", "silu") in ("silu", "swiglu"),
@@ -62,37 +90,48 @@ def model_options(family: str, config: dict) -> tuple[dict, int]:
         _check(not config.get("weight_tying", False), "This LLaDA config ties the head to the embedding (weight_tying); dlm imports untied heads.")
         _check(not config.get("include_bias", False), "This LLaDA config has include_bias=true; dlm imports bias-free LLaDA blocks.")
         _check(not config.get("alibi", False), "This LLaDA config uses ALiBi; dlm imports RoPE models.")
-        vocab = config.get("embedding_size") or n("vocab_size")
-        options = dict(family="llada", d_model=n("d_model"), num_layers=n("n_layers"), num_heads=n("n_heads"),
-                       num_kv_heads=config.get("n_kv_heads") or n("n_heads"), mlp_dim=n("mlp_hidden_size"),
-                       rope_theta=float(config.get("rope_theta", 10000.0)), norm="rms", norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+        vocab = _int(config, "embedding_size", family, "vocab") if config.get("embedding_size") else _int(config, "vocab_size", family, "vocab")
+        heads = _int(config, "n_heads", family, "heads")
+        options = dict(family="llada", d_model=_int(config, "d_model", family, "width"), num_layers=_int(config, "n_layers", family, "layers"),
+                       num_heads=heads, num_kv_heads=_int(config, "n_kv_heads", family, "heads", default=heads),
+                       mlp_dim=_int(config, "mlp_hidden_size", family, "mlp"),
+                       rope_theta=_float(config, "rope_theta", 10000.0), norm="rms", norm_eps=_float(config, "rms_norm_eps", 1e-5),
                        mlp="swiglu", qkv_bias=bool(config.get("include_qkv_bias", False)), vocab_size=vocab,
-                       mask_id=int(config.get("mask_token_id", DEFAULT_MASK["llada"])), embed_init_std=0.02)
-        context = int(config.get("max_sequence_length", 4096))
+                       mask_id=_int(config, "mask_token_id", family, "vocab", default=DEFAULT_MASK["llada"], low=0), embed_init_std=0.02)
+        context = _int(config, "max_sequence_length", family, "context", default=4096)
     elif family == "dream":
-        n = lambda k: _need(config, k, family)
         _check(config.get("hidden_act", "silu") == "silu", f"This Dream config has hidden_act {config.get('hidden_act')!r}; dlm imports silu only.")
         _check(not config.get("tie_word_embeddings", False), "This Dream config ties the head to the embedding; dlm imports untied heads.")
         _check(not config.get("rope_scaling"), "This Dream config scales RoPE (rope_scaling); dlm imports plain RoPE.")
-        options = dict(family="dream", d_model=n("hidden_size"), num_layers=n("num_hidden_layers"),
-                       num_heads=n("num_attention_heads"), num_kv_heads=config.get("num_key_value_heads") or n("num_attention_heads"),
-                       mlp_dim=n("intermediate_size"), rope_theta=float(config.get("rope_theta", 10000.0)), norm="rms",
-                       norm_eps=float(config.get("rms_norm_eps", 1e-6)), mlp="swiglu", qkv_bias=True, vocab_size=n("vocab_size"),
-                       mask_id=int(config.get("mask_token_id", DEFAULT_MASK["dream"])), shift_logits=True, embed_init_std=0.02)
-        context = int(config.get("max_position_embeddings", 4096))
+        heads = _int(config, "num_attention_heads", family, "heads")
+        options = dict(family="dream", d_model=_int(config, "hidden_size", family, "width"),
+                       num_layers=_int(config, "num_hidden_layers", family, "layers"), num_heads=heads,
+                       num_kv_heads=_int(config, "num_key_value_heads", family, "heads", default=heads),
+                       mlp_dim=_int(config, "intermediate_size", family, "mlp"), rope_theta=_float(config, "rope_theta", 10000.0),
+                       norm="rms", norm_eps=_float(config, "rms_norm_eps", 1e-6), mlp="swiglu", qkv_bias=True,
+                       vocab_size=_int(config, "vocab_size", family, "vocab"),
+                       mask_id=_int(config, "mask_token_id", family, "vocab", default=DEFAULT_MASK["dream"], low=0),
+                       shift_logits=True, embed_init_std=0.02)
+        context = _int(config, "max_position_embeddings", family, "context", default=4096)
     elif family == "mdlm":
-        n = lambda k: _need(config, k, family)
         _check(not config.get("time_conditioning", False),
                "This MDLM config is time-conditioned; dlm's DiT conditions on sigma = 0 (mdlm-owt), so it cannot run it.")
-        d = n("hidden_dim")
-        options = dict(family="mdlm", d_model=d, num_layers=n("n_blocks"), num_heads=n("n_heads"), mlp_dim=4 * d,
-                       rope_theta=10000.0, norm="layer", norm_eps=1e-5, mlp="gelu", block="dit", cond_dim=n("cond_dim"),
-                       vocab_size=n("vocab_size") - 1, mask_id=-1, embed_init_std=0.02)
-        context = int(config.get("model_length", 1024))
+        d = _int(config, "hidden_dim", family, "width")
+        options = dict(family="mdlm", d_model=d, num_layers=_int(config, "n_blocks", family, "layers"),
+                       num_heads=_int(config, "n_heads", family, "heads"), mlp_dim=4 * d,
+                       rope_theta=10000.0, norm="layer", norm_eps=1e-5, mlp="gelu", block="dit",
+                       cond_dim=_int(config, "cond_dim", family, "width"),
+                       vocab_size=_int(config, "vocab_size", family, "vocab", low=2) - 1, mask_id=-1, embed_init_std=0.02)
+        context = _int(config, "model_length", family, "context", default=1024)
     else:
         raise ConfigError(f"Unknown family {family!r}; use one of {', '.join(FAMILIES)}.")
     if options["d_model"] % options["num_heads"]:
         raise ConfigError(f"config.json's width {options['d_model']} is not divisible by its {options['num_heads']} heads.")
+    if options.get("num_kv_heads") and options["num_heads"] % options["num_kv_heads"]:
+        raise ConfigError(f"config.json's {options['num_heads']} heads are not a multiple of its {options['num_kv_heads']} "
+                          "key/value heads.")
+    if options.get("mask_id", -1) >= options["vocab_size"]:
+        raise ConfigError(f"config.json's mask_token_id {options['mask_id']} is not below its vocabulary size {options['vocab_size']}.")
     return options, context
 
 
