@@ -371,14 +371,11 @@ def _sample_program(cfg, mesh, V, param_dtype: str, prompt_len: int):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from dlm.diffusion import hyperschedules as hs
+    from dlm.diffusion.schedules import make_schedule
     from dlm.mesh import batch_sharding
     from dlm.objectives import objective_for
     from dlm.sampling.ancestral import time_grid
-    from dlm.sampling.generate import Setup, parallel, program, sampler_for
-    from dlm.sampling.hyper import make_plan
-    from dlm.diffusion.schedules import make_schedule
-    from dlm.config import check_decode
+    from dlm.sampling.generate import parallel, program, sampler_for, setup_for
     from dlm.models.transformer import mask_id_of
     from dlm.train.state import abstract_model_state
 
@@ -397,14 +394,7 @@ def _sample_program(cfg, mesh, V, param_dtype: str, prompt_len: int):
     mask_id = mask_id_of(cfg.model, cfg.model.vocab_size or V)
     objective = objective_for(cfg.diffusion, mask_id, cfg.model.noise_conditioning, V)
     sampler = sampler_for(objective, sc)
-    setup = Setup(sc, objective, V, L, cfg.model)
-    if sampler is parallel:
-        check_decode(sc.decode, L - prompt_len if sc.decode.suffix_dropout else L)
-        setup = dataclasses.replace(setup, prompt_len=prompt_len)
-    else:
-        kind = objective.diffusion.hyperschedule
-        width = hs.width_for(kind, L, objective.diffusion.block_width)
-        setup = dataclasses.replace(setup, plan=make_plan(hs.Hyperschedule(kind, L, width=width, steps=sc.steps), sc.grid))
+    setup = setup_for(sampler, objective, sc, cfg.model, V, L, prompt_len=prompt_len if sampler is parallel else 0)
     run = program(sampler, setup, graphdef, treedef)
     bs = batch_sharding(mesh)
     rep = NamedSharding(mesh, P())
@@ -424,8 +414,8 @@ def _sample_program(cfg, mesh, V, param_dtype: str, prompt_len: int):
         pass_tokens = {"none": L, "prefix": L - prompt_len, "dual": block}[dc.cache.value]
         what = (f"parallel decoder: batch {B}, prompt {prompt_len} + generation {gen}, block {block}, {dc.rule.value} "
                 f"{dc.score.value}, cache {dc.cache.value}")
-    else:  # a cached step feeds the active block (its width), an uncached one the whole canvas
-        pass_tokens = setup.plan.width if sc.cache else L
+    else:  # a cached hyperschedule step feeds the active block (its width); other passes the whole canvas
+        pass_tokens = setup.plan.width if setup.plan is not None and sc.cache else L
         what = f"{sampler.__name__} loop: batch {B}, length {L}, {sc.steps} steps, hyperschedule {cfg.diffusion.hyperschedule.value}"
     extra = {"tokens": B * pass_tokens, "flops": model_flops(cfg.model, V, B * pass_tokens, L, backward=False),
              "weight_passes": 1, "description": what + f", {param_dtype} parameters; one denoising pass",
@@ -433,7 +423,7 @@ def _sample_program(cfg, mesh, V, param_dtype: str, prompt_len: int):
     return run, args, {"params_bytes": shard_bytes(params), "optimizer_bytes": 0, "ema_bytes": 0}, total, extra
 
 
-def _on_tpu(compiled) -> bool:
+def _targets_tpu(compiled) -> bool:
     import jax
 
     shardings = [s for s in jax.tree.leaves(compiled.input_shardings) + jax.tree.leaves(compiled.output_shardings)
@@ -486,7 +476,7 @@ def plan(cfg, topology: str, what: str = "train", num_slices: int = 1, param_dty
     finally:
         jax.config.update("jax_enable_compilation_cache", cache_was)
         compilation_cache.reset_cache()
-    if not _on_tpu(compiled):
+    if not _targets_tpu(compiled):
         raise PlanError("The program compiled for the host, not the topology's chips (no input is sharded on them); "
                         "this is a bug in the planner.")
     mem = compiled.memory_analysis()

@@ -66,12 +66,16 @@ PER_CHIP = {"params_bytes", "optimizer_bytes", "ema_bytes", "other_args_bytes", 
             "total_bytes"}
 
 
-def test_train_step_plan_for_v5e_2x2(root, tmp_path):
+def _plan(root, tmp_path, *args):
+    """python -m dlm.plan on the test config with `args`: exits 0, and its JSON report."""
     out = tmp_path / "plan.json"
-    code = P.main(["--config", str(root / "configs/test.yaml"), "mesh.data=1", "mesh.fsdp=4", "train.batch_size=8",
-                   "--topology", "v5e:2x2", "--what", "train", "--out", str(out)])
-    assert code == 0
-    r = json.loads(out.read_text())
+    assert P.main(["--config", str(root / "configs/test.yaml"), *args, "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_train_step_plan_for_v5e_2x2(root, tmp_path):
+    r = _plan(root, tmp_path, "mesh.data=1", "mesh.fsdp=4", "train.batch_size=8",
+              "--topology", "v5e:2x2", "--what", "train")
     assert KEYS <= set(r) and PER_CHIP <= set(r["per_chip"])
     assert r["chips"] == 4 and r["fits"] and r["verdict"].startswith("fits with")
     cfg = load_config(root / "configs/test.yaml")
@@ -94,13 +98,10 @@ def test_train_step_plan_for_v5e_2x2(root, tmp_path):
 
 
 def test_parallel_decoder_plan_for_v5e_2x2(root, tmp_path):
-    out = tmp_path / "plan.json"
-    code = P.main(["--config", str(root / "configs/test.yaml"), "mesh.data=4", "sampling.sampler=parallel",
-                   "sampling.decode.cache=dual", "sampling.num_samples=4", "sampling.length=32",
-                   "sampling.decode.block_length=8", "--prompt-len", "8", "--param-dtype", "bfloat16",
-                   "--topology", "v5e:2x2", "--what", "sample", "--out", str(out)])
-    assert code == 0
-    r = json.loads(out.read_text())
+    r = _plan(root, tmp_path, "mesh.data=4", "sampling.sampler=parallel",
+              "sampling.decode.cache=dual", "sampling.num_samples=4", "sampling.length=32",
+              "sampling.decode.block_length=8", "--prompt-len", "8", "--param-dtype", "bfloat16",
+              "--topology", "v5e:2x2", "--what", "sample")
     assert KEYS <= set(r) and PER_CHIP <= set(r["per_chip"]) and r["fits"]
     assert r["per_chip"]["optimizer_bytes"] == 0
     # bfloat16 parameters, replicated over data: each chip holds all of them in 2 bytes each
@@ -108,12 +109,9 @@ def test_parallel_decoder_plan_for_v5e_2x2(root, tmp_path):
 
 
 def test_plan_that_cannot_fit_gets_the_sentence(root, tmp_path, capsys):
-    out = tmp_path / "plan.json"
-    code = P.main(["--config", str(root / "configs/test.yaml"), "model.d_model=4096",
-                   "model.num_layers=16", "model.num_heads=32", "model.vocab_size=32000", "mesh.data=1", "mesh.fsdp=4", "train.batch_size=4",
-                   "--topology", "v5e:2x2", "--what", "train", "--out", str(out)])
-    assert code == 0
-    r = json.loads(out.read_text())
+    r = _plan(root, tmp_path, "model.d_model=4096",
+              "model.num_layers=16", "model.num_heads=32", "model.vocab_size=32000", "mesh.data=1", "mesh.fsdp=4", "train.batch_size=4",
+              "--topology", "v5e:2x2", "--what", "train")
     assert not r["fits"]
     assert r["verdict"].startswith("does not fit") and ("largest consumers" in r["verdict"] or "refused" in r["verdict"])
     assert "does not fit" in capsys.readouterr().out
@@ -184,11 +182,8 @@ def test_two_slices_reduce_only_gradients_across_slices(root, tmp_path):
     """With two slices the data axis spans them (DCN) and fsdp stays inside each: the only
     cross-slice transfers are the gradients' reduction, about one float32 copy of the chip's
     parameter shard per step."""
-    out = tmp_path / "plan.json"
-    code = P.main(["--config", str(root / "configs/test.yaml"), "mesh.data=1", "mesh.fsdp=4", "train.batch_size=8",
-                   "--topology", "v5e:2x2", "--num-slices", "2", "--what", "train", "--out", str(out)])
-    assert code == 0
-    r = json.loads(out.read_text())
+    r = _plan(root, tmp_path, "mesh.data=1", "mesh.fsdp=4", "train.batch_size=8",
+              "--topology", "v5e:2x2", "--num-slices", "2", "--what", "train")
     assert r["chips"] == 8 and r["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
     dcn = [c for c in r["collectives"] if c["dcn"]]
     assert dcn, "no cross-slice transfer: the slices would not agree on the gradients"

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Callable
 
 import jax
@@ -341,8 +340,9 @@ def splash_attention(q, k, v, spec: AttentionSpec, interpret: bool = False):
         return local(q, k, v, vis)
     from jax.sharding import PartitionSpec as P
 
-    axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
-    rows = axes if axes and B % math.prod(mesh.shape[a] for a in axes) == 0 else None
+    from dlm.mesh import batch_axes
+
+    rows = batch_axes(B) or None
     heads = "tensor" if mesh.shape.get("tensor", 1) > 1 and q.shape[2] % mesh.shape["tensor"] == 0 \
         and k.shape[2] % mesh.shape["tensor"] == 0 else None
     qkv = P(rows, None, heads, None)

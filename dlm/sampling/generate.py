@@ -253,6 +253,27 @@ class Padded:
                           kv_cache=kv_cache, **kw)
 
 
+def setup_for(sampler: Callable, objective: Objective, cfg: SamplingConfig, model_cfg, vocab_size: int, length: int, *,
+              prompt_len: int = 0,
+              eos_id: int = -1, plan: Plan | None = None) -> Setup:
+    """The Setup of `sampler` over `length` positions of `vocab_size` logit columns: the parallel decoder's settings checked
+    against the positions it decodes (after a given prefix of `prompt_len`), the hyperschedule
+    loop's plan (`plan`, or the objective's hyperschedule over `length`)."""
+    setup = Setup(cfg, objective, vocab_size, length, model_cfg, eos_id=eos_id)
+    if sampler is parallel:
+        check_decode(cfg.decode, length - prompt_len if cfg.decode.suffix_dropout else length)
+        return dataclasses.replace(setup, prompt_len=prompt_len)
+    if sampler is hyperschedule:
+        if plan is None:
+            kind = objective.diffusion.hyperschedule
+            width = hs.width_for(kind, length, objective.diffusion.block_width)
+            if length % width:
+                raise ConfigError(f"diffusion.block_width={width} must divide the generation length {length}.")
+            plan = make_plan(hs.Hyperschedule(kind, length, width=width, steps=cfg.steps), cfg.grid)
+        return dataclasses.replace(setup, plan=plan)
+    return setup
+
+
 def program(sampler: Callable, setup: Setup, graphdef, treedef) -> Callable:
     """The function that generate() compiles: (parameter leaves, x, fixed, key, alphas, times,
     pad or None) -> the sampler's dict (also what dlm.plan compiles for a pod)."""
@@ -314,22 +335,13 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
     if model.cfg.shift_logits and sampler is hyperschedule:
         raise ConfigError("This model predicts each position from the one before (shift_logits, Dream); sample it with "
                           "sampling.sampler=ancestral or parallel, not the hyperschedule loop.")
-    setup = Setup(cfg, objective, V, length, model.cfg, eos_id=eos_id)
+    P = 0
     if sampler is parallel:
         P = int((~fixed).argmax(1).min()) if (~fixed).any() else length  # the given prefix of every row
         if cfg.decode.suffix_dropout and fixed[:, P:].any():
             raise ConfigError("sampling.decode.suffix_dropout (DPad) drops masked suffix positions after a prompt prefix; "
                               "an infill spec with given tokens after the first position to fill needs suffix_dropout=false.")
-        check_decode(cfg.decode, length - P if cfg.decode.suffix_dropout else length)
-        setup = dataclasses.replace(setup, prompt_len=P)
-    if sampler is hyperschedule:
-        if plan is None:
-            kind = objective.diffusion.hyperschedule
-            width = hs.width_for(kind, length, objective.diffusion.block_width)
-            if length % width:
-                raise ConfigError(f"diffusion.block_width={width} must divide the generation length {length}.")
-            plan = make_plan(hs.Hyperschedule(kind, length, width=width, steps=cfg.steps), cfg.grid)
-        setup = dataclasses.replace(setup, plan=plan)
+    setup = setup_for(sampler, objective, cfg, model.cfg, V, length, prompt_len=P, eos_id=eos_id, plan=plan)
 
     shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     extra = (-B) % shards
