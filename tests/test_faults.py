@@ -60,7 +60,10 @@ def _damage_newest(work: pathlib.Path, how: str) -> int:
                    key=lambda p: p.stat().st_size)
     target = files[-1]  # the largest file holds the array data
     if how == "truncate":
-        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+        # cut short right after it begins: OCDBT may leave unreferenced bytes at the end of a data
+        # file, so keeping its first half did not always damage anything that is read (seen once
+        # in five full runs, reproduced from that run's checkpoint)
+        target.write_bytes(target.read_bytes()[:8])
     elif how == "metadata":
         meta = work / "checkpoints" / str(newest) / "state" / "_METADATA"
         meta.write_text(meta.read_text()[:40])
