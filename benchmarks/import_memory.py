@@ -103,7 +103,7 @@ def child_output(args, env) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="JSON record")
-    parser.add_argument("--dir", default=None, help="Where the synthetic checkpoint and the workdir go (default: a temporary folder).")
+    parser.add_argument("--dir", default=None, help="A new or empty folder for the synthetic checkpoint and the workdir, removed when done (default: a temporary folder).")
     parser.add_argument("--layers", type=int, default=10)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="The imported parameters' dtype.")
     parser.add_argument("--keep", action="store_true", help="Keep the checkpoint and the workdir.")
@@ -114,6 +114,8 @@ def main() -> None:
         return
     # Every measured step is its own process, and this one stays small: Linux carries a process's
     # peak RSS across fork and exec, so a child's getrusage would otherwise report the parent's.
+    if args.dir and pathlib.Path(args.dir).exists() and any(pathlib.Path(args.dir).iterdir()):
+        sys.exit(f"error: --dir {args.dir!r} is not empty; name a new folder (this benchmark removes it when done).")
     base = pathlib.Path(args.dir or tempfile.mkdtemp(prefix="dlm-import-"))
     src, work = base / "llada-synthetic", base / "workdir"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(ROOT))
@@ -123,7 +125,6 @@ def main() -> None:
         print(f"wrote {info['checkpoint_bytes'] / 1e9:.2f} GB ({info['tensors']} tensors, largest "
               f"{info['largest_tensor_bytes'] / 1e9:.2f} GB) in {time.time() - t:.0f}s")
         baseline = int(child_output(["-c", BASELINE], env).strip().splitlines()[-1])
-        shutil.rmtree(work, ignore_errors=True)
         t = time.time()
         out = child_output(["-c", CONVERT, "--from", str(src), "--out", str(work), "--dtype", args.dtype], env)
         seconds = time.time() - t

@@ -14,6 +14,10 @@ Export writes a Hugging Face folder in the LLaDA layout (`--to llada`: any model
 block, including models trained here) or in the model's own family's layout (`--to hf`):
 safetensors (sharded with an index above --max-shard-gb), config.json and the tokenizer files.
 Importing an exported folder gives back the same parameters bit for bit.
+
+Both write through `dlm.folders.writing`: into a temporary folder beside --out, moved into
+place when complete; an --out that is, holds or lies inside --from is refused, and
+--overwrite replaces only a folder dlm wrote (never one holding a file of anyone else's).
 """
 
 from __future__ import annotations
@@ -22,32 +26,39 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import shutil
 import sys
 import time
 
 from dlm.config import Config, ConfigError, Schedule, TokenizerKind, save_config
+from dlm.folders import check_apart, check_target, writing
 
 
 def import_folder(src, out, family: str | None = None, dtype: str = "float32", overwrite: bool = False, mesh=None,
                   progress: bool = False) -> dict:
     """Convert a published folder into a dlm workdir; returns a summary."""
     from dlm.data.tokenizers import FolderTokenizer
-    from dlm.interop import layouts
-    from dlm.interop.hf import _load, open_checkpoint
-    from dlm.interop.safetensors import write
+    from dlm.interop.hf import open_checkpoint
     from dlm.models.transformer import mask_id_of
+
+    src, out = pathlib.Path(src), pathlib.Path(out)
+    check_apart(out, [src])
+    check_target(out, overwrite)
+    ckpt = open_checkpoint(src, family, dtype)
+    tok = FolderTokenizer(src, ckpt.config, mask_id=mask_id_of(ckpt.model_cfg, ckpt.model_cfg.vocab_size))
+    with writing(out, inputs=[src], overwrite=overwrite) as tmp:
+        seconds = _write_workdir(ckpt, tok, tmp, out, mesh, progress)
+    return {"family": ckpt.family, "workdir": str(out), "keys": len(ckpt.entries), "param_bytes": ckpt.param_bytes,
+            "seconds": seconds}
+
+
+def _write_workdir(ckpt, tok, tmp: pathlib.Path, out: pathlib.Path, mesh, progress: bool) -> float:
+    """Write an opened checkpoint's workdir files into `tmp`, which becomes `out`."""
+    from dlm.interop import layouts
+    from dlm.interop.hf import _load
+    from dlm.interop.safetensors import write
     from dlm.train.checkpoint import save_params
     from flax import nnx
 
-    src, out = pathlib.Path(src), pathlib.Path(out)
-    ckpt = open_checkpoint(src, family, dtype)
-    tok = FolderTokenizer(src, ckpt.config, mask_id=mask_id_of(ckpt.model_cfg, ckpt.model_cfg.vocab_size))
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{str(out)!r} is not empty; choose a new --out or pass --overwrite.")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -56,7 +67,7 @@ def import_folder(src, out, family: str | None = None, dtype: str = "float32", o
     model, seconds = _load(ckpt, mesh, (lambda key: bar.update(1)) if bar else None)
     if bar:
         bar.close()
-    save_params(out.resolve() / "pretrained", nnx.state(model))
+    save_params(tmp.resolve() / "pretrained", nnx.state(model))
     cfg = Config()
     cfg.model = dataclasses.replace(ckpt.model_cfg)
     cfg.data.seq_len = min(ckpt.context, 4096)
@@ -68,23 +79,25 @@ def import_folder(src, out, family: str | None = None, dtype: str = "float32", o
     if ckpt.family == "mdlm":
         cfg.diffusion.schedule = Schedule.LOGLINEAR
     cfg.workdir = str(out)
-    save_config(cfg, out / "config.yaml")
-    tok.save(out)
-    (out / "hf_config.json").write_text(json.dumps(ckpt.config, indent=2) + "\n")
+    save_config(cfg, tmp / "config.yaml")
+    tok.save(tmp)
+    (tmp / "hf_config.json").write_text(json.dumps(ckpt.config, indent=2) + "\n")
     kept = [k for k in ckpt.folder.keys() if k.endswith(layouts.IGNORED_SUFFIXES)]
     if kept:  # known buffers, kept as they were so that export gives them back bit for bit
-        write(out / "buffers.safetensors", [(k, ckpt.folder.shape(k), ckpt.folder.dtype(k), lambda k=k: ckpt.folder.read(k))
+        write(tmp / "buffers.safetensors", [(k, ckpt.folder.shape(k), ckpt.folder.dtype(k), lambda k=k: ckpt.folder.read(k))
                                             for k in kept])
-    return {"family": ckpt.family, "workdir": str(out), "keys": len(ckpt.entries), "param_bytes": ckpt.param_bytes,
-            "seconds": seconds}
+    return seconds
 
 
-def export_workdir(workdir, out, to: str, dtype: str | None = None, max_shard_bytes: int = 5 << 30) -> dict:
+def export_workdir(workdir, out, to: str, dtype: str | None = None, max_shard_bytes: int = 5 << 30,
+                   overwrite: bool = False) -> dict:
     """Write a workdir's model (its newest checkpoint, or its imported parameters) as a folder."""
     import dlm
     from dlm.interop.hf import export
 
     workdir = pathlib.Path(workdir)
+    check_apart(out, [workdir])
+    check_target(out, overwrite)
     model, cfg = dlm.restore(workdir, use_ema=True)
     tok = dlm.load_tokenizer(workdir)
     family = cfg.model.family
@@ -112,7 +125,8 @@ def export_workdir(workdir, out, to: str, dtype: str | None = None, max_shard_by
         f = SafetensorsFile(workdir / "buffers.safetensors")
         buffers = {k: f.read(k) for k in f.keys()}
     return export(model, out, layout, context=cfg.data.seq_len, base_config=base, special=special, dtype=dtype,
-                  max_shard_bytes=max_shard_bytes, tokenizer_files=files, buffers=buffers)
+                  max_shard_bytes=max_shard_bytes, tokenizer_files=files, buffers=buffers, overwrite=overwrite,
+                  inputs=[workdir])
 
 
 def main(argv=None) -> None:
@@ -125,7 +139,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="Import: the parameters' dtype (default float32); export: the files' dtype (default the parameters').")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="Export: the largest safetensors file.")
-    parser.add_argument("--overwrite", action="store_true", help="Import: replace a non-empty --out.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace a non-empty --out that dlm wrote (a folder holding any other file is left alone).")
     args = parser.parse_args(argv)
     start = time.time()
     try:
@@ -134,7 +149,8 @@ def main(argv=None) -> None:
             print(f"Imported a {out['family']} checkpoint ({out['keys']} tensors, {out['param_bytes'] / 1e9:.2f} GB) into "
                   f"{out['workdir']} in {time.time() - start:.1f}s.")
         else:
-            out = export_workdir(args.src, args.out, args.to, args.dtype, int(args.max_shard_gb * (1 << 30)))
+            out = export_workdir(args.src, args.out, args.to, args.dtype, int(args.max_shard_gb * (1 << 30)),
+                                 args.overwrite)
             print(f"Wrote {out['keys']} tensors ({out['bytes'] / 1e9:.2f} GB) in {len(out['files'])} file(s) to {args.out} "
                   f"in {time.time() - start:.1f}s.")
     except ConfigError as e:

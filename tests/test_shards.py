@@ -109,7 +109,7 @@ def _shard_cfg(root, path, *extra):
     ("seq_len", "data.seq_len=64 disagrees with the shards"),
     ("tokenizer", "data.tokenizer=byte disagrees with the shards"),
     ("vocab", "data.bpe_vocab_size=512 disagrees with the shards"),
-    ("interrupted", "holds no metadata.json \\(an interrupted preparation"),
+    ("interrupted", "is not a directory \\(an interrupted preparation was found beside it"),
     ("tokenizer_file", "tokenizer files in .* do not match the hash"),
 ])
 def test_faulty_shard_directory_is_one_sentence(root, corpus, tmp_path, fault, expected):
@@ -131,9 +131,8 @@ def test_faulty_shard_directory_is_one_sentence(root, corpus, tmp_path, fault, e
         extra = ["data.tokenizer=byte"]
     elif fault == "vocab":
         extra = ["data.bpe_vocab_size=512"]
-    elif fault == "interrupted":
-        (d / "metadata.json").unlink()
-        (d / ".partial").mkdir()
+    elif fault == "interrupted":  # a killed first preparation: its temporary folder beside the target
+        d.rename(tmp_path / ".s.dlm-partial-x1y2")
     elif fault == "tokenizer_file":
         f = d / "tokenizer.hf.json"
         f.write_text(f.read_text().replace('"merges"', '"merges" ', 1))
@@ -143,13 +142,22 @@ def test_faulty_shard_directory_is_one_sentence(root, corpus, tmp_path, fault, e
     assert _one_sentence(str(e.value)), str(e.value)
 
 
-def test_interrupted_preparation_restarts_and_writes_the_same_shards(corpus, tmp_path):
+def test_interrupted_preparation_is_removed_by_the_next_run_which_writes_the_same_shards(corpus, tmp_path):
+    import subprocess
+    import sys
+
+    from dlm.folders import PARTIAL
+
     cfg, base = corpus
     out = tmp_path / "c"
-    (out / ".partial").mkdir(parents=True)
-    (out / ".partial" / "train-00000.array_record").write_bytes(b"half a shard")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / ".c.dlm-partial-abc123"  # what a killed preparation leaves beside its target
+    left.mkdir()
+    (left / PARTIAL).write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": int(gone.stdout)}))
+    (left / "train-00000.array_record").write_bytes(b"half a shard")
     prepare(cfg.data, out, workers=2, rows_per_shard=300, progress=False)
-    assert not (out / ".partial").exists()
+    assert not left.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
     for p in (base / "a").iterdir():
         assert (out / p.name).read_bytes() == p.read_bytes(), p.name
 

@@ -15,6 +15,7 @@ import pytest
 import dlm
 from dlm.config import ConfigError
 from dlm.data.tokenizers import CHAT_SECONDS
+from hostile import bounded_memory
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "pretrained"
 
@@ -35,6 +36,12 @@ HOSTILE = {
     "syntax_error": "{% for m in messages %}{{ m.content }",
     "bad_index": "{{ messages[5]['content'] }}",
 }
+
+
+@pytest.fixture(autouse=True)
+def _memory():
+    with bounded_memory():  # a hostile input may not make this process reserve 4 GiB more
+        yield
 
 
 def _folder(tmp_path, template):

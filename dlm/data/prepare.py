@@ -14,9 +14,9 @@ The directory then holds `train-NNNNN.array_record`, `validation-NNNNN.array_rec
 tokenizer (`tokenizer.json`, plus `tokenizer.hf.json` for BPE / pretrained) and
 `metadata.json` (written last): tokenizer kind, vocabulary, EOS and sha256, seq_len, dtype, and
 per split the rows, tokens, documents and bytes, each shard's rows and size in bytes, and the
-bytes per validation token (for bits/byte). Everything is written under DIR/.partial and moved
-into place at the end: an interrupted run leaves no shard that looks finished, and the next run
-starts over. The same config writes byte-identical shards.
+bytes per validation token (for bits/byte). Everything is written into a temporary folder beside
+DIR and moved into place at the end (`dlm.folders.writing`): an interrupted run leaves DIR as
+it was, and the next run starts over. The same config writes byte-identical shards.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ import json
 import multiprocessing as mp
 import os
 import pathlib
-import shutil
 import sys
 import time
 
 import numpy as np
 
 from dlm.config import ConfigError, DataConfig, DataFormat, Source, TokenizerKind, load_config
+from dlm.folders import writing
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
@@ -195,13 +195,29 @@ def _train_tokenizer(cfg: DataConfig, directory: pathlib.Path, sample_bytes: int
     return tok
 
 
+def _inputs(cfg: DataConfig) -> list[str]:
+    """The local files and folders `cfg` reads (the output may not be, hold or lie inside one)."""
+    named = [*cfg.paths, *cfg.validation_paths, cfg.hf_name, cfg.pretrained_tokenizer]
+    return [str(p) for p in named if p and pathlib.Path(p).exists()]
+
+
+def _stored_metadata(meta_path: pathlib.Path) -> dict:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{str(meta_path)!r} is not a shard directory's metadata; choose another --out.")
+    return meta
+
+
 def prepare(cfg: DataConfig, out: str | pathlib.Path, workers: int = 2, rows_per_shard: int = 16384,
             tokenizer_sample_mb: float = DEFAULT_TOKENIZER_SAMPLE_MB, overwrite: bool = False, progress: bool = True) -> dict:
-    """Tokenise, pack and write the shards of `cfg`'s corpus into `out`; returns the metadata."""
-    from tqdm.auto import tqdm
+    """Tokenise, pack and write the shards of `cfg`'s corpus as `out`; returns the metadata.
 
-    from dlm.data import sources
-
+    Written by `dlm.folders.writing` (a temporary folder beside `out`, moved into place when
+    complete): a non-empty `out` is replaced only with overwrite and only when dlm wrote every
+    file in it; an `out` that is, holds or lies inside one of the corpus's files is refused."""
     if cfg.source in (Source.MARKOV, Source.SUDOKU, Source.ADDITION, Source.SHARDS):
         raise ConfigError(f"data.source={cfg.source.value} is not a text corpus; dlm.data.prepare tokenises builtin, files, hf or tfds sources.")
     if cfg.format != DataFormat.STREAM:
@@ -210,20 +226,32 @@ def prepare(cfg: DataConfig, out: str | pathlib.Path, workers: int = 2, rows_per
         raise ConfigError("--workers and --rows-per-shard must be at least 1.")
     out = pathlib.Path(out)
     meta_path = out / "metadata.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if _same_data(meta.get("data"), fingerprint(cfg, tokenizer_sample_mb)) and not overwrite:
+    if meta_path.is_file() and not overwrite:
+        meta = _stored_metadata(meta_path)
+        if _same_data(meta.get("data"), fingerprint(cfg, tokenizer_sample_mb)):
             print(f"{out} already holds the shards of this data config; nothing to do (--overwrite rewrites them).")
             return meta
-        if not overwrite:
-            raise ConfigError(f"{str(out)!r} holds shards of another data config; pass --overwrite to replace them or choose another --out.")
-    partial = out / ".partial"
-    if partial.exists():
-        print(f"Found an interrupted preparation in {partial}; starting over.")
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-
+        raise ConfigError(f"{str(out)!r} holds shards of another data config; pass --overwrite to replace them or choose another --out.")
     t0 = time.time()
+    with writing(out, inputs=_inputs(cfg), overwrite=overwrite) as partial:
+        meta, tok_seconds = _write_shards(cfg, partial, workers, rows_per_shard, tokenizer_sample_mb, progress)
+    splits = meta["splits"]
+    total = splits["train"]["tokens"] + splits["validation"]["tokens"]
+    print(f"Wrote {splits['train']['rows']:,} train and {splits['validation']['rows']:,} validation rows of {cfg.seq_len} tokens "
+          f"({len(splits['train']['shards'])} + {len(splits['validation']['shards'])} shards) to {out} in {time.time() - t0:.1f}s: "
+          f"{total / max(tok_seconds, 1e-9):,.0f} tokens/s with {workers} worker{'s' if workers != 1 else ''}.")
+    meta["seconds"] = time.time() - t0
+    meta["tokenize_seconds"] = tok_seconds
+    return meta
+
+
+def _write_shards(cfg: DataConfig, partial: pathlib.Path, workers: int, rows_per_shard: int, tokenizer_sample_mb: float,
+                  progress: bool) -> tuple[dict, float]:
+    """The tokenizer, the shards and metadata.json into `partial`; (the metadata, tokenising seconds)."""
+    from tqdm.auto import tqdm
+
+    from dlm.data import sources
+
     tok = _train_tokenizer(cfg, partial, int(tokenizer_sample_mb * 2**20))
     dtype = token_dtype(tok.vocab_size)
     writers = {s: ShardWriter(partial, s, cfg.seq_len, dtype, rows_per_shard) for s in SPLITS}
@@ -264,24 +292,8 @@ def prepare(cfg: DataConfig, out: str | pathlib.Path, workers: int = 2, rows_per
         "splits": splits,
         "data": fingerprint(cfg, tokenizer_sample_mb),
     }
-    # move into place, metadata last: a directory with metadata.json is complete
-    if meta_path.exists():
-        meta_path.unlink()
-    for f in out.glob("*.array_record"):
-        f.unlink()
-    for f in sorted(partial.iterdir()):
-        f.replace(out / f.name)
-    tmp = out / "metadata.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-    tmp.replace(meta_path)
-    partial.rmdir()
-    total = splits["train"]["tokens"] + val["tokens"]
-    print(f"Wrote {splits['train']['rows']:,} train and {val['rows']:,} validation rows of {cfg.seq_len} tokens "
-          f"({len(splits['train']['shards'])} + {len(val['shards'])} shards) to {out} in {time.time() - t0:.1f}s: "
-          f"{total / max(tok_seconds, 1e-9):,.0f} tokens/s with {workers} worker{'s' if workers != 1 else ''}.")
-    meta["seconds"] = time.time() - t0
-    meta["tokenize_seconds"] = tok_seconds
-    return meta
+    (partial / "metadata.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    return meta, tok_seconds
 
 
 def main(argv=None) -> None:
@@ -292,7 +304,8 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)), help="Tokenising processes.")
     parser.add_argument("--rows-per-shard", type=int, default=16384)
     parser.add_argument("--tokenizer-sample-mb", type=float, default=256.0, help="Training text a BPE tokenizer is trained on.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace shards of another data config.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace shards of another data config (only a folder dlm wrote; any other file blocks it).")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)

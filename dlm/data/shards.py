@@ -23,12 +23,15 @@ def read_metadata(path: str | pathlib.Path) -> dict:
     """The checked metadata of a shard directory; any fault is one ConfigError naming it."""
     d = pathlib.Path(path)
     where = repr(str(d))
+    interrupted = " (an interrupted preparation was found beside it: run it again)" if any(
+        d.parent.glob(f".{d.name}.dlm-partial-*")) else ""
     if not d.is_dir():
-        raise ConfigError(f"data.path={where} is not a directory; point it at the --out directory of python -m dlm.data.prepare.")
+        raise ConfigError(f"data.path={where} is not a directory{interrupted}; point it at the --out directory of "
+                          "python -m dlm.data.prepare.")
     meta_path = d / "metadata.json"
     if not meta_path.exists():
-        hint = " (an interrupted preparation: run it again)" if (d / ".partial").exists() else ""
-        raise ConfigError(f"{where} holds no metadata.json{hint}; write the shards with python -m dlm.data.prepare --config C --out {d}.")
+        raise ConfigError(f"{where} holds no metadata.json{interrupted}; write the shards with python -m dlm.data.prepare "
+                          f"--config C --out {d}.")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError:

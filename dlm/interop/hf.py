@@ -235,19 +235,28 @@ def exportable(model: Transformer, family: str) -> tuple[ModelConfig, dict]:
 
 def export(model: Transformer, out, family: str, *, context: int = 4096, base_config: dict | None = None,
            special: dict | None = None, dtype: str | None = None, max_shard_bytes: int = 5 << 30,
-           tokenizer_files: dict | None = None, buffers: dict | None = None) -> dict:
-    """Write `model` as a Hugging Face folder of `family`'s layout into `out` (created). Returns
-    {'files', 'keys', 'bytes'}. dtype None keeps the parameters' dtype. tokenizer_files maps
-    file names to bytes written beside the weights; `buffers` are the family's known
-    non-parameter tensors as an imported folder held them (default: computed as the family's
-    reference code does)."""
+           tokenizer_files: dict | None = None, buffers: dict | None = None, overwrite: bool = False,
+           inputs=()) -> dict:
+    """Write `model` as a Hugging Face folder of `family`'s layout as `out`. Returns {'files',
+    'keys', 'bytes'}. dtype None keeps the parameters' dtype. tokenizer_files maps file names to
+    bytes written beside the weights; `buffers` are the family's known non-parameter tensors as
+    an imported folder held them (default: computed as the family's reference code does).
+
+    The folder is written by `dlm.folders.writing`: a non-empty `out` is replaced only with
+    overwrite and only when dlm wrote every file in it, and an `out` that is, holds or lies
+    inside one of `inputs` is refused."""
+    from dlm.folders import writing
+
     m, flat = exportable(model, family)
+    with writing(out, inputs=inputs, overwrite=overwrite) as tmp:
+        return _write_folder(m, flat, tmp, family, context, base_config, special, dtype, max_shard_bytes,
+                             tokenizer_files, buffers)
+
+
+def _write_folder(m: ModelConfig, flat: dict, out: pathlib.Path, family: str, context: int, base_config, special,
+                  dtype, max_shard_bytes: int, tokenizer_files, buffers) -> dict:
     vocab_rows = (m.vocab_size + 1) if family == "mdlm" else m.vocab_size
     entries = layouts.layout(family, m, vocab_rows)
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("*.safetensors")) + list(out.glob("model.safetensors.index.json")):
-        old.unlink()
 
     def produce(e):
         def get():
