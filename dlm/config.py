@@ -262,7 +262,7 @@ class DataConfig:
     path: str = _field("", "source=shards: the directory written by `python -m dlm.data.prepare --out DIR` (shards, metadata.json, tokenizer).")
     loader_threads: int = _field(2, "source=shards: threads that read rows from the shards ahead of the train step.")
     prefetch: int = _field(4, "source=shards: batches read ahead of the train step.")
-    loader_workers: int = _field(0, "source=shards: worker processes that read batches (0: data.loader_threads threads in the training process).")
+    loader_workers: int = _field(0, "source=shards: worker processes that read batches (0: data.loader_threads threads in the training process); a worker that dies is replaced and its batch read again.")
     paths: list = _field([], "Local text or JSONL files (source=files); *.jsonl/*.json are read as JSON lines.")
     validation_paths: list = _field([], "Local validation files; empty means a deterministic split of `paths`.")
     text_field: str = _field("text", "Field holding the text in JSONL, HF and TFDS records.")

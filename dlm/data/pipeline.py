@@ -301,12 +301,29 @@ def train_iterator(data: Data, seq_len: int, global_batch: int, seed: int, proce
     return iter(ds.to_iter_dataset(read_options=grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)))
 
 
+class LoaderError(RuntimeError):
+    """The batch reader cannot go on (the message says why and what to do)."""
+
+
 _WORKER_BATCHES = None
 
 
-def _worker_init(batches) -> None:
+def _worker_init(batches, parent: int) -> None:
+    import threading
+
     global _WORKER_BATCHES
     _WORKER_BATCHES = batches
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A reader outlives no trainer: once the parent is gone (killed, say) the worker exits."""
+    import os
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
 
 
 def _worker_batch(k: int):
@@ -317,34 +334,74 @@ class ProcessBatches:
     """Batches k, k + 1, ... of a random-access batch map (a pure function of k), computed by
     worker processes `prefetch` ahead and yielded in order. The state is the next index alone,
     so a checkpoint resumes under any worker count (and a thread-read iterator's checkpoint
-    resumes here, and back)."""
+    resumes here, and back).
+
+    A worker that dies (the OOM killer, a signal) is noticed at once: the workers are started
+    again and batch k is read again, so training goes on with the same batches. A batch that
+    takes down a worker `RESTARTS` times is a LoaderError. Workers exit with their parent."""
+
+    RESTARTS = 3
 
     def __init__(self, batches: _Batches, workers: int, prefetch: int):
         import collections
-        import multiprocessing as mp
 
-        self.pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(batches.portable(),))
+        self.batches, self.workers = batches.portable(), workers
         self.prefetch, self.next_index, self.pending = max(prefetch, workers), 0, collections.deque()
+        self.deaths = collections.Counter()
+        self.pool = self._start()
+
+    def _start(self):
+        import multiprocessing as mp
+        import os
+        from concurrent.futures import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                   initargs=(self.batches, os.getpid()))
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        while len(self.pending) < self.prefetch:
-            self.pending.append(self.pool.apply_async(_worker_batch, (self.next_index + len(self.pending),)))
-        out = self.pending.popleft().get()
-        self.next_index += 1
-        return out
+        from concurrent.futures.process import BrokenProcessPool
+
+        while True:
+            try:
+                while len(self.pending) < self.prefetch:
+                    self.pending.append(self.pool.submit(_worker_batch, self.next_index + len(self.pending)))
+                out = self.pending[0].result()
+            except BrokenProcessPool:
+                self._restart()
+                continue
+            self.pending.popleft()
+            self.next_index += 1
+            return out
+
+    def _restart(self) -> None:
+        k = self.next_index
+        self.deaths[k] += 1
+        self.close()
+        if self.deaths[k] >= self.RESTARTS:
+            raise LoaderError(f"A loader worker process died {self.deaths[k]} times while reading batch {k} "
+                              f"(data.loader_workers={self.workers}); give the workers more memory, lower data.prefetch, "
+                              "or read with threads (data.loader_workers=0).")
+        print(f"A loader worker process died; started {self.workers} new ones, reading from batch {k} again.",
+              file=sys.stderr, flush=True)
+        self.pool = self._start()
 
     def get_state(self) -> dict:
         return {"next_index": self.next_index}
 
     def set_state(self, state: dict) -> None:
-        self.pending.clear()  # batches read for the old position are dropped
+        for f in self.pending:  # batches read for the old position are dropped
+            f.cancel()
+        self.pending.clear()
         self.next_index = int(state["next_index"])
 
     def close(self) -> None:
-        self.pool.terminate()
+        for f in self.pending:
+            f.cancel()
+        self.pending.clear()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def windows(rows, n: int):

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dlm.config import Config, ConfigError, NonFinitePolicy, save_config
-from dlm.data.pipeline import load_data, train_iterator, unigram_entropy_bits, validation_windows
+from dlm.data.pipeline import LoaderError, load_data, train_iterator, unigram_entropy_bits, validation_windows
 from dlm.eval.likelihood import Evaluator
 from dlm.mesh import check_batch, global_batch, make_mesh
 from dlm.objectives import run_objective
@@ -149,7 +149,27 @@ class Trainer:
                 raise TrainingError(f"Non-finite loss or gradient at or before step {step}; training stopped and {where}.")
             _log(f"Skipped {new} update(s) with a non-finite loss or gradient (total {count}) by step {step}.")
 
+    def _data_fault(self, fault: Exception, step: int) -> TrainingError:
+        """Reading batch `step` failed: checkpoint the steps taken and say so in one sentence. (With
+        several processes the others are inside the next step, so a collective save would wait
+        for ever; the last periodic checkpoint is what remains.)"""
+        if step > self.start_step and self.checkpointer.latest_step() != step and jax.process_count() == 1:
+            self.checkpointer.save(step, self.state, self.iterator)
+        self.checkpointer.close()
+        last = self.checkpointer.latest_step()
+        kept = (f"checkpoint {last} in {self.checkpointer.directory} is intact" if last is not None
+                else "no checkpoint was written")
+        return TrainingError(f"{str(fault).rstrip('.')}; training stopped at step {step} and {kept}.")
+
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            close = getattr(self.iterator, "close", None)
+            if close is not None:
+                close()  # worker processes end with the run, however it ends
+
+    def _run(self) -> dict:
         cfg = self.cfg.train
         tokens_per_step = cfg.batch_size * self.cfg.data.seq_len
         _log(self.data.description)
@@ -161,7 +181,11 @@ class Trainer:
         self.nonfinite_seen = int(self.state.nonfinite)
         with Preemption(self.checkpointer) as preempt:
             while step < cfg.steps:
-                batch = global_batch(next(self.iterator), self.mesh)
+                try:
+                    rows = next(self.iterator)
+                except (ConfigError, LoaderError) as e:
+                    raise self._data_fault(e, step) from None
+                batch = global_batch(rows, self.mesh)
                 self.state, metrics = self.step_fn(self.state, batch)
                 step += 1
                 losses.append(metrics["loss"])
