@@ -405,7 +405,7 @@ def _sample_program(cfg, mesh, V, param_dtype: str, prompt_len: int):
     args = (leaves, jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=bs), jax.ShapeDtypeStruct((B, L), jnp.bool_, sharding=bs),
             jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
             jax.ShapeDtypeStruct(alphas.shape, alphas.dtype, sharding=rep), jax.ShapeDtypeStruct(times.shape, times.dtype, sharding=rep),
-            None)
+            None, None if sc.temperature == 0 else jax.ShapeDtypeStruct((), jnp.float64 if sc.x64 else jnp.float32, sharding=rep))
     total = sum(math.prod(a.shape) * a.dtype.itemsize for a in leaves)
     gen = L - prompt_len
     if sampler is parallel:

@@ -172,3 +172,47 @@ def test_twenty_seeds_at_the_same_shapes_compile_once(root):
             for s in range(20)]
     assert compilations() <= n + 1
     assert len({o.tobytes() for o in outs}) > 1
+
+
+def test_temperatures_share_one_compiled_sampler_that_draws_what_a_fresh_compile_draws(root, monkeypatch):
+    """A positive temperature is traced: four temperatures, one compile, four different draws;
+    each equals what a cache emptied before that temperature compiles for it; temperature 0
+    (argmax) is a program of its own."""
+    import dataclasses
+
+    import dlm
+    from dlm.config import load_config
+    from dlm.sampling import generate as gen
+
+    cfg = load_config(root / "configs/test.yaml", ["sampling.steps=4"])
+    model = dlm.build_model(cfg)
+    temps = (0.05, 0.7, 1.3, 5.0)
+    n = gen.compilations()
+    shared = [dlm.generate(model, [5, 6], dataclasses.replace(cfg.sampling, temperature=t), num_samples=4, length=32)["tokens"]
+              for t in temps]
+    assert gen.compilations() <= n + 1
+    assert len({o.tobytes() for o in shared}) == len(temps)
+    for t, tokens in zip(temps, shared):
+        monkeypatch.setattr(gen, "_COMPILED", gen._Compiled())
+        alone = dlm.generate(model, [5, 6], dataclasses.replace(cfg.sampling, temperature=t), num_samples=4, length=32)
+        np.testing.assert_array_equal(alone["tokens"], tokens)
+    n = gen.compilations()
+    dlm.generate(model, [5, 6], dataclasses.replace(cfg.sampling, temperature=0.0), num_samples=4, length=32)
+    assert gen.compilations() == n + 1
+
+
+@pytest.mark.parametrize("float64", [False, True])
+def test_a_traced_temperature_draws_what_a_python_temperature_draws(float64):
+    """The traced temperature is taken at the logits' precision, as a Python float is: the
+    same draws bit for bit, under jit, with and without x64."""
+    from dlm.sampling.draws import categorical
+
+    for x64 in (False, True):
+        with jax.enable_x64(x64):
+            logits = jax.random.normal(jax.random.key(1), (64, 50)) * 3
+            for t in (0.05, 0.3, 0.7, 1.0, 2.9):
+                key = jax.random.key(int(t * 100))
+                static = jax.jit(lambda k, l: categorical(k, l, t, float64))(key, logits)
+                traced = jax.jit(lambda k, l, temp: categorical(k, l, temp, float64))(
+                    key, logits, jnp.asarray(t, jnp.float64 if x64 else jnp.float32))
+                np.testing.assert_array_equal(static, traced)

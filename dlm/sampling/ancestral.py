@@ -22,7 +22,7 @@ import numpy as np
 from dlm.config import SamplingConfig, TimeGrid
 from dlm.diffusion.hybrid import gamma_levels, gamma_reverse_probs
 from dlm.diffusion.prime import carry_over
-from dlm.sampling.draws import categorical
+from dlm.sampling.draws import categorical, greedy, temper
 
 
 def time_grid(steps: int, grid: TimeGrid) -> np.ndarray:
@@ -89,12 +89,12 @@ def gamma_loop(apply_fn, x, fixed, key, times, alphas, cfg: SamplingConfig, voca
         key, k = jax.random.split(key)
         t_tok = jnp.where(fixed, 0.0, times[i].astype(jnp.float32))
         logits = apply_fn(z, t_tok).astype(jnp.float32)
-        if cfg.temperature > 0:
-            logits = logits / cfg.temperature
+        if not greedy(cfg.temperature):
+            logits = temper(logits, cfg.temperature)
         a_t, a_s = (jnp.full((B, L), a, jnp.float32) for a in (alphas[i], alphas[i + 1]))
         probs = gamma_reverse_probs(logits, z, a_t, a_s, gamma, mask_id)
         # the kernel is already tempered through mu; at temperature 0 take its mode
-        draw = categorical(k, jnp.log(jnp.maximum(probs, 1e-30)), 1.0 if cfg.temperature > 0 else 0.0, cfg.float64)
+        draw = categorical(k, jnp.log(jnp.maximum(probs, 1e-30)), 0.0 if greedy(cfg.temperature) else 1.0, cfg.float64)
         return jnp.where(fixed, x, draw), key
 
     z, _ = jax.lax.fori_loop(0, steps, body, (z, key))

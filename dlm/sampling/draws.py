@@ -33,13 +33,25 @@ def gumbel(key, shape, precise: bool):
     return -jnp.log(-jnp.log1p(-w))
 
 
-def categorical(key, logits, temperature: float, float64: bool):
+def greedy(temperature) -> bool:
+    """Whether a temperature means argmax decoding. A traced temperature (generate() passes one,
+    so that a new temperature does not compile a new sampler) is positive: temperature 0 is a
+    different program and stays a Python number."""
+    return not isinstance(temperature, jax.Array) and temperature == 0
+
+
+def temper(logits, temperature):
+    """logits / temperature, the temperature taken at the logits' precision (as a Python float
+    would be, traced or not)."""
+    return logits / jnp.asarray(temperature).astype(logits.dtype)
+
+
+def categorical(key, logits, temperature, float64: bool):
     """Gumbel-max draw from softmax(logits / temperature); argmax at temperature 0.
 
     float64-grade noise (see gumbel) keeps the tail probabilities that float32 Gumbel noise
     cannot reach."""
-    if temperature == 0:
+    if greedy(temperature):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     g = gumbel(key, logits.shape, float64)
-    dt = g.dtype
-    return jnp.argmax(logits.astype(dt) / temperature + g, axis=-1).astype(jnp.int32)
+    return jnp.argmax(temper(logits.astype(g.dtype), temperature) + g, axis=-1).astype(jnp.int32)

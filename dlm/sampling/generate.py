@@ -197,12 +197,13 @@ def compilations() -> int:
 
 
 def _cache_key(sampler, setup, graphdef, treedef, args, mesh, x64: bool):
-    """What the compiled sampler depends on: the loop, its settings (all but the seed) and the
-    model's structure (hashed through pickle: they hold configs and a plan's arrays), and every
-    argument's shape, dtype and sharding."""
+    """What the compiled sampler depends on: the loop, its settings (all but the seed and a
+    positive temperature's value) and the model's structure (hashed through pickle: they hold
+    configs and a plan's arrays), and every argument's shape, dtype and sharding."""
     avals = tuple((tuple(a.shape), str(a.dtype), getattr(a, "sharding", None)) for a in jax.tree.leaves(args))
-    # the seed only makes the key, an argument: samplers that differ in it alone are one program
-    static = dataclasses.replace(setup, cfg=dataclasses.replace(setup.cfg, seed=0))
+    # the seed only makes the key and a positive temperature is traced, both arguments: samplers
+    # that differ in them alone are one program (temperature 0 is the argmax program)
+    static = dataclasses.replace(setup, cfg=dataclasses.replace(setup.cfg, seed=0, temperature=float(setup.cfg.temperature > 0)))
     settings = hashlib.sha256(pickle.dumps((static, graphdef))).hexdigest()
     return (sampler.__name__, settings, treedef, avals, mesh, x64)
 
@@ -276,18 +277,28 @@ def setup_for(sampler: Callable, objective: Objective, cfg: SamplingConfig, mode
 
 def program(sampler: Callable, setup: Setup, graphdef, treedef) -> Callable:
     """The function that generate() compiles: (parameter leaves, x, fixed, key, alphas, times,
-    pad or None) -> the sampler's dict (also what dlm.plan compiles for a pod)."""
+    pad or None, temperature or None) -> the sampler's dict (also what dlm.plan compiles for a
+    pod). The temperature is a traced scalar when setup.cfg.temperature > 0 (None at 0, the
+    argmax program), so that samplers that differ in it alone are one program."""
 
-    def run(leaves, x, fixed, key, alphas, times, pad):
+    def run(leaves, x, fixed, key, alphas, times, pad, temperature):
         # The module is rebuilt from plain arrays where it is used, so that NNX sees Variables
         # created at the trace level of the loop body, not at the level of this jit.
         module = lambda: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         if pad is not None:
             merged = module
             module = lambda: Padded(merged(), pad)
-        return sampler(setup, module, x, fixed, key, alphas, times)
+        s = setup
+        if temperature is not None:
+            s = dataclasses.replace(setup, cfg=dataclasses.replace(setup.cfg, temperature=temperature))
+        return sampler(s, module, x, fixed, key, alphas, times)
 
     return run
+
+
+def traced_temperature(cfg: SamplingConfig, x64: bool):
+    """The temperature argument of program(): None at 0, else a scalar at the widest float."""
+    return None if cfg.temperature == 0 else jnp.asarray(cfg.temperature, jnp.float64 if x64 else jnp.float32)
 
 
 def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, *, diffusion: DiffusionConfig | None = None,
@@ -363,7 +374,8 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
                 x, fixed = jax.device_put(x, batch_sharding(mesh)), jax.device_put(fixed, batch_sharding(mesh))
                 if pad is not None:
                     pad = jax.device_put(pad, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
-            args = (leaves, jnp.asarray(x), jnp.asarray(fixed), key, alphas, times, None if pad is None else jnp.asarray(pad))
+            args = (leaves, jnp.asarray(x), jnp.asarray(fixed), key, alphas, times, None if pad is None else jnp.asarray(pad),
+                    traced_temperature(cfg, cfg.x64))
             cache_key = _cache_key(sampler, setup, graphdef, treedef, args, mesh, cfg.x64)
             compiled = _COMPILED.get(cache_key)
             if compiled is None:
