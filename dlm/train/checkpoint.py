@@ -48,6 +48,11 @@ def is_corruption(error: BaseException) -> bool:
     return False
 
 
+def _names(path) -> tuple[str, ...]:
+    """A pytree key path as names (attribute, dict key or index alike)."""
+    return tuple(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+
+
 def _path(workdir) -> epath.Path:
     p = epath.Path(workdir)
     return p if "://" in str(workdir) else p.resolve()
@@ -82,7 +87,9 @@ class Checkpointer:
         self.workdir = _path(workdir)
         self.directory = self.workdir / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=create)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"),
+                                             item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                            "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -98,7 +105,30 @@ class Checkpointer:
         (Orbax's multihost sync point; a plain flag on one process)."""
         return self.manager.reached_preemption(step)
 
+    def _check_tree(self, step: int, abstract_state) -> None:
+        """Compare the checkpoint's stored tree with the target before reading any array: a
+        mismatch found by Orbax half way through its reads leaves callbacks that fire into its
+        closed event loop (tracebacks after the error). Unreadable metadata is left to the
+        restore, which says what is damaged."""
+        try:
+            stored = self.manager.item_metadata(step)["state"]
+        except Exception:
+            return
+        if stored is None:
+            return
+        have = {_names(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_leaves_with_path(stored) if hasattr(leaf, "shape")}
+        for p, leaf in jax.tree_util.tree_leaves_with_path(abstract_state):
+            if not hasattr(leaf, "shape"):
+                continue  # a placeholder: not read
+            name = _names(p)
+            if have.get(name) != tuple(leaf.shape):
+                there = "missing" if name not in have else f"of shape {have[name]}"
+                raise ConfigError(f"Checkpoint {step} in {str(self.directory)!r} does not match the model and optimizer of the "
+                                  f"config ({'/'.join(name)} is {there} there and of shape {tuple(leaf.shape)} here); restore it "
+                                  "with the config it was trained with.")
+
     def _restore_step(self, step: int, abstract_state, data_iterator):
+        self._check_tree(step, abstract_state)
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
         items = {"state": ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args)}
         if data_iterator is not None:
