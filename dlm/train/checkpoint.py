@@ -16,8 +16,11 @@ permission, memory) leaves every checkpoint where it is and stops with `RestoreE
 
 from __future__ import annotations
 
+import gc
 import json
 import re
+import sys
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -46,6 +49,31 @@ def is_corruption(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def _collect_abandoned_reads() -> None:
+    """When one array of a damaged checkpoint cannot be read, Orbax gives up on the others and
+    leaves their failed reads to the garbage collector, which would print each one's traceback
+    ("Exception ignored in: <coroutine ...>"). The damage is reported once, in one sentence:
+    collect them now, quietly (any other unraisable exception is still printed)."""
+    previous, quiet = sys.unraisablehook, []
+
+    def hook(unraisable):
+        if "coroutine" in repr(unraisable.object):
+            quiet.append(1)
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:  # reads still in flight finish a moment later: collect until a few rounds find none
+        idle, deadline = 0, time.time() + 2.0
+        while idle < 3 and time.time() < deadline:
+            before = len(quiet)
+            gc.collect()
+            idle = idle + 1 if len(quiet) == before else 0
+            time.sleep(0.02)
+    finally:
+        sys.unraisablehook = previous
 
 
 def _names(path) -> tuple[str, ...]:
@@ -164,6 +192,7 @@ class Checkpointer:
                     raise RestoreError(f"Restoring checkpoint {s} in {self.directory} failed ({type(e).__name__}: {reason}); "
                                        "nothing in it looks damaged, so it was left in place: fix the cause and run again.") from e
                 nxt = f"restoring checkpoint {steps[i + 1]} instead" if i + 1 < len(steps) else "no older checkpoint is left"
+                _collect_abandoned_reads()
                 log(f"Checkpoint {s} in {self.directory} is damaged ({type(e).__name__}: {reason}); {nxt}.")
                 self._set_aside(s)
         raise ConfigError(f"Every checkpoint in {str(self.directory)!r} is damaged; they were moved to {str(self.workdir / 'damaged')!r}.")
