@@ -54,12 +54,16 @@ def is_corruption(error: BaseException) -> bool:
 def _collect_abandoned_reads() -> None:
     """When one array of a damaged checkpoint cannot be read, Orbax gives up on the others and
     leaves their failed reads to the garbage collector, which would print each one's traceback
-    ("Exception ignored in: <coroutine ...>"). The damage is reported once, in one sentence:
-    collect them now, quietly (any other unraisable exception is still printed)."""
+    ("Exception ignored in: <coroutine ...>"), and reads still in flight call back into its
+    closed event loop ("Event loop is closed"). The damage is reported once, in one sentence:
+    let them finish and collect them now, quietly (any other unraisable exception is still
+    printed)."""
     previous, quiet = sys.unraisablehook, []
 
     def hook(unraisable):
-        if "coroutine" in repr(unraisable.object):
+        abandoned = "coroutine" in repr(unraisable.object)
+        late = unraisable.object is None and "Event loop is closed" in str(unraisable.exc_value)  # a read's callback
+        if abandoned or late:
             quiet.append(1)
         else:
             previous(unraisable)
@@ -192,9 +196,10 @@ class Checkpointer:
                     raise RestoreError(f"Restoring checkpoint {s} in {self.directory} failed ({type(e).__name__}: {reason}); "
                                        "nothing in it looks damaged, so it was left in place: fix the cause and run again.") from e
                 nxt = f"restoring checkpoint {steps[i + 1]} instead" if i + 1 < len(steps) else "no older checkpoint is left"
-                _collect_abandoned_reads()
-                log(f"Checkpoint {s} in {self.directory} is damaged ({type(e).__name__}: {reason}); {nxt}.")
-                self._set_aside(s)
+                damaged = f"Checkpoint {s} in {self.directory} is damaged ({type(e).__name__}: {reason}); {nxt}."
+            _collect_abandoned_reads()  # here, once the exception and its frames are released
+            log(damaged)
+            self._set_aside(s)
         raise ConfigError(f"Every checkpoint in {str(self.directory)!r} is damaged; they were moved to {str(self.workdir / 'damaged')!r}.")
 
     def _set_aside(self, step: int) -> None:
