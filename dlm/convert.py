@@ -90,13 +90,14 @@ def _write_workdir(ckpt, tok, tmp: pathlib.Path, out: pathlib.Path, mesh, progre
 
 
 def export_workdir(workdir, out, to: str, dtype: str | None = None, max_shard_bytes: int = 5 << 30,
-                   overwrite: bool = False) -> dict:
-    """Write a workdir's model (its newest checkpoint, or its imported parameters) as a folder."""
+                   overwrite: bool = False, modeling_dir=None) -> dict:
+    """Write a workdir's model (its newest checkpoint, or its imported parameters) as a folder;
+    with `modeling_dir`, the family's modeling code beside it and config.json's auto_map."""
     import dlm
-    from dlm.interop.hf import export
+    from dlm.interop.hf import export, read_modeling_dir
 
     workdir = pathlib.Path(workdir)
-    check_apart(out, [workdir])
+    check_apart(out, [workdir] + ([modeling_dir] if modeling_dir else []))
     check_target(out, overwrite)
     model, cfg = dlm.restore(workdir, use_ema=True)
     tok = dlm.load_tokenizer(workdir)
@@ -116,6 +117,8 @@ def export_workdir(workdir, out, to: str, dtype: str | None = None, max_shard_by
                                                       "tokenizer_class": "PreTrainedTokenizerFast"}).encode()}
         special = {"eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id}
     else:
+        if tok is not None:  # its ids still go into config.json (readers fall back to GPT-2's 50256 otherwise)
+            special = {"eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id}
         print(f"note: this run's {getattr(tok, 'kind', 'missing')} tokenizer has no Hugging Face form; the folder holds "
               "weights and config.json only.", file=sys.stderr)
     buffers = None
@@ -126,7 +129,7 @@ def export_workdir(workdir, out, to: str, dtype: str | None = None, max_shard_by
         buffers = {k: f.read(k) for k in f.keys()}
     return export(model, out, layout, context=cfg.data.seq_len, base_config=base, special=special, dtype=dtype,
                   max_shard_bytes=max_shard_bytes, tokenizer_files=files, buffers=buffers, overwrite=overwrite,
-                  inputs=[workdir])
+                  inputs=[workdir], modeling_files=read_modeling_dir(layout, modeling_dir) if modeling_dir else None)
 
 
 def main(argv=None) -> None:
@@ -139,18 +142,23 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="Import: the parameters' dtype (default float32); export: the files' dtype (default the parameters').")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="Export: the largest safetensors file.")
+    parser.add_argument("--modeling-dir", default=None,
+                        help="Export: a folder with the family release's configuration_*.py / modeling_*.py, copied beside the "
+                             "weights and named in config.json's auto_map (for AutoModel.from_pretrained(..., trust_remote_code=True)).")
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace a non-empty --out that dlm wrote (a folder holding any other file is left alone).")
     args = parser.parse_args(argv)
     start = time.time()
     try:
+        if args.to is None and args.modeling_dir:
+            raise ConfigError("--modeling-dir goes with an export (--to llada or --to hf); an import reads the folder's weights only.")
         if args.to is None:
             out = import_folder(args.src, args.out, args.family, args.dtype or "float32", args.overwrite, progress=True)
             print(f"Imported a {out['family']} checkpoint ({out['keys']} tensors, {out['param_bytes'] / 1e9:.2f} GB) into "
                   f"{out['workdir']} in {time.time() - start:.1f}s.")
         else:
             out = export_workdir(args.src, args.out, args.to, args.dtype, int(args.max_shard_gb * (1 << 30)),
-                                 args.overwrite)
+                                 args.overwrite, args.modeling_dir)
             print(f"Wrote {out['keys']} tensors ({out['bytes'] / 1e9:.2f} GB) in {len(out['files'])} file(s) to {args.out} "
                   f"in {time.time() - start:.1f}s.")
     except ConfigError as e:

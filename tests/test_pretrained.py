@@ -299,3 +299,55 @@ def test_bfloat16_import_stays_near_the_float32_reference():
     cols = np.arange(got.shape[-1]) != model.mask_id
     err = np.abs(got[..., cols] - want[..., cols]).max()
     assert 1e-4 < err < 0.05 * np.abs(want).max()  # bfloat16 rounding: visible, and within 5% of the largest logit
+
+
+@pytest.fixture(scope="module")
+def byte_workdir(tmp_path_factory):
+    """A model trained here for 2 steps on the builtin corpus, with its byte tokenizer."""
+    from dlm.train.trainer import train
+
+    work = tmp_path_factory.mktemp("byte") / "run"
+    cfg = dlm.load_config(pathlib.Path(__file__).resolve().parents[1] / "configs/test.yaml",
+                          [f"workdir={work}", "train.steps=2", "data.max_documents=20", "model.num_layers=1"])
+    train(cfg)
+    return work
+
+
+def test_a_byte_model_exports_its_special_ids_and_no_dropout(byte_workdir, tmp_path):
+    """LLaDA's reader falls back to GPT-2's id 50256 without eos/pad ids, and to dropout 0.1
+    without dropout settings: the export writes both, every id inside the vocabulary."""
+    from dlm.convert import export_workdir
+
+    export_workdir(byte_workdir, tmp_path / "hf", "llada")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["eos_token_id"], config["pad_token_id"], config["mask_token_id"]) == (256, 256, 257)
+    assert all(config[k] < config["embedding_size"] for k in ("eos_token_id", "pad_token_id", "mask_token_id"))
+    assert config["attention_dropout"] == config["residual_dropout"] == config["embedding_dropout"] == 0.0
+    assert "auto_map" not in config
+    back = dlm.load_pretrained(tmp_path / "hf", mesh=one_device())  # the folder still loads
+    assert back.mask_id == 257
+
+
+def test_modeling_dir_is_copied_and_named_in_auto_map(byte_workdir, tmp_path, capsys):
+    from dlm.convert import export_workdir, main
+
+    code = tmp_path / "llada_code"
+    code.mkdir()
+    (code / "configuration_llada.py").write_text("class LLaDAConfig:\n    pass\n")
+    (code / "modeling_llada.py").write_text("class LLaDAModelLM:\n    pass\n")
+    (code / "generation_utils.py").write_text("def generate():\n    pass\n")
+    export_workdir(byte_workdir, tmp_path / "hf", "llada", modeling_dir=code)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM",
+                                  "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"}
+    for f in code.iterdir():
+        assert (tmp_path / "hf" / f.name).read_bytes() == f.read_bytes()
+    (code / "modeling_llada.py").write_text("class SomethingElse:\n    pass\n")
+    with pytest.raises(SystemExit):
+        main(["--to", "llada", "--from", str(byte_workdir), "--out", str(tmp_path / "hf2"), "--modeling-dir", str(code)])
+    assert "defines no class LLaDAModelLM" in capsys.readouterr().err
+    (code / "modeling_llada.py").unlink()
+    with pytest.raises(SystemExit):
+        main(["--to", "llada", "--from", str(byte_workdir), "--out", str(tmp_path / "hf3"), "--modeling-dir", str(code)])
+    assert "has no modeling_llada.py" in capsys.readouterr().err
+    assert not (tmp_path / "hf2").exists() and not (tmp_path / "hf3").exists()

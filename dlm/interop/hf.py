@@ -233,14 +233,46 @@ def exportable(model: Transformer, family: str) -> tuple[ModelConfig, dict]:
     return m, flat
 
 
+MODELING_FILE_BYTES = 16 << 20
+
+
+def read_modeling_dir(family: str, directory) -> dict:
+    """The Python files of a family's own modeling code (the user's copy: they are not ours to
+    ship), checked to define the classes config.json's auto_map will name: file name -> bytes."""
+    d = pathlib.Path(directory)
+    if not d.is_dir():
+        raise ConfigError(f"--modeling-dir {str(d)!r} is not a folder; point it at the folder holding the {family} release's "
+                          "configuration and modeling .py files.")
+    files = {}
+    for f in sorted(d.glob("*.py")):
+        if not f.is_file() or f.is_symlink():
+            raise ConfigError(f"{str(f)!r} in --modeling-dir is not a regular file; copy the file itself there.")
+        if f.stat().st_size > MODELING_FILE_BYTES:
+            raise ConfigError(f"{str(f)!r} in --modeling-dir is over {MODELING_FILE_BYTES >> 20} MB, which no modeling file is; "
+                              "point --modeling-dir at the release's code.")
+        files[f.name] = f.read_bytes()
+    for module, classes in families.MODELING[family].items():
+        name = module + ".py"
+        if name not in files:
+            raise ConfigError(f"--modeling-dir {str(d)!r} has no {name}, which the {family} layout's auto_map names; copy it "
+                              "from the release.")
+        for cls in set(classes.values()):
+            if f"class {cls}".encode() not in files[name]:
+                raise ConfigError(f"{name} in --modeling-dir {str(d)!r} defines no class {cls}; is it the {family} release's "
+                                  "code?")
+    return files
+
+
 def export(model: Transformer, out, family: str, *, context: int = 4096, base_config: dict | None = None,
            special: dict | None = None, dtype: str | None = None, max_shard_bytes: int = 5 << 30,
            tokenizer_files: dict | None = None, buffers: dict | None = None, overwrite: bool = False,
-           inputs=()) -> dict:
+           inputs=(), modeling_files: dict | None = None) -> dict:
     """Write `model` as a Hugging Face folder of `family`'s layout as `out`. Returns {'files',
     'keys', 'bytes'}. dtype None keeps the parameters' dtype. tokenizer_files maps file names to
     bytes written beside the weights; `buffers` are the family's known non-parameter tensors as
     an imported folder held them (default: computed as the family's reference code does).
+    `modeling_files` (read_modeling_dir) are written beside them and named in config.json's
+    auto_map, so that AutoModel.from_pretrained(out, trust_remote_code=True) loads the folder.
 
     The folder is written by `dlm.folders.writing`: a non-empty `out` is replaced only with
     overwrite and only when dlm wrote every file in it, and an `out` that is, holds or lies
@@ -250,11 +282,11 @@ def export(model: Transformer, out, family: str, *, context: int = 4096, base_co
     m, flat = exportable(model, family)
     with writing(out, inputs=inputs, overwrite=overwrite) as tmp:
         return _write_folder(m, flat, tmp, family, context, base_config, special, dtype, max_shard_bytes,
-                             tokenizer_files, buffers)
+                             tokenizer_files, buffers, modeling_files)
 
 
 def _write_folder(m: ModelConfig, flat: dict, out: pathlib.Path, family: str, context: int, base_config, special,
-                  dtype, max_shard_bytes: int, tokenizer_files, buffers) -> dict:
+                  dtype, max_shard_bytes: int, tokenizer_files, buffers, modeling_files) -> dict:
     vocab_rows = (m.vocab_size + 1) if family == "mdlm" else m.vocab_size
     entries = layouts.layout(family, m, vocab_rows)
 
@@ -301,7 +333,9 @@ def _write_folder(m: ModelConfig, flat: dict, out: pathlib.Path, family: str, co
     config = families.hf_config(family, m, context, base_config, special)
     if dtype is not None or "torch_dtype" in config:
         config["torch_dtype"] = dtype or str(np.dtype(out_dtype(entries[0])))
+    if modeling_files:
+        config["auto_map"] = families.auto_map(family)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name, data in (tokenizer_files or {}).items():
+    for name, data in {**(tokenizer_files or {}), **(modeling_files or {})}.items():
         (out / name).write_bytes(data)
     return {"files": files, "keys": len(items), "bytes": sum(sizes)}

@@ -135,6 +135,20 @@ def model_options(family: str, config: dict) -> tuple[dict, int]:
     return options, context
 
 
+# The classes each family's own modeling code defines, for config.json's auto_map (what
+# AutoModel.from_pretrained(..., trust_remote_code=True) loads): module file -> classes.
+MODELING = {
+    "llada": {"configuration_llada": {"AutoConfig": "LLaDAConfig"},
+              "modeling_llada": {"AutoModel": "LLaDAModelLM", "AutoModelForCausalLM": "LLaDAModelLM"}},
+    "dream": {"configuration_dream": {"AutoConfig": "DreamConfig"}, "modeling_dream": {"AutoModel": "DreamModel"}},
+    "mdlm": {"configuration_mdlm": {"AutoConfig": "MDLMConfig"}, "modeling_mdlm": {"AutoModelForMaskedLM": "MDLM"}},
+}
+
+
+def auto_map(family: str) -> dict:
+    return {auto: f"{module}.{cls}" for module, classes in MODELING[family].items() for auto, cls in classes.items()}
+
+
 def hf_config(family: str, m, context: int, base: dict | None = None, special: dict | None = None) -> dict:
     """The family's config.json for a model of ModelConfig `m` (`base`: the imported folder's own
     config, whose other fields are kept)."""
@@ -152,6 +166,8 @@ def hf_config(family: str, m, context: int, base: dict | None = None, special: d
         for k in ("eos_token_id", "pad_token_id", "bos_token_id"):
             if special.get(k) is not None:
                 out.setdefault(k, special[k])
+        if base is None:  # a model trained here has no dropout: LLaDA's code would default to 0.1
+            out.update(attention_dropout=0.0, residual_dropout=0.0, embedding_dropout=0.0)
         return out
     if family == "dream":
         out.setdefault("architectures", ["DreamModel"])
@@ -160,6 +176,11 @@ def hf_config(family: str, m, context: int, base: dict | None = None, special: d
                    rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=False, vocab_size=m.vocab_size,
                    mask_token_id=m.mask_id)
         out.setdefault("max_position_embeddings", context)
+        for k in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            if special.get(k) is not None:
+                out.setdefault(k, special[k])
+        if base is None:
+            out["attention_dropout"] = 0.0
         return out
     if family == "mdlm":
         out.setdefault("architectures", ["MDLM"])
