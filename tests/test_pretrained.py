@@ -351,3 +351,47 @@ def test_modeling_dir_is_copied_and_named_in_auto_map(byte_workdir, tmp_path, ca
         main(["--to", "llada", "--from", str(byte_workdir), "--out", str(tmp_path / "hf3"), "--modeling-dir", str(code)])
     assert "has no modeling_llada.py" in capsys.readouterr().err
     assert not (tmp_path / "hf2").exists() and not (tmp_path / "hf3").exists()
+
+
+def test_an_exported_model_gives_the_mask_no_probability_in_code_that_does_not_hide_it(byte_workdir, tmp_path):
+    """LLaDA's and Fast-dLLM's code take a softmax over every column, the mask's included. The
+    export's output bias is 0 but for -1e4 on the mask's logit: logits computed as that code
+    does (the final hidden state @ the head, + the bias) give the mask a probability below 1e-6
+    at every position, and every other bias in the folder is zero. (scripts/llada_mask_check.py
+    runs LLaDA's own modeling code on such a folder: torch, not in CI.)"""
+    from dlm.convert import export_workdir
+
+    export_workdir(byte_workdir, tmp_path / "hf", "llada")
+    folder = Folder(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["include_bias"] is True and config["bias_for_layer_norm"] is False
+    biases = [k for k in folder.keys() if k.endswith(".bias")]
+    head_bias = folder.read("model.transformer.ff_out.bias")
+    assert len(biases) == 7 * config["n_layers"] + 1
+    assert all(not folder.read(k).any() for k in biases if k != "model.transformer.ff_out.bias")
+    mask = config["mask_token_id"]
+    assert head_bias[mask] == -1e4 and not np.delete(head_bias, mask).any()
+    back = dlm.load_pretrained(tmp_path / "hf", mesh=one_device())
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 258, (4, 64)), jnp.int32)
+    x = x.at[:, ::3].set(mask)  # positions holding the mask too, as during decoding
+    lazy = back(x, head=False)
+    logits = np.asarray(lazy.hidden, np.float32) @ np.asarray(lazy.head, np.float32)[:, : head_bias.shape[0]] + head_bias
+    p_mask = np.exp(logits[..., mask] - logits.max(-1)) / np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)
+    assert p_mask.max() < 1e-6
+    without = logits - head_bias  # what the same code saw before: the untrained mask row's own logit
+    q = np.exp(without[..., mask] - without.max(-1)) / np.exp(without - without.max(-1, keepdims=True)).sum(-1)
+    assert q.max() > 1e-6  # so the check above could fail
+
+
+def test_a_folder_with_nonzero_biases_is_refused_in_one_sentence(byte_workdir, tmp_path):
+    from dlm.convert import export_workdir
+    from dlm.interop.safetensors import write
+
+    export_workdir(byte_workdir, tmp_path / "hf", "llada")
+    folder = Folder(tmp_path / "hf")
+    tensors = {k: folder.read(k) for k in folder.keys()}
+    tensors["model.transformer.blocks.0.attn_out.bias"] = np.full_like(tensors["model.transformer.blocks.0.attn_out.bias"], 0.5)
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    write(tmp_path / "hf" / "model.safetensors", [(k, a.shape, a.dtype, (lambda a=a: a)) for k, a in tensors.items()])
+    with pytest.raises(dlm.config.ConfigError, match="attn_out.bias holds nonzero biases"):
+        dlm.load_pretrained(tmp_path / "hf", mesh=one_device())

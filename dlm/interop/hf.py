@@ -89,7 +89,8 @@ def open_checkpoint(path, family: str | None = None, dtype: str = "float32") -> 
     m = ModelConfig(**options)
     m.dtype = type(m.dtype)(dtype)
     folder = Folder(path)
-    entries = layouts.layout(family, m, layouts.checkpoint_vocab(family, config))
+    entries = layouts.layout(family, m, layouts.checkpoint_vocab(family, config),
+                             biases=family == "llada" and bool(config.get("include_bias")))
     wanted = {e.key: e for e in entries}
     for key in folder.keys():
         if key not in wanted and not key.endswith(layouts.IGNORED_SUFFIXES):
@@ -288,7 +289,7 @@ def export(model: Transformer, out, family: str, *, context: int = 4096, base_co
 def _write_folder(m: ModelConfig, flat: dict, out: pathlib.Path, family: str, context: int, base_config, special,
                   dtype, max_shard_bytes: int, tokenizer_files, buffers, modeling_files) -> dict:
     vocab_rows = (m.vocab_size + 1) if family == "mdlm" else m.vocab_size
-    entries = layouts.layout(family, m, vocab_rows)
+    entries = layouts.layout(family, m, vocab_rows, biases=family == "llada" and base_config is None)
 
     def produce(e):
         def get():
@@ -296,14 +297,13 @@ def _write_folder(m: ModelConfig, flat: dict, out: pathlib.Path, family: str, co
             for path, layer in e.targets:
                 a = flat[path]
                 parts.append(np.asarray(jax.device_get(a if layer is None else a[layer])))
-            x = e.save(*parts)
-            return x if dtype is None else np.asarray(x, dtype=np.dtype(DTYPES[dtype]))
+            return np.asarray(e.save(*parts), dtype=out_dtype(e))
         return get
 
     def out_dtype(e):
         if dtype is not None:
             return np.dtype(DTYPES[dtype])
-        return np.dtype(flat[e.targets[0][0]].dtype)
+        return np.dtype(flat[e.targets[0][0] if e.targets else ("head",)].dtype)  # a bias of no parameter: the head's
 
     items = [(e.key, e.shape, out_dtype(e), produce(e)) for e in entries]
     extra = layouts.buffers(family, m) if buffers is None else buffers

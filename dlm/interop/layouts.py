@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from dlm.config import ModelConfig
+from dlm.config import ConfigError, ModelConfig
 from dlm.models.transformer import PAD_MULTIPLE, kv_heads, mlp_width
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # known buffers: recomputed from the config, not parameters
@@ -81,6 +81,39 @@ def head_bias(key, n, path, columns):
                 lambda b: b[:n])
 
 
+MASK_LOGIT_BIAS = -1e4  # exp(-1e4) is 0 in every float format: the mask is never predicted
+
+
+def zero_bias(key, n):
+    """A bias the checkpoint format has and dlm's block does not: written as zeros, and on
+    import checked to be zeros (anything else would change the model)."""
+    def load(a):
+        if np.any(a != 0):
+            raise ConfigError(f"{key} holds nonzero biases, which dlm's llama block has no place for; this folder was not "
+                              "written by dlm, import a bias-free LLaDA folder instead.")
+        return ()
+    return Entry(key, (n,), (), load, lambda: np.zeros(n, np.float32))
+
+
+def mask_logit_bias(key, n, mask_id):
+    """LLaDA's output bias as dlm writes it: 0, except MASK_LOGIT_BIAS on the mask's logit, so
+    that code which does not hide the mask's logit (LLaDA's and Fast-dLLM's do not) never
+    gives the mask any probability. On import any value at the mask is accepted (dlm hides that
+    logit itself) and every other entry must be 0."""
+    def load(a):
+        others = np.delete(a, mask_id) if 0 <= mask_id < n else a
+        if np.any(others != 0):
+            raise ConfigError(f"{key} holds nonzero biases outside the mask's logit, which dlm's head has no place for; import a "
+                              "bias-free LLaDA folder instead.")
+        return ()
+
+    def save():
+        b = np.zeros(n, np.float32)
+        b[mask_id] = MASK_LOGIT_BIAS
+        return b
+    return Entry(key, (n,), (), load, save)
+
+
 def modulation(key, k, d, cond, path, layer=None):
     """adaLN [k * d, cond] -> [cond, k, d] (chunks shift, scale, gate, ... in order)."""
     return _one(key, (k * d, cond), path, layer, lambda a: a.T.reshape(cond, k, d), lambda w: w.reshape(cond, k * d).T)
@@ -103,9 +136,10 @@ def fused_qkv(key, H, hd, d, layer):
     return Entry(key, (3 * H * hd, d), targets, load, save)
 
 
-def layout(family: str, m: ModelConfig, checkpoint_vocab: int) -> list[Entry]:
+def layout(family: str, m: ModelConfig, checkpoint_vocab: int, biases: bool = False) -> list[Entry]:
     """Every key of a `family` checkpoint of model `m` (checkpoint_vocab: the rows of its
-    embedding and output tables)."""
+    embedding and output tables). biases (LLaDA's include_bias): every linear layer has a bias,
+    zero but for the output layer's mask logit (see mask_logit_bias)."""
     d, H, KV = m.d_model, m.num_heads, kv_heads(m)
     hd, ff, V = d // H, mlp_width(m), m.vocab_size
     n = checkpoint_vocab
@@ -124,6 +158,13 @@ def layout(family: str, m: ModelConfig, checkpoint_vocab: int) -> list[Entry]:
                     linear(q + "ff_out.weight", d, ff, b("w_down"), i)]
             if m.qkv_bias:
                 out += [heads_bias(q + f"{x}_proj.bias", c, hd, b(f"b{x}"), i) for x, c in (("q", H), ("k", KV), ("v", KV))]
+            elif biases:
+                out += [zero_bias(q + f"{x}_proj.bias", c * hd) for x, c in (("q", H), ("k", KV), ("v", KV))]
+            if biases:
+                out += [zero_bias(q + "attn_out.bias", d), zero_bias(q + "ff_proj.bias", ff), zero_bias(q + "up_proj.bias", ff),
+                        zero_bias(q + "ff_out.bias", d)]
+        if biases:
+            out.append(mask_logit_bias(p + "ff_out.bias", n, m.mask_id))
     elif family == "dream":
         out += [rows("model.embed_tokens.weight", n, d, ("embed",)), vector("model.norm.weight", d, ("final_scale",)),
                 head("lm_head.weight", n, d, ("head",), _pad(V))]

@@ -88,7 +88,9 @@ def model_options(family: str, config: dict) -> tuple[dict, int]:
         _check(config.get("layer_norm_type", "rms") == "rms",
                f"This LLaDA config has layer_norm_type {config.get('layer_norm_type')!r}; dlm imports rms only.")
         _check(not config.get("weight_tying", False), "This LLaDA config ties the head to the embedding (weight_tying); dlm imports untied heads.")
-        _check(not config.get("include_bias", False), "This LLaDA config has include_bias=true; dlm imports bias-free LLaDA blocks.")
+        _check(not config.get("include_bias", False) or config.get("bias_for_layer_norm") is False,
+               "This LLaDA config has include_bias=true with layer-norm biases; dlm imports bias-free LLaDA blocks (and its "
+               "own exports, whose biases are zero).")
         _check(not config.get("alibi", False), "This LLaDA config uses ALiBi; dlm imports RoPE models.")
         vocab = _int(config, "embedding_size", family, "vocab") if config.get("embedding_size") else _int(config, "vocab_size", family, "vocab")
         heads = _int(config, "n_heads", family, "heads")
@@ -168,6 +170,9 @@ def hf_config(family: str, m, context: int, base: dict | None = None, special: d
                 out.setdefault(k, special[k])
         if base is None:  # a model trained here has no dropout: LLaDA's code would default to 0.1
             out.update(attention_dropout=0.0, residual_dropout=0.0, embedding_dropout=0.0)
+            # its mask logit was never trained: the output bias hides it from code that does
+            # not (dlm.interop.layouts.mask_logit_bias); every other bias is zero
+            out.update(include_bias=True, bias_for_layer_norm=False)
         return out
     if family == "dream":
         out.setdefault("architectures", ["DreamModel"])
