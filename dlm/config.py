@@ -172,7 +172,7 @@ class ModelConfig:
     dtype: DType = _field(DType.FLOAT32, "Compute dtype of matmuls (parameters stay float32).")
     rope_theta: float = _field(10000.0, "RoPE base frequency.")
     embed_init_std: float = _field(1.0, "Std of the token-embedding init (N(0, 1) trains much faster than small inits).")
-    attention: str = _field("auto", "Attention implementation: auto (einsum up to 2 x attention_chunk keys, chunked above), einsum (whole score matrix; fastest on CPU for short sequences), chunked (online-softmax tiles, O(L x chunk) memory), xla / cudnn (jax.nn.dot_product_attention; cuDNN flash on GPU), splash (Pallas TPU kernel).")
+    attention: str = _field("auto", "Attention implementation: auto (einsum while queries x keys <= (2 x attention_chunk)^2, chunked above), einsum (whole score matrix; fastest on CPU for short sequences), chunked (online-softmax tiles, O(L x chunk) memory), xla / cudnn (jax.nn.dot_product_attention; cuDNN flash on GPU), splash (Pallas TPU kernel).")
     attention_chunk: int = _field(512, "Query / key tile of the chunked attention.")
     logits_chunk: int = _field(0, "Positions per chunk of the losses' vocabulary-sized work (logits, softmax): 0 = as many as fit in 64 MB of float32 logits.")
     learned_positions: int = _field(0, "Learned absolute position embeddings for this many positions, added to the token embedding (0: none; RoPE is applied either way).")

@@ -16,7 +16,8 @@ Implementations (model.attention):
 - `chunked`: query tiles x key tiles with an online softmax (flash attention in pure JAX) and a
   backward pass that recomputes each tile from the saved log-sum-exp, so memory is
   O(L x chunk) forward and backward; any backend;
-- `auto` (default): einsum up to model.attention_chunk * 2 keys; above, splash on TPU where the
+- `auto` (default): einsum while the score matrix is at most (2 x model.attention_chunk)^2 per
+  head (so a cached step's few queries over a long cache stay one einsum); above, splash on TPU where the
   mask allows it (full, causal, key visibility; lengths in multiples of 128), chunked otherwise;
 - `xla` / `cudnn`: jax.nn.dot_product_attention (cuDNN flash on GPU); causal is passed as
   is_causal, other rules as a dense mask built from the rule;
@@ -153,7 +154,9 @@ def attention(q, k, v, spec: AttentionSpec = FULL, implementation: str = "auto",
     """q [B, Lq, H, D], k / v [B, Lk, H, D] -> [B, Lq, H, D]."""
     Lq, Lk = q.shape[1], k.shape[1]
     if implementation == "auto":
-        if Lk > 2 * chunk:
+        # the whole score matrix while it is no larger than 2 chunks x 2 chunks: a cached
+        # decoding step (a few queries over a long cache) stays one einsum, not a loop of tiles
+        if Lq * Lk > (2 * chunk) ** 2:
             implementation = "splash" if splash_fits(spec, Lq, Lk) else "chunked"
         else:
             implementation = "einsum"

@@ -136,8 +136,7 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
         q = {"seg": jnp.ones((C,), jnp.int32), "blk": pos // bw}
         spec = rule(_commit_rule, q, cat(cache_attrs(c0, role), span_attrs(1, c0, C, True)))
         _, (k, v) = model_fn(toks, jnp.broadcast_to(pos, (B, C)), spec, jnp.zeros((B, C), jnp.float32), (ck, cv), True)
-        return (jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), c0, axis=2),
-                jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), c0, axis=2))
+        return k.astype(ck.dtype), v.astype(cv.dtype)
 
     def fused(ck, cv, x, c0, role, tn, s0):
         """The commit and the window in one pass (C + A queries): what one autoregressive step costs."""
@@ -150,9 +149,7 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
         noise = jnp.concatenate([jnp.zeros((C,), jnp.float32), jax.lax.dynamic_slice_in_dim(tn, s0, A).astype(jnp.float32)])
         logits, (k, v) = model_fn(toks, jnp.broadcast_to(jnp.concatenate([pos_c, pos_w]), (B, C + A)),
                                   rule(_commit_rule, q, keys), jnp.broadcast_to(noise, (B, C + A)), (ck, cv), True)
-        return (jax.lax.dynamic_update_slice_in_dim(ck, k[:, :, :C].astype(ck.dtype), c0, axis=2),
-                jax.lax.dynamic_update_slice_in_dim(cv, v[:, :, :C].astype(cv.dtype), c0, axis=2),
-                logits[:, C:].astype(jnp.float32))
+        return k[:, :, :C].astype(ck.dtype), v[:, :, :C].astype(cv.dtype), logits[:, C:].astype(jnp.float32)
 
     def forward(x, ck, cv, role, tn, s0):
         if not cache:
@@ -179,9 +176,16 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
         x_in = x
         window = lambda: forward(x, ck, cv, role, tn, s0).astype(jnp.float32)
         if cache:  # settle the new positions into the cache, fused with the window pass when both are due
-            branches = [lambda: (ck, cv, logits), lambda: (*commit(ck, cv, x, c0, role), logits), lambda: (ck, cv, window()),
+            # The branches return only the C committed rows of keys and values (the rows already
+            # there when nothing commits); the cache is updated in place after the switch. Whole
+            # caches as branch results were copied at every step, 4 x the cache's bytes.
+            at = jnp.maximum(c0, 0)
+            kept = lambda: tuple(jax.lax.dynamic_slice_in_dim(c, at, C, axis=2) for c in (ck, cv))
+            branches = [lambda: (*kept(), logits), lambda: (*commit(ck, cv, x, c0, role), logits), lambda: (*kept(), window()),
                         lambda: fused(ck, cv, x, c0, role, tn, s0)]
-            ck, cv, logits = jax.lax.switch((c0 >= 0).astype(jnp.int32) + 2 * recompute.astype(jnp.int32), branches)
+            k_rows, v_rows, logits = jax.lax.switch((c0 >= 0).astype(jnp.int32) + 2 * recompute.astype(jnp.int32), branches)
+            ck = jax.lax.dynamic_update_slice_in_dim(ck, k_rows, at, axis=2)
+            cv = jax.lax.dynamic_update_slice_in_dim(cv, v_rows, at, axis=2)
             commits = commits + (c0 >= 0).astype(jnp.int32)
         else:
             logits = jax.lax.cond(recompute, window, lambda: logits)
