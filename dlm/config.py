@@ -364,6 +364,8 @@ class SamplingConfig:
     eta: float = _field(0.01, "ACS correction strength: a visible generated token is resampled with probability eta * s / t.")
     cache: bool = _field(True, "Cache the keys/values of settled tokens (autoregressive, block and slide hyperschedules).")
     decode: DecodeConfig = _field(None, "Parallel decoding (sampler=parallel): blocks, score, commit rule, credit, suffix dropout, caches.")
+    batch_buckets: list = _field([], "Batch sizes the compiled samplers are built for: a batch is padded with copies of its first row up to the smallest bucket that holds it (none: its own size), so batches of many sizes share a few programs; every real row gets the tokens it gets unpadded (random draws are indexed by row).")
+    length_buckets: list = _field([], "Canvas lengths (prompt + generation) the parallel decoder is built for: rows are left-padded (the padding hidden, positions counted from each row's first token) up to the smallest bucket that holds the canvas, so prompts of many lengths share one program per bucket and generation length; the tokens are those of the unpadded call (its draws are indexed within blocks that start after the prompt). The other loops draw by canvas position and are not bucketed by length.")
 
     def __post_init__(self):
         if self.decode is None:
@@ -384,6 +386,15 @@ class Config:
         for f in dataclasses.fields(self):
             if getattr(self, f.name) is None:
                 setattr(self, f.name, typing.get_type_hints(Config)[f.name]())
+
+
+def check_buckets(sc: "SamplingConfig") -> None:
+    """Buckets are lists of increasing positive integers."""
+    for name in ("batch_buckets", "length_buckets"):
+        b = getattr(sc, name)
+        ok = isinstance(b, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in b)
+        if not ok or any(x >= y for x, y in zip(b, b[1:])):
+            raise ConfigError(f"sampling.{name}={b!r} must be a list of increasing positive integers, e.g. [1, 8, 32].")
 
 
 def check_decode(dc: "DecodeConfig", length: int | None = None) -> None:
@@ -545,6 +556,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1).")
     if cfg.sampling.temperature < 0:
         raise ConfigError(f"sampling.temperature={cfg.sampling.temperature} must be >= 0.")
+    check_buckets(cfg.sampling)
     if d.source == Source.FILES and not d.paths:
         raise ConfigError("data.source=files needs data.paths, a list of local text or JSONL files.")
     if d.source == Source.HF and not d.hf_name:

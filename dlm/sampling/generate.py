@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dlm.config import ConfigError, DiffusionConfig, Sampler, SamplingConfig, check_decode
+from dlm.config import ConfigError, DiffusionConfig, Sampler, SamplingConfig, check_buckets, check_decode
 from dlm.diffusion import hyperschedules as hs
 from dlm.diffusion.prime import Codec
 from dlm.diffusion.schedules import make_schedule
@@ -232,6 +232,22 @@ def left_pad(prompts, length: int, mask_id: int, vocab_size: int, pad_id: int):
     return x, fixed, pad
 
 
+def _length_bucket(cfg: SamplingConfig, sampler, x, fixed, pad, pad_id: int):
+    """The parallel decoder's canvas left-padded up to the smallest of cfg.length_buckets that
+    holds it: (x, fixed, pad, columns added). Its draws are indexed within blocks that start
+    after the prompt, so hidden padding in front changes no token."""
+    L = x.shape[1]
+    bucket = next((b for b in cfg.length_buckets if b >= L), L)
+    if sampler is not parallel or bucket == L:
+        return x, fixed, pad, 0
+    extra = bucket - L
+    B = x.shape[0]
+    x = np.concatenate([np.full((B, extra), pad_id, x.dtype), x], 1)
+    fixed = np.concatenate([np.ones((B, extra), bool), fixed], 1)
+    pad = (np.zeros(B, np.int32) if pad is None else pad) + extra
+    return x, fixed, pad, extra
+
+
 class Padded:
     """A denoiser behind left padding: row b's first pad[b] positions are hidden from every
     query and its tokens take positions counted from its first real token, so a padded row
@@ -326,6 +342,7 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
         raise ConfigError(f"sampling.eta={cfg.eta} must be >= 0.")
     if cfg.temperature < 0:
         raise ConfigError(f"sampling.temperature={cfg.temperature} must be >= 0 (0 decodes by argmax).")
+    check_buckets(cfg)
     V = model.vocab_size
     objective = objective_for(diffusion or DiffusionConfig(), model.mask_id, model.cfg.noise_conditioning, V)
     sampler = sampler_for(objective, cfg)
@@ -343,6 +360,8 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
         B = num_samples or cfg.num_samples
         x, fixed = prepare_prompts(prompt, B, length, objective.mask_id, V)
         pad = None
+    x, fixed, pad, extra_cols = _length_bucket(cfg, sampler, x, fixed, pad, pad_id if pad_id is not None else max(eos_id, 0))
+    length += extra_cols
     if model.cfg.shift_logits and sampler is hyperschedule:
         raise ConfigError("This model predicts each position from the one before (shift_logits, Dream); sample it with "
                           "sampling.sampler=ancestral or parallel, not the hyperschedule loop.")
@@ -355,7 +374,8 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
     setup = setup_for(sampler, objective, cfg, model.cfg, V, length, prompt_len=P, eos_id=eos_id, plan=plan)
 
     shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    extra = (-B) % shards
+    rows = next((b for b in cfg.batch_buckets if b >= B), B)
+    extra = rows - B + (-rows) % shards  # copies of row 0: random draws are indexed by row, so the others are unchanged
     if extra:
         x, fixed = np.concatenate([x, np.repeat(x[:1], extra, 0)]), np.concatenate([fixed, np.repeat(fixed[:1], extra, 0)])
         if pad is not None:
@@ -389,7 +409,7 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
         out = jax.device_get(out)
     seconds = time.time() - start
     steps = int(out["steps"])
-    result = {"tokens": np.asarray(out["tokens"])[:B], "nfe": int(out["nfe"]), "steps": steps,
+    result = {"tokens": np.asarray(out["tokens"])[:B, extra_cols:], "nfe": int(out["nfe"]), "steps": steps,
               "idle_step_ratio": int(out["idle_steps"]) / max(steps, 1), "seconds": seconds, "compile_seconds": compile_s}
     if "cache_writes" in out:
         result["cache_writes"] = int(out["cache_writes"])
