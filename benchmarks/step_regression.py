@@ -4,9 +4,10 @@
         [--length 1024] [--repeats 3]
 
 Checks the baseline out into a temporary git worktree and runs `benchmarks/sampling.py --suite
-hyperschedules` (every hyperschedule loop, cached and uncached, on the bench model) from the
+hyperschedules` (every hyperschedule loop, cached and uncached, on the bench model) and the
+ancestral loop and the parallel decoder (per pass: no cache, prefix and dual caches) from the
 baseline and from this tree in turn, --repeats times each, alternating so that drift on a noisy
-machine hits both alike. Records the median seconds per step of each (schedule, mode) for both,
+machine hits both alike. Records the median seconds per step (per pass for the parallel decoder) of each (loop, mode) for both,
 and their ratio (this tree / baseline: below 1 is faster). Run it alone: two heavy jobs at once
 halve each other's speed. The worktree is removed afterwards.
 """
@@ -25,13 +26,44 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+# The other loops, through dlm.generate calls that both trees understand, at 256 tokens (a
+# random model commits little per pass, so longer canvases take minutes): the ancestral (flat
+# MDLM) loop's seconds per step, and the parallel decoder's seconds per pass (top-4 per pass,
+# blocks of 32, prompt 64) without a cache and with the prefix and dual caches.
+LOOPS = """
+import dataclasses, json, sys
+import dlm
+from dlm.config import CommitRule, DecodeCache, Sampler, SamplingConfig, load_config
+L, steps = 256, 64
+cfg = load_config("configs/bench.yaml", [f"data.seq_len={L}"])
+model = dlm.build_model(cfg, seed=0)
+out = {}
+sc = SamplingConfig(steps=steps, num_samples=1, seed=0)
+for _ in range(2):  # the first call compiles
+    r = dlm.generate(model, None, sc, length=L)
+out["ancestral", "uncached"] = r["seconds"] / steps
+prompt = list(range(64))
+for cache in ("none", "prefix", "dual"):
+    dc = dataclasses.replace(sc.decode, block_length=32, rule=CommitRule.TOPK, k=4, cache=DecodeCache(cache), early_stop=False)
+    pc = dataclasses.replace(sc, sampler=Sampler.PARALLEL, decode=dc, temperature=0.0)
+    for _ in range(2):
+        r = dlm.generate(model, prompt, pc, length=L)
+    out["parallel", "cached " + cache if cache != "none" else "uncached"] = r["seconds"] / r["nfe"]
+print(json.dumps([[k[0], k[1], v] for k, v in out.items()]))
+"""
+
+
 def run_suite(tree: pathlib.Path, length: int, out: pathlib.Path) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(tree))
     env.pop("XLA_FLAGS", None)
     subprocess.run([sys.executable, "benchmarks/sampling.py", "--suite", "hyperschedules", "--length", str(length),
                     "--out", str(out)], cwd=tree, env=env, check=True, capture_output=True, text=True)
     rows = json.loads(out.read_text())["results"]
-    return {(r["hyperschedule"], mode): r[mode]["seconds_per_step"] for r in rows for mode in ("cached", "uncached") if mode in r}
+    times = {(r["hyperschedule"], mode): r[mode]["seconds_per_step"] for r in rows for mode in ("cached", "uncached") if mode in r}
+    loops = subprocess.run([sys.executable, "-c", LOOPS], cwd=tree, env=env, check=True, capture_output=True,
+                           text=True).stdout.strip().splitlines()[-1]
+    times.update({(name, mode): v for name, mode, v in json.loads(loops)})
+    return times
 
 
 def main() -> None:
