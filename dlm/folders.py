@@ -67,7 +67,7 @@ def check_apart(out: str | pathlib.Path, inputs, flag: str = "--out") -> None:
 
 def check_target(out: str | pathlib.Path, overwrite: bool, flag: str = "--out") -> None:
     """`out` may be written: absent, an empty folder, or (with overwrite) a folder dlm wrote."""
-    out = pathlib.Path(out)
+    out = pathlib.Path(out).absolute()  # '.' has no name and no parent of its own
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir() or out.is_symlink():
@@ -110,8 +110,8 @@ def writing(out: str | pathlib.Path, *, inputs=(), overwrite: bool = False, flag
     """Yield a new temporary folder beside `out`; on success it becomes `out` (see the module
     docstring for what is checked first). On an exception the temporary folder is removed and
     `out` is untouched."""
-    out = pathlib.Path(out)
-    check_apart(out, [p for p in inputs if p and pathlib.Path(p).exists()], flag)
+    given, out = out, pathlib.Path(out).absolute()  # '.' has no name and no parent of its own
+    check_apart(given, [p for p in inputs if p and pathlib.Path(p).exists()], flag)
     check_target(out, overwrite, flag)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)

@@ -395,3 +395,16 @@ def test_a_folder_with_nonzero_biases_is_refused_in_one_sentence(byte_workdir, t
     write(tmp_path / "hf" / "model.safetensors", [(k, a.shape, a.dtype, (lambda a=a: a)) for k, a in tensors.items()])
     with pytest.raises(dlm.config.ConfigError, match="attn_out.bias holds nonzero biases"):
         dlm.load_pretrained(tmp_path / "hf", mesh=one_device())
+
+
+def test_re_exporting_an_imported_dlm_export_keeps_the_mask_bias(tmp_path):
+    """export -> import -> export with the first export's config.json as the base (what an
+    imported workdir's export does): the -1e4 on the mask's logit is still there."""
+    cfg = dlm.load_config(pathlib.Path(__file__).resolve().parents[1] / "configs/test.yaml", ["model.num_layers=1"])
+    model = dlm.build_model(cfg, mesh=one_device(), seed=1)
+    hf.export(model, tmp_path / "a", "llada")
+    back = dlm.load_pretrained(tmp_path / "a", mesh=one_device())
+    base = json.loads((tmp_path / "a" / "config.json").read_text())
+    hf.export(back, tmp_path / "b", "llada", base_config=base)
+    _bytes_equal(Folder(tmp_path / "a"), Folder(tmp_path / "b"))
+    assert json.loads((tmp_path / "b" / "config.json").read_text()) == base

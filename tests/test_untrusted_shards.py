@@ -89,6 +89,7 @@ BAD_FIELDS = [
     ("splits.train.shards.0.file", "../good/train-00000.array_record"), ("splits.train.shards.0.file", "/etc/passwd"),
     ("splits.train.shards.0.file", "sub/train-00000.array_record"), ("splits.train.shards.0.file", ""),
     ("splits.train.shards.0.file", "."), ("splits.train.shards.0.file", None), ("splits.train.tokens", -1),
+    ("splits.train.tokens", 10**30), ("bytes_per_token", float("nan")),
 ]
 
 
@@ -120,7 +121,7 @@ def test_a_shard_that_is_a_fifo_or_leaves_the_directory_is_refused_without_readi
     outside = tmp_path / "outside.array_record"
     shutil.copy(shards[0] / name, outside)
     (d / name).symlink_to(outside)
-    assert "not a plain file name inside the directory" in one_sentence(lambda: read_metadata(d))
+    assert "is a link to a file outside the directory" in one_sentence(lambda: read_metadata(d))
 
 
 def _rewrite_shard(d: pathlib.Path, index: int, records: list[bytes]) -> str:

@@ -309,10 +309,14 @@ _WORKER_BATCHES = None
 
 
 def _worker_init(batches, parent: int) -> None:
+    import signal
     import threading
 
     global _WORKER_BATCHES
     _WORKER_BATCHES = batches
+    # Ctrl-C in the terminal reaches the whole process group: it is the trainer's to handle (it
+    # checkpoints and stops). SIGTERM stays: the executor ends its workers with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
@@ -401,7 +405,11 @@ class ProcessBatches:
         for f in self.pending:
             f.cancel()
         self.pending.clear()
+        processes = list((getattr(self.pool, "_processes", None) or {}).values())  # no public terminate
         self.pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:  # batches in flight are not waited for (a reader stuck on a read would hang the exit)
+            if p.is_alive():
+                p.terminate()
 
 
 def windows(rows, n: int):

@@ -14,6 +14,7 @@ and, where there is one, the row.
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import stat
 
@@ -25,6 +26,7 @@ from dlm.data.prepare import FORMAT_VERSION, SPLITS, token_dtype, tokenizer_sha2
 
 MAX_SEQ_LEN = 1 << 22
 MAX_VOCAB = 1 << 31
+MAX_COUNT = 1 << 62  # rows, tokens, bytes: far above any corpus
 
 
 def _get(obj: dict, key: str, kind, where: str, low=None, high=None):
@@ -34,7 +36,7 @@ def _get(obj: dict, key: str, kind, where: str, low=None, high=None):
     value = obj.get(key) if isinstance(obj, dict) else None
     ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
     if ok and isinstance(value, (int, float)):
-        ok = np.isfinite(value) and (low is None or value >= low) and (high is None or value <= high)
+        ok = (isinstance(value, int) or math.isfinite(value)) and (low is None or value >= low) and (high is None or value <= high)
     if not ok:
         want = {int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list"}.get(kind, "a number")
         bounds = f" in [{low}, {high}]" if low is not None and high is not None else f" of at least {low}" if low is not None else ""
@@ -46,9 +48,12 @@ def _check_shard_file(d: pathlib.Path, name: str, split: str, where: str) -> int
     """The size of shard `name`, a regular file directly inside `d`."""
     plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
     f = d / name
-    if not plain or f.resolve().parent != d.resolve():
+    if not plain:
         raise ConfigError(f"Shard {name!r} of the {split} split in {where} is not a plain file name inside the directory; "
                           "prepare the shards again.")
+    if f.is_symlink() and f.resolve().parent != d.resolve():
+        raise ConfigError(f"Shard {name!r} of the {split} split in {where} is a link to a file outside the directory; copy "
+                          "the file itself there.")
     try:
         info = f.stat()
     except FileNotFoundError:
@@ -102,15 +107,15 @@ def read_metadata(path: str | pathlib.Path) -> dict:
     for split in SPLITS:
         info = _get(splits, split, dict, f"{here} (splits)")
         at = f"{here} ({split} split)"
-        rows = _get(info, "rows", int, at, 1)
+        rows = _get(info, "rows", int, at, 1, MAX_COUNT)
         for key in ("tokens", "documents", "bytes"):
-            _get(info, key, int, at, 0)
+            _get(info, key, int, at, 0, MAX_COUNT)
         shards = _get(info, "shards", list, at)
         total = 0
         for i, s in enumerate(shards):
             name = _get(s, "file", str, f"{at}, shard {i}")
-            total += _get(s, "rows", int, f"{at}, shard {i}", 0)
-            recorded = _get(s, "bytes", int, f"{at}, shard {i}", 0)
+            total += _get(s, "rows", int, f"{at}, shard {i}", 0, MAX_COUNT)
+            recorded = _get(s, "bytes", int, f"{at}, shard {i}", 0, MAX_COUNT)
             size = _check_shard_file(d, name, split, where)
             if size != recorded:
                 raise ConfigError(f"Shard {name!r} in {where} is {size:,} bytes where metadata.json records {recorded:,} "

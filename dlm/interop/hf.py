@@ -289,7 +289,7 @@ def export(model: Transformer, out, family: str, *, context: int = 4096, base_co
 def _write_folder(m: ModelConfig, flat: dict, out: pathlib.Path, family: str, context: int, base_config, special,
                   dtype, max_shard_bytes: int, tokenizer_files, buffers, modeling_files) -> dict:
     vocab_rows = (m.vocab_size + 1) if family == "mdlm" else m.vocab_size
-    entries = layouts.layout(family, m, vocab_rows, biases=family == "llada" and base_config is None)
+    entries = layouts.layout(family, m, vocab_rows, biases=family == "llada" and families.llada_biases(base_config))
 
     def produce(e):
         def get():

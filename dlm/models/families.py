@@ -151,6 +151,12 @@ def auto_map(family: str) -> dict:
     return {auto: f"{module}.{cls}" for module, classes in MODELING[family].items() for auto, cls in classes.items()}
 
 
+def llada_biases(base: dict | None) -> bool:
+    """Whether a LLaDA-layout export carries dlm's biases (zero, but -1e4 on the mask's logit):
+    a model trained here (no base config), or one imported from such an export."""
+    return base is None or (base.get("include_bias") is True and base.get("bias_for_layer_norm") is False)
+
+
 def hf_config(family: str, m, context: int, base: dict | None = None, special: dict | None = None) -> dict:
     """The family's config.json for a model of ModelConfig `m` (`base`: the imported folder's own
     config, whose other fields are kept)."""
@@ -161,7 +167,8 @@ def hf_config(family: str, m, context: int, base: dict | None = None, special: d
         out.update(model_type="llada", block_type="llama", d_model=m.d_model, n_layers=m.num_layers, n_heads=m.num_heads,
                    n_kv_heads=m.num_kv_heads or m.num_heads, mlp_hidden_size=m.mlp_dim, activation_type="silu",
                    layer_norm_type="rms", rms_norm_eps=m.norm_eps, rope=True, rope_theta=m.rope_theta,
-                   include_bias=False, include_qkv_bias=m.qkv_bias, weight_tying=False, max_sequence_length=context)
+                   include_bias=llada_biases(base), include_qkv_bias=m.qkv_bias, weight_tying=False,
+                   max_sequence_length=context)
         out.setdefault("vocab_size", m.vocab_size)
         out["embedding_size"] = m.vocab_size
         out["mask_token_id"] = m.mask_id
@@ -170,9 +177,9 @@ def hf_config(family: str, m, context: int, base: dict | None = None, special: d
                 out.setdefault(k, special[k])
         if base is None:  # a model trained here has no dropout: LLaDA's code would default to 0.1
             out.update(attention_dropout=0.0, residual_dropout=0.0, embedding_dropout=0.0)
-            # its mask logit was never trained: the output bias hides it from code that does
-            # not (dlm.interop.layouts.mask_logit_bias); every other bias is zero
-            out.update(include_bias=True, bias_for_layer_norm=False)
+        if llada_biases(base):  # its mask logit was never trained: the output bias hides it from
+            # code that does not (dlm.interop.layouts.mask_logit_bias); every other bias is zero
+            out["bias_for_layer_norm"] = False
         return out
     if family == "dream":
         out.setdefault("architectures", ["DreamModel"])
