@@ -41,6 +41,12 @@ def _files(folder: pathlib.Path) -> list[str]:
     return sorted(out)
 
 
+def plain_file_name(name: str) -> bool:
+    """Whether a name read from a stranger's file (an index's shard, a metadata's shard) names a
+    file directly inside its folder: not empty, '.', '..', a path or a NUL-carrying string."""
+    return name not in ("", ".", "..") and not any(c in name for c in ("/", "\\", "\0"))
+
+
 def foreign_file(folder: str | pathlib.Path) -> str | None:
     """The first file in `folder` that its dlm marker does not list (None when dlm wrote all)."""
     folder = pathlib.Path(folder)

@@ -22,6 +22,7 @@ import numpy as np
 
 from dlm.config import ConfigError, DataConfig, TokenizerKind
 from dlm.data.prepare import FORMAT_VERSION, SPLITS, token_dtype, tokenizer_sha256
+from dlm.folders import plain_file_name
 
 
 MAX_SEQ_LEN = 1 << 22
@@ -46,9 +47,8 @@ def _get(obj: dict, key: str, kind, where: str, low=None, high=None):
 
 def _check_shard_file(d: pathlib.Path, name: str, split: str, where: str) -> int:
     """The size of shard `name`, a regular file directly inside `d`."""
-    plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
     f = d / name
-    if not plain:
+    if not plain_file_name(name):
         raise ConfigError(f"Shard {name!r} of the {split} split in {where} is not a plain file name inside the directory; "
                           "prepare the shards again.")
     if f.is_symlink() and f.resolve().parent != d.resolve():

@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from dlm.config import ConfigError
+from dlm.folders import plain_file_name
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -198,7 +199,7 @@ class Folder:
                 raise ConfigError(f"{str(index)!r} has a weight_map that is not an object of file names.")
             files = {}
             for key, fname in weight_map.items():
-                if fname in (".", "..") or "/" in fname or "\\" in fname or "\0" in fname or not fname:
+                if not plain_file_name(fname):
                     raise ConfigError(f"{str(index)!r} names {fname[:80]!r} for {key[:80]!r}: a shard must be a plain file name "
                                       "inside the checkpoint folder.")
                 if fname not in files:
