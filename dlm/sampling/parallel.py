@@ -118,16 +118,17 @@ def scores(logits, draw, kind: Score):
     return jnp.exp(jnp.sum(p * logp, axis=-1))  # exp(-H) in (0, 1]
 
 
-def commit_mask(score, masked, dc: DecodeConfig):
+def commit_mask(score, masked, dc: DecodeConfig, tau=None):
     """[B, n] bool: positions to commit this step (a subset of `masked`, at least one per row
-    that has a masked position). Ties break towards the lower position."""
+    that has a masked position). Ties break towards the lower position. `tau` (traced, e.g. one
+    per row of the serving engine) replaces dc.tau."""
     s = jnp.where(masked, score, -jnp.inf)
     order = jnp.argsort(-s, axis=-1, stable=True)
     rank = jnp.argsort(order, axis=-1, stable=True)
     if dc.rule == CommitRule.TOPK:
         n = jnp.full(s.shape[:1], dc.k)
     elif dc.rule == CommitRule.THRESHOLD:
-        n = jnp.maximum((s > dc.tau).sum(-1), 1)
+        n = jnp.maximum((s > (dc.tau if tau is None else tau)).sum(-1), 1)
     else:
         srt = jnp.take_along_axis(s, order, axis=-1)
         j = jnp.arange(1, s.shape[-1] + 1)
@@ -166,12 +167,16 @@ class Passes:
     Without suffix dropout a full pass feeds the whole sequence. With it, a full pass feeds the
     canvas x[:, :Lc] (Lc >= the block end: the prompt, decoded tokens and the block, then
     padding that no query attends to) followed by the kept suffix gathered into S slots at their
-    true positions, so its cost follows the decoded length rather than L."""
+    true positions, so its cost follows the decoded length rather than L.
+
+    `valid` (traced [B] or None): each row's own sequence length; keys at or after it are hidden
+    from every pass, so a row in a longer canvas computes what it computes alone (the serving
+    engine's rows of different lengths)."""
 
     def __init__(self, model_fn, B, L, Bk, W, S, drop: bool, cache: DecodeCache, mask_id: int, Lc: int | None = None,
-                 shift: bool = False):
+                 shift: bool = False, valid=None):
         self.model_fn, self.B, self.L, self.Bk, self.W, self.S = model_fn, B, L, Bk, W, S
-        self.drop, self.cache, self.mask_id, self.shift = drop, cache, mask_id, shift
+        self.drop, self.cache, self.mask_id, self.shift, self.valid = drop, cache, mask_id, shift, valid
         self.Lc = L if Lc is None else Lc
         self.gather = drop and self.Lc + S < L  # else a full-length pass with the dropped suffix masked out is smaller
         self.pos = jnp.arange(L)
@@ -179,14 +184,17 @@ class Passes:
     def visible(self, start, keep):
         """[B, L] keys a masked full-length pass may attend to: everything, or under DPad the
         prefix, block and kept suffix."""
+        inside = jnp.ones((self.B, self.L), bool) if self.valid is None else self.pos[None] < self.valid[:, None]
         if not self.drop:
-            return jnp.ones((self.B, self.L), bool)
-        return dpad_visible(start, keep, self.Bk, self.W, self.L)
+            return inside
+        return dpad_visible(start, keep, self.Bk, self.W, self.L) & inside
 
     def slots(self, start, keep):
         """The block's suffix slots (true positions and validity [B, S]): the kept offsets under
         DPad, else the positions after the block. Computed once per block."""
         spos, svalid = suffix_slots(start, keep if self.drop else None, self.Bk, self.S, self.L)
+        if self.valid is not None:
+            svalid = svalid & (spos < self.valid[:, None])
         return jnp.broadcast_to(spos, (self.B, self.S)), jnp.broadcast_to(svalid, (self.B, self.S))
 
     def canvas(self, x, start, keep, slots=None):
@@ -205,7 +213,7 @@ class Passes:
     def full(self, x, start, keep, return_kv, slots=None):
         """Block logits [B, Bk, V] (and the keys/values of every fed position) of a full pass."""
         toks, positions, vis = self.canvas(x, start, keep, slots)
-        spec = visible_keys(vis) if self.drop else FULL
+        spec = visible_keys(vis) if self.drop or self.valid is not None else FULL
         out = self.model_fn(toks, positions, spec, None, return_kv)
         logits, kv = out if return_kv else (out, None)
         return block_logits(logits, start, self.Bk), kv
@@ -263,48 +271,41 @@ def canvas_sizes(L: int, first_end: int, block_length: int, buckets: int = 16) -
     return [min(L, j * g) for j in range(cdiv(first_end, g), cdiv(L, g) + 1)]
 
 
-def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask_id: int, eos_id: int, temperature: float,
-                    float64: bool, kv_dtype=jnp.float32, trace: bool = False, vocab_size: int | None = None,
-                    shift: bool = False):
-    """x [B, L] with mask_id at the positions to fill and given tokens everywhere else (a prompt
-    prefix, or any set of fixed positions: infill). Blocks start at `prompt_len` (the given prefix
-    common to all rows, P) and tile [P, L); when block_length does not divide L - P the last block
-    is aligned to the end of the sequence (it overlaps the one before, whose positions are already
-    decoded). Within a block only masked positions are scored and committed; given tokens stay.
+def suffix_slot_count(dc: DecodeConfig, G: int) -> int:
+    """S, the static suffix slots of a generation of G positions: the kept suffix under suffix
+    dropout, every position after the block with a prefix cache, else one masked-out slot."""
+    Bk = dc.block_length
+    if dc.suffix_dropout:
+        S = min(max_kept(dc), max(G - Bk, 0))
+    elif dc.cache == DecodeCache.PREFIX:
+        S = max(G - Bk, 0)
+    else:
+        S = 0
+    return max(S, 1)  # one (masked-out) slot keeps the shapes simple
 
-    model_fn(tokens, positions, attention, kv_cache, return_kv) -> logits | (logits, kv), where logits may be
-    LazyLogits (dlm.models.logits: only the block's rows are then computed); `shift`:
-    the model predicts position i from position i - 1 (Dream), which cached passes account for.
-    kv_dtype: the caches' dtype (their shapes follow the passes). Returns a dict of tokens [B, L], nfe (forward
-    passes of the batch: a block runs until its slowest row is done), row_nfe [B] (the passes each
-    row needed: what decoding it alone would take), steps, finished [B] and, with trace, 'refresh_logits' [blocks, B, block, V] (the block
-    logits of each block's first pass), 'block_inputs' [blocks, B, L] (x at each block start) and
-    'keep' [blocks, B, W] (each block's suffix-dropout pattern)."""
+
+def decode_block(model_fn, x, start, given, done, key, dc: DecodeConfig, *, sizes, S: int, mask_id: int, eos_id: int,
+                 temperature, float64: bool, kv_dtype, V: int, shift: bool, trace: bool = False, valid=None, tau=None):
+    """Decode the block [start, start + block_length) of every row of x [B, L] (rows `done` take
+    no commits): its steps until no masked position is left, then early termination. `key` is
+    the block's key; `sizes` the static canvas lengths (one: no canvas); `valid` [B] each row's
+    own length and `tau` a traced threshold (the serving engine's rows). Returns (x, done,
+    passes, row_passes [B], first-pass logits (with trace), the suffix-dropout pattern or None)."""
     B, L = x.shape
-    P, Bk = prompt_len, dc.block_length
-    G = L - P
-    nb = -(-G // Bk)
-    given = x != mask_id
+    Bk, W = dc.block_length, dc.window
     pos = jnp.arange(L)
     cached = dc.cache != DecodeCache.NONE
     drop = dc.suffix_dropout
-    W = dc.window
-    if drop:
-        S = min(max_kept(dc), max(G - Bk, 0))  # the kept suffix, gathered into slots
-    elif dc.cache == DecodeCache.PREFIX:
-        S = max(G - Bk, 0)  # every suffix position, in a static window after the block
-    else:
-        S = 0
-    S = max(S, 1)  # one (masked-out) slot keeps the shapes simple
-    V = mask_id if vocab_size is None else vocab_size  # logit columns
+    k_drop, k_loop = jax.random.split(key)
+    keep = suffix_keep(k_drop, dc, B) if drop else None
 
-    def run_block(Lc, start, x, done, nfe, row_nfe, key, keep):
-        """One block's steps on a canvas of Lc positions (L without suffix dropout)."""
-        ctx = Passes(model_fn, B, L, Bk, W, S, drop, dc.cache, mask_id, Lc=Lc, shift=shift)
+    def run_block(Lc, x, k_loop):
+        """The block's steps on a canvas of Lc positions (L without suffix dropout)."""
+        ctx = Passes(model_fn, B, L, Bk, W, S, drop, dc.cache, mask_id, Lc=Lc, shift=shift, valid=valid)
         slots = ctx.slots(start, keep)
 
         def step(c, logits_fn):
-            it, x, credit, ck, cv, nfe, row_nfe, key, first_logits = c
+            it, x, credit, ck, cv, row_nfe, key, first_logits = c
             key, k_draw = jax.random.split(key)
             blk = jax.lax.dynamic_slice_in_dim(x, start, Bk, axis=1)
             masked = (blk == mask_id) & ~done[:, None]
@@ -315,9 +316,9 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
                 credit = credit_update(credit, logits, masked, dc, it == 0)
                 logits = fuse(logits, credit, dc)
             draw = categorical(k_draw, logits, temperature, float64)
-            commit = commit_mask(scores(logits, draw, dc.score), masked, dc)
+            commit = commit_mask(scores(logits, draw, dc.score), masked, dc, tau)
             x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(commit, draw, blk), start, axis=1)
-            return it + 1, x, credit, ck, cv, nfe + 1, row_nfe, key, first_logits
+            return it + 1, x, credit, ck, cv, row_nfe, key, first_logits
 
         def full(x, ck, cv):
             return ctx.full(x, start, keep, False, slots)[0], ck, cv
@@ -341,34 +342,62 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
         # masked in the block commits nothing in it and is not counted in its row_nfe
         credit = jnp.zeros((B, Bk, V) if dc.credit else (1, 1, 1), jnp.float32)
         fl = jnp.zeros((B, Bk, V) if trace else (1, 1, 1), jnp.float32)
-        c = step((jnp.int32(0), x, credit, None, None, nfe, row_nfe, key, fl), first)
-        it, x, _, _, _, nfe, row_nfe, _, fl = jax.lax.while_loop(more, lambda c: step(c, later), c)
-        return it, x, nfe, row_nfe, fl
+        c = step((jnp.int32(0), x, credit, None, None, jnp.zeros((B,), jnp.int32), k_loop, fl), first)
+        it, x, _, _, _, row_nfe, _, fl = jax.lax.while_loop(more, lambda c: step(c, later), c)
+        return it, x, row_nfe, fl
 
-    sizes = canvas_sizes(L, P + Bk, Bk) if drop else [L]
+    if len(sizes) == 1:
+        it, x, row_nfe, fl = run_block(sizes[0], x, k_loop)
+    else:  # the smallest canvas that holds the block
+        which = (start + Bk > jnp.asarray(sizes)).sum()
+        it, x, row_nfe, fl = jax.lax.switch(which, [functools.partial(run_block, Lc) for Lc in sizes], x, k_loop)
+    if dc.early_stop and eos_id >= 0:
+        blk = jax.lax.dynamic_slice_in_dim(x, start, Bk, axis=1)
+        finished = (blk == eos_id).any(-1) & ~done
+        x = jnp.where(finished[:, None] & (pos >= start + Bk)[None] & ~given, eos_id, x)
+        done = done | finished
+    return x, done, it, row_nfe, fl, keep
+
+
+def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask_id: int, eos_id: int, temperature: float,
+                    float64: bool, kv_dtype=jnp.float32, trace: bool = False, vocab_size: int | None = None,
+                    shift: bool = False):
+    """x [B, L] with mask_id at the positions to fill and given tokens everywhere else (a prompt
+    prefix, or any set of fixed positions: infill). Blocks start at `prompt_len` (the given prefix
+    common to all rows, P) and tile [P, L); when block_length does not divide L - P the last block
+    is aligned to the end of the sequence (it overlaps the one before, whose positions are already
+    decoded). Within a block only masked positions are scored and committed; given tokens stay.
+
+    model_fn(tokens, positions, attention, kv_cache, return_kv) -> logits | (logits, kv), where logits may be
+    LazyLogits (dlm.models.logits: only the block's rows are then computed); `shift`:
+    the model predicts position i from position i - 1 (Dream), which cached passes account for.
+    kv_dtype: the caches' dtype (their shapes follow the passes). Returns a dict of tokens [B, L], nfe (forward
+    passes of the batch: a block runs until its slowest row is done), row_nfe [B] (the passes each
+    row needed: what decoding it alone would take), steps, finished [B] and, with trace, 'refresh_logits' [blocks, B, block, V] (the block
+    logits of each block's first pass), 'block_inputs' [blocks, B, L] (x at each block start) and
+    'keep' [blocks, B, W] (each block's suffix-dropout pattern)."""
+    B, L = x.shape
+    P, Bk = prompt_len, dc.block_length
+    G = L - P
+    nb = -(-G // Bk)
+    given = x != mask_id
+    W = dc.window
+    S = suffix_slot_count(dc, G)
+    V = mask_id if vocab_size is None else vocab_size  # logit columns
+    sizes = canvas_sizes(L, P + Bk, Bk) if dc.suffix_dropout else [L]
+    settings = dict(sizes=sizes, S=S, mask_id=mask_id, eos_id=eos_id, temperature=temperature, float64=float64,
+                    kv_dtype=kv_dtype, V=V, shift=shift, trace=trace)
 
     def block_body(carry):
         b, x, done, nfe, row_nfe, steps, key, tr = carry
         start = jnp.minimum(P + b * Bk, L - Bk)
         key, k_blk = jax.random.split(key)
-        k_drop, k_loop = jax.random.split(k_blk)
-        keep = suffix_keep(k_drop, dc, B) if drop else None
         x0 = x
-        args = (start, x, done, nfe, row_nfe, k_loop, keep)
-        if len(sizes) == 1:
-            it, x, nfe, row_nfe, fl = run_block(sizes[0], *args)
-        else:  # the smallest canvas that holds the block
-            which = (start + Bk > jnp.asarray(sizes)).sum()
-            it, x, nfe, row_nfe, fl = jax.lax.switch(which, [functools.partial(run_block, Lc) for Lc in sizes], *args)
+        x, done, it, rn, fl, keep = decode_block(model_fn, x, start, given, done, k_blk, dc, **settings)
         if trace:
-            kp = keep if drop else jnp.ones((B, W), bool)
+            kp = keep if dc.suffix_dropout else jnp.ones((B, W), bool)
             tr = tuple(jax.lax.dynamic_update_index_in_dim(a, v, b, axis=0) for a, v in zip(tr, (fl, x0, kp)))
-        if dc.early_stop and eos_id >= 0:
-            blk = jax.lax.dynamic_slice_in_dim(x, start, Bk, axis=1)
-            finished = (blk == eos_id).any(-1) & ~done
-            x = jnp.where(finished[:, None] & (pos >= start + Bk)[None] & ~given, eos_id, x)
-            done = done | finished
-        return b + 1, x, done, nfe, row_nfe, steps + it, key, tr
+        return b + 1, x, done, nfe + it, row_nfe + rn, steps + it, key, tr
 
     tr = ((jnp.zeros((nb, B, Bk, V), jnp.float32), jnp.zeros((nb, B, L), x.dtype), jnp.zeros((nb, B, W), bool))
           if trace else jnp.zeros((1,)))
