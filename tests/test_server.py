@@ -1,0 +1,194 @@
+"""The OpenAI-compatible server (python -m dlm.serve) answers the `openai` client on localhost:
+completions, chat completions and streams carry the tokens generate() gives the same prompt,
+malformed requests get a 400 with one sentence, and a client that leaves mid-stream frees its row."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import uvicorn
+
+from dlm.config import DecodeCache, DecodeConfig, Sampler, SamplingConfig
+from dlm.sampling import generate as gen
+from dlm.serve.server import Server, create_app, load
+from hostile import cli_error, run_cli
+
+FOLDER = os.path.join(os.path.dirname(__file__), "fixtures", "pretrained", "llada")
+
+
+def _port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def served():
+    model, tok, context, _, name = load(pretrained=FOLDER)
+    server = Server(model, tok, name=name, context=context, decode=DecodeConfig(block_length=8), temperature=0.0,
+                    batch_buckets=[1, 4])
+    port = _port()
+    u = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=u.run, daemon=True)
+    thread.start()
+    while not u.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    yield server, url, openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    u.should_exit = True
+    thread.join()
+
+
+def _solo_text(server, ids, max_tokens, **decode):
+    """What generate() gives the prompt alone, as the server's text."""
+    sc = SamplingConfig(sampler=Sampler.PARALLEL, temperature=0.0,
+                        decode=DecodeConfig(**{"block_length": 8, **decode}))
+    out = gen.generate(server.engine.model, cfg=sc, prompts=[ids], length=len(ids) + max_tokens, eos_id=server.eos_id)
+    return server.text(out["tokens"][0, len(ids):], [])[0]
+
+
+def test_completion_is_the_prompts_generate_tokens(served):
+    server, url, client = served
+    r = client.completions.create(model="llada", prompt="they do", max_tokens=12, temperature=0)
+    ids = server.tok.encode("they do")
+    assert r.choices[0].text == _solo_text(server, ids, 12)
+    assert r.usage.prompt_tokens == len(ids) and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_uses_the_template_and_per_request_decoder_settings(served):
+    server, url, client = served
+    messages = [{"role": "user", "content": "hi"}]
+    r = client.chat.completions.create(model="llada", messages=messages, max_tokens=16, temperature=0,
+                                       extra_body={"threshold": 0.5, "cache": "dual", "block_length": 4})
+    ids = server.tok.tok.encode(server.tok.render_chat(messages), add_special_tokens=False).ids
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == _solo_text(server, ids, 16, tau=0.5, cache=DecodeCache.DUAL, block_length=4)
+
+
+def test_stream_sends_committed_blocks_that_add_up_to_the_completion(served):
+    server, url, client = served
+    chunks = list(client.completions.create(model="llada", prompt="they do", max_tokens=24, temperature=0, stream=True,
+                                            extra_body={"block_length": 4}))
+    text = "".join(c.choices[0].text for c in chunks)
+    assert text == _solo_text(server, server.tok.encode("they do"), 24, block_length=4)
+    assert len([c for c in chunks if c.choices[0].text]) >= 2  # more than one block arrived on its own
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    chat = list(client.chat.completions.create(model="llada", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                               temperature=0, stream=True))
+    assert chat[0].choices[0].delta.role == "assistant" and chat[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def _post(url, body: bytes):
+    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "JSON object"),
+    (b'{"max_tokens": 4}', "'prompt'"),
+    (b'{"prompt": "", "max_tokens": 4}', "empty"),
+    (b'{"prompt": "hi", "max_tokens": "four"}', "'max_tokens' must be an integer"),
+    (b'{"prompt": "hi", "max_tokens": 0}', "at least 1"),
+    (b'{"prompt": "hi", "temperature": -1}', "'temperature'"),
+    (b'{"prompt": "hi", "threshold": 1.5}', "tau"),
+    (b'{"prompt": "hi", "cache": "bogus"}', "one of none, prefix, dual"),
+    (b'{"prompt": "hi", "block_length": 0}', "block_length"),
+    (b'{"prompt": "hi", "n": 3}', "'n' must be 1"),
+    (b'{"prompt": "hi", "logprobs": 2}', "Unknown field 'logprobs'"),
+    (b'{"prompt": "hi", "max_tokens": 100}', "context of 64"),
+    (b'{"prompt": [1, 99999], "max_tokens": 4}', "token 99999"),
+    (b'{"prompt": "hi", "stop": [3]}', "'stop'"),
+])
+def test_malformed_requests_get_400_and_one_sentence(served, body, words):
+    server, url, client = served
+    status, answer = _post(url, body)
+    message = answer["error"]["message"]
+    assert status == 400 and words in message and "\n" not in message and message.endswith("."), (status, answer)
+
+
+def test_openai_client_sees_bad_request(served):
+    server, url, client = served
+    with pytest.raises(openai.BadRequestError, match="threshold|tau"):
+        client.completions.create(model="llada", prompt="hi", max_tokens=4, extra_body={"threshold": 0})
+
+
+def test_client_leaving_mid_stream_frees_its_row_and_the_server_goes_on(served):
+    server, url, client = served
+    before = server.metrics["requests_cancelled_total"]
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "they", "max_tokens": 60, "stream": True, "block_length": 1, "threshold": 1.0}).encode()
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    got = b""
+    while b"data: " not in got:  # the headers, then the stream's first chunk
+        got += s.recv(4096)
+    s.close()
+    deadline = time.time() + 60
+    while server.metrics["requests_cancelled_total"] == before and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.metrics["requests_cancelled_total"] == before + 1
+    while server.engine.pending() and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.engine.pending() == 0
+    assert server.engine.stats["finished_cancelled"] >= 1
+    r = client.completions.create(model="llada", prompt="they do", max_tokens=8, temperature=0)
+    assert r.choices[0].text == _solo_text(server, server.tok.encode("they do"), 8)
+
+
+def test_health_and_metrics(served):
+    server, url, client = served
+    with urllib.request.urlopen(url + "/health") as r:
+        assert json.loads(r.read())["status"] == "ok"
+    client.completions.create(model="llada", prompt="they", max_tokens=8, temperature=0)
+    with urllib.request.urlopen(url + "/metrics") as r:
+        text = r.read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+    assert values["dlm_requests_total"] >= 1 and values["dlm_completion_tokens_total"] >= 1
+    assert values["dlm_compilations_total"] == server.engine.compilations
+
+
+def test_command_serves_a_published_folder(tmp_path):
+    port = _port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.Popen([sys.executable, "-m", "dlm.serve", "--pretrained", FOLDER, "--port", str(port),
+                          "sampling.temperature=0", "sampling.decode.block_length=4"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        deadline = time.time() + 120
+        while True:
+            try:
+                r = client.completions.create(model="llada", prompt="they do", max_tokens=8)
+                break
+            except openai.APIConnectionError:
+                assert p.poll() is None and time.time() < deadline, p.stderr.read() if p.poll() is not None else "timeout"
+                time.sleep(0.5)
+        assert r.choices[0].text and r.usage.completion_tokens >= 1
+    finally:
+        p.terminate()
+        p.wait(30)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--port", "1"], "exactly one of --workdir"),
+    (["--pretrained", FOLDER, "--length-buckets", "64,32"], "increasing"),
+    (["--pretrained", FOLDER, "model.d_model=8"], "sampling.* overrides only"),
+])
+def test_command_refuses_bad_arguments_in_one_line(args, words):
+    assert words in cli_error(run_cli(["-m", "dlm.serve", *args]))
