@@ -98,19 +98,29 @@ class Objective:
     def mask_fraction(self, corrupted):
         return (corrupted == self.mask_id).mean()
 
-    def bound(self, apply_fn, x0, key, t_samples: int = 1, given=None):
-        """(nelbo [B], joint [B]) in nats/token averaged over K stratified times per row; the
-        joint objective is 0 without Prime."""
+    def bound_samples(self, apply_fn, x0, key, t_samples: int = 1, given=None):
+        """(nelbo [K, B], joint [K, B] or None) in nats/token: each row's bound at K stratified
+        times t_k = (u + k / K) mod 1 (u one uniform per row), the draws bound() averages."""
         B = x0.shape[0]
         k_u, k_x = jax.random.split(key)
         u = batch.uniform(k_u, (B,))
-        total = joint = jnp.zeros((B,), jnp.float32)
+        values, joints = [], []
         for k in range(t_samples):
             t = jnp.clip(jnp.mod(u + k / t_samples, 1.0), self.diffusion.t_min, 1.0)
             r = self.per_sequence(apply_fn, x0, t, jax.random.fold_in(k_x, k), given=given)
-            total = total + r.nelbo
-            if r.joint is not None:
-                joint = joint + r.joint
+            values.append(r.nelbo)
+            joints.append(r.joint)
+        return jnp.stack(values), None if joints[0] is None else jnp.stack(joints)
+
+    def bound(self, apply_fn, x0, key, t_samples: int = 1, given=None):
+        """(nelbo [B], joint [B]) in nats/token averaged over K stratified times per row; the
+        joint objective is 0 without Prime."""
+        values, joints = self.bound_samples(apply_fn, x0, key, t_samples, given)
+        total = joint = jnp.zeros((x0.shape[0],), jnp.float32)
+        for k in range(t_samples):  # summed in order, as the samples were drawn
+            total = total + values[k]
+            if joints is not None:
+                joint = joint + joints[k]
         return total / t_samples, joint / t_samples
 
 
