@@ -5,9 +5,10 @@ settings decoded together by the parallel decoder, one block of every running re
 Between steps a request's state lives on the host: its canvas (prompt, then masks, then unused
 columns up to its length bucket), its prompt length P, its own length P + G, the index of its
 next block, whether it has finished, and its random key. A step takes the requests of one
-*group* (the same compiled settings and length bucket: dlm.sampling.parallel's static decoder
-settings, whether it samples or takes the argmax, the bucket), up to the largest batch bucket,
-oldest first, pads them to a batch bucket and decodes one block of each. A request whose block
+*group* (the same compiled settings: dlm.sampling.parallel's static decoder settings and whether
+it samples or takes the argmax), up to the largest batch bucket, running ones first then the
+oldest waiting, pads them to a batch bucket and to the longest of their length buckets, and
+decodes one block of each. A request whose block
 held EOS (early stop) or whose last block is done leaves the batch; a waiting one takes its place
 at the next step. So rows join and leave at block boundaries, as the cache is rebuilt at each
 block start anyway.
@@ -46,7 +47,8 @@ class Request:
     parallel decoder's DecodeConfig, temperature, seed). `on_block(tokens)` is called from the
     engine's thread with the generated tokens so far after every block (cut at EOS once the row
     has finished); `tokens` (the generated tokens, EOS and its fill included) and `finish_reason`
-    ('stop': EOS, 'length', 'cancelled', or an error sentence) are set when it is done."""
+    ('stop': EOS, 'length', 'cancelled', or an error sentence) are set when it is done, and then
+    `on_done(request)` is called (from the engine's thread)."""
 
     prompt: np.ndarray
     max_tokens: int
@@ -54,6 +56,7 @@ class Request:
     temperature: float = 0.0
     seed: int = 0
     on_block: Callable | None = None
+    on_done: Callable | None = None
     id: int = 0
     submitted: float = 0.0
     # state
@@ -117,7 +120,7 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def submit(self, prompt, max_tokens: int, *, decode: DecodeConfig | None = None, temperature: float = 0.0,
-               seed: int = 0, on_block: Callable | None = None) -> Request:
+               seed: int = 0, on_block: Callable | None = None, on_done: Callable | None = None) -> Request:
         """Queue a generation of `max_tokens` after `prompt` (ids). Bad settings raise ConfigError
         (one sentence) here, before anything is queued."""
         dc = decode or DecodeConfig()
@@ -138,7 +141,8 @@ class Engine:
         if dc.block_length > max_tokens:
             dc = dataclasses.replace(dc, block_length=max_tokens)  # a short generation is one block
         check_decode(dc, max_tokens)
-        req = Request(p.astype(np.int32), max_tokens, dc, float(temperature), int(seed), on_block, next(self._ids), time.time())
+        req = Request(p.astype(np.int32), max_tokens, dc, float(temperature), int(seed), on_block, on_done, next(self._ids),
+                      time.time())
         with self._lock:
             self._queue[req.id] = req
             self._lock.notify_all()
@@ -163,12 +167,15 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
 
-    def bucket(self, req: Request) -> int:
-        n = len(req.prompt) + req.max_tokens
+    def length_bucket(self, n: int) -> int:
+        """The canvas length a request of n tokens (prompt and generation) is decoded in."""
         return next(b for b in self.length_buckets if b >= n)
 
+    def bucket(self, req: Request) -> int:
+        return self.length_bucket(len(req.prompt) + req.max_tokens)
+
     def _group(self, req: Request):
-        return (repr(_static(req.decode)), req.temperature > 0, self.bucket(req))
+        return (repr(_static(req.decode)), req.temperature > 0)
 
     def step(self) -> int:
         """Decode one block of the running requests of one group (the group of the oldest
@@ -188,14 +195,17 @@ class Engine:
         running = len(members) - joined
         if joined and running:
             self.stats["joined_running_batch"] += joined
-        _, sampled, L = group
+        _, sampled = group
         dc = _static(oldest.decode)
+        L = max(self.bucket(r) for r in members)  # the batch's canvas: its longest row's bucket
         for r in members:
             if r._state is None:
-                r._state = self._initial_state(r, L)
+                r._state = self._initial_state(r, self.bucket(r))
         B = next(b for b in self.batch_buckets if b >= len(members))
         rows = members + [members[0]] * (B - len(members))
-        arrays = {k: np.stack([r._state[k] for r in rows]) for k in members[0]._state}
+        arrays = {k: np.stack([r._state[k] for r in rows]) for k in members[0]._state if k != "x"}
+        fill = max(self.eos_id, 0)  # columns past a row's own length: hidden from every pass
+        arrays["x"] = np.stack([np.pad(r._state["x"], (0, L - len(r._state["x"])), constant_values=fill) for r in rows])
         arrays["done"][len(members):] = True  # padding rows take no steps
         program = self._program(dc, sampled, L, B)
         out = self._run(program, arrays, [r.temperature for r in rows], sampled)
@@ -256,7 +266,7 @@ class Engine:
 
     def _advance(self, r: Request, out: dict) -> None:
         s = r._state
-        s.update(x=out["x"], done=out["done"], key=out["key"], block=s["block"] + 1)
+        s.update(x=out["x"][:len(s["x"])], done=out["done"], key=out["key"], block=s["block"] + 1)
         r.blocks += 1
         r.passes += int(out["passes"])
         P, G, Bk = int(s["P"]), r.max_tokens, r.decode.block_length
@@ -282,6 +292,11 @@ class Engine:
         r._state = None
         self.stats["finished_" + reason.split(":")[0]] += 1
         r._done.set()
+        if r.on_done is not None:
+            try:
+                r.on_done(r)
+            except Exception:  # a consumer that went away
+                pass
 
     # ------------------------------------------------------------------ programs
 

@@ -143,10 +143,10 @@ class Server:
             return np.asarray(self.tok.tok.encode(text, add_special_tokens=False).ids, np.int64)
         return np.asarray(self.tok.encode(text), np.int64)
 
-    def submit(self, ids, s: dict, on_block=None):
+    def submit(self, ids, s: dict, on_block=None, on_done=None):
         try:
             return self.engine.submit(ids, s["max_tokens"], decode=s["decode"], temperature=s["temperature"], seed=s["seed"],
-                                      on_block=on_block)
+                                      on_block=on_block, on_done=on_done)
         except ConfigError as e:
             raise BadRequest(str(e)) from None
 
@@ -224,18 +224,13 @@ def create_app(server: Server):
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
         on_block = (lambda t: loop.call_soon_threadsafe(updates.put_nowait, t)) if s["stream"] else None
+        done = asyncio.Event()
         try:
-            req = server.submit(ids, s, on_block)
+            req = server.submit(ids, s, on_block, lambda r: loop.call_soon_threadsafe(done.set))
         except BadRequest as e:
             return error(str(e))
-        done = asyncio.Event()
         req_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(start)
-
-        def finished():
-            loop.call_soon_threadsafe(done.set)
-
-        watcher = asyncio.get_running_loop().run_in_executor(None, lambda: (req.wait(), finished()))
 
         def usage(n):
             return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
@@ -257,7 +252,6 @@ def create_app(server: Server):
                     await asyncio.wait_for(done.wait(), 0.25)
                 except asyncio.TimeoutError:
                     pass
-            await watcher
             if req.finish_reason.startswith("error"):
                 return error(f"The engine failed: {req.finish_reason[7:]}", 500)
             text, stopped = server.text(req.tokens, s["stop"])
@@ -310,7 +304,7 @@ def create_app(server: Server):
                         break
                     if done.is_set() and updates.empty():
                         break
-                await watcher
+                await done.wait()
                 if req.tokens is not None:
                     text, stopped = server.text(req.tokens, s["stop"])
                     if len(text) > len(sent) and text.startswith(sent):
