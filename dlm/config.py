@@ -365,7 +365,7 @@ class SamplingConfig:
     cache: bool = _field(True, "Cache the keys/values of settled tokens (autoregressive, block and slide hyperschedules).")
     decode: DecodeConfig = _field(None, "Parallel decoding (sampler=parallel): blocks, score, commit rule, credit, suffix dropout, caches.")
     batch_buckets: list = _field([], "Batch sizes the compiled samplers are built for: a batch is padded with copies of its first row up to the smallest bucket that holds it (none: its own size), so batches of many sizes share a few programs; every real row gets the tokens it gets unpadded (random draws are indexed by row).")
-    length_buckets: list = _field([], "Canvas lengths (prompt + generation) the parallel decoder is built for: rows are left-padded (the padding hidden, positions counted from each row's first token) up to the smallest bucket that holds the canvas, so prompts of many lengths share one program per bucket and generation length; the tokens are those of the unpadded call (its draws are indexed within blocks that start after the prompt). The other loops draw by canvas position and are not bucketed by length.")
+    length_buckets: list = _field([], "Canvas lengths (prompt + generation) the samplers are built for: rows are left-padded (the padding hidden, positions counted from each row's first token) up to the smallest bucket that holds the canvas, so prompts of many lengths share one program per bucket and generation length; the tokens are those of the unpadded call at any temperature (every loop keys its draws by position past the padding). For a block hyperschedule the padding must be whole blocks (buckets that are multiples of diffusion.block_width).")
 
     def __post_init__(self):
         if self.decode is None:

@@ -1,6 +1,5 @@
 """Shape buckets: a few compiled samplers for many batch sizes and prompt lengths, and the same
-tokens as the unbucketed call (batch buckets for every loop at any temperature; length buckets
-for the parallel decoder)."""
+tokens as the unbucketed call, for every loop at any temperature."""
 
 import dataclasses
 
@@ -38,6 +37,41 @@ def test_length_buckets_give_the_parallel_decoders_tokens_unpadded(model, temper
                                 eos_id=256)
         np.testing.assert_array_equal(bucketed["tokens"], plain["tokens"])
         assert bucketed["nfe_per_sample"] == plain["nfe_per_sample"]
+
+
+LOOPS = {"ancestral": [], "prime": ["diffusion.prime.l=2"],
+         "gamma_hybrid": ["diffusion.process=gamma_hybrid", "diffusion.schedule=loglinear", "diffusion.loglinear_eps=0.01",
+                          "model.noise_conditioning=true"],
+         "epsilon_hybrid_acs": ["diffusion.process=epsilon_hybrid", "sampling.sampler=acs"],
+         "block_cached": ["diffusion.hyperschedule=block", "diffusion.block_width=8"],
+         "block_uncached": ["diffusion.hyperschedule=block", "diffusion.block_width=8", "sampling.cache=false"],
+         "autoregressive": ["diffusion.hyperschedule=autoregressive"],
+         "slide": ["diffusion.hyperschedule=slide", "diffusion.block_width=8"]}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("loop", list(LOOPS))
+def test_length_buckets_give_every_loops_tokens_unpadded(root, loop, temperature):
+    """The ancestral loops key their draws by position from each row's first token, the
+    hyperschedule loop also its steps from the first step at which a real position is active:
+    whole blocks of hidden padding in front change no token."""
+    cfg = load_config(root / "configs/test.yaml", ["sampling.steps=6", *LOOPS[loop]])
+    m = dlm.build_model(cfg, seed=2)
+    sc = dataclasses.replace(cfg.sampling, temperature=temperature, seed=4)
+    for length in (24, 32):
+        plain = gen.generate(m, cfg=sc, diffusion=cfg.diffusion, prompts=PROMPTS, length=length, eos_id=256)
+        bucketed = gen.generate(m, cfg=dataclasses.replace(sc, length_buckets=[40, 64]), diffusion=cfg.diffusion,
+                                prompts=PROMPTS, length=length, eos_id=256)
+        np.testing.assert_array_equal(bucketed["tokens"], plain["tokens"])
+        assert bucketed["nfe"] == plain["nfe"]
+
+
+def test_hyperschedule_buckets_must_pad_whole_blocks(root):
+    cfg = load_config(root / "configs/test.yaml", ["sampling.steps=6", "diffusion.hyperschedule=block", "diffusion.block_width=8"])
+    m = dlm.build_model(cfg, seed=2)
+    with pytest.raises(ConfigError, match="multiple of the block width 8"):
+        gen.generate(m, cfg=dataclasses.replace(cfg.sampling, length_buckets=[36]), diffusion=cfg.diffusion, prompts=PROMPTS,
+                     length=24)
 
 
 def test_prompt_lengths_and_batch_sizes_within_buckets_compile_once_per_generation_length(model):

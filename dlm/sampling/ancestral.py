@@ -22,7 +22,7 @@ import numpy as np
 from dlm.config import SamplingConfig, TimeGrid
 from dlm.diffusion.hybrid import gamma_levels, gamma_reverse_probs
 from dlm.diffusion.prime import carry_over
-from dlm.sampling.draws import categorical, greedy, temper
+from dlm.sampling.draws import categorical_at, greedy, position_keys, temper, uniform_at
 
 
 def time_grid(steps: int, grid: TimeGrid) -> np.ndarray:
@@ -34,8 +34,10 @@ def time_grid(steps: int, grid: TimeGrid) -> np.ndarray:
 
 
 def ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_size: int, noise_conditioning: bool,
-                   mask_id: int | None = None):
+                   mask_id: int | None = None, pad=None):
     """x [B, L] with the mask id (default vocab_size) at positions to generate; alphas [N + 1] = alpha(t_i).
+    Draws are keyed by row and by position from the row's first real token (pad [B]: hidden
+    left padding), so padding in front changes none of them.
 
     apply_fn(x, t_tokens | None) -> logits [B, L, V]. Returns (tokens, nfe, row_nfe): the batch's
     forward passes, and per row [B] the passes that row needed (what decoding it alone would
@@ -60,8 +62,8 @@ def ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_s
         row_nfe = row_nfe + ((changed | noise_conditioning) & masked.any(-1)).astype(jnp.int32)
         a_t, a_s = alphas[i], alphas[i + 1]
         p_reveal = jnp.where(i + 1 == steps, 1.0, (a_s - a_t) / (1.0 - a_t))
-        draw = categorical(k_cat, logits, cfg.temperature, cfg.float64)
-        reveal = masked & (jax.random.uniform(k_rev, (B, L), fdt) < p_reveal)
+        draw = categorical_at(position_keys(k_cat, (B, L), pad), logits, cfg.temperature, cfg.float64)
+        reveal = masked & (uniform_at(position_keys(k_rev, (B, L), pad), fdt) < p_reveal)
         return i + 1, jnp.where(reveal, draw, x), logits, reveal.any(-1), nfe, row_nfe, key
 
     init = (jnp.int32(0), x, jnp.zeros((B, L, vocab_size), jnp.float32), jnp.ones((B,), bool), jnp.int32(0),
@@ -70,7 +72,7 @@ def ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, vocab_s
     return x, nfe, row_nfe
 
 
-def gamma_loop(apply_fn, x, fixed, key, times, alphas, cfg: SamplingConfig, vocab_size: int, gamma: float):
+def gamma_loop(apply_fn, x, fixed, key, times, alphas, cfg: SamplingConfig, vocab_size: int, gamma: float, pad=None):
     """Analytic (Tweedie) sampler of the gamma-hybrid process: x_1 from the prior (mask with
     probability 1 - a(1), else a uniform token), then at every step t -> s each non-prompt
     position draws from sum_x0 mu(x0 | x_t) q(x_s | x_t, x0) (dlm.diffusion.hybrid.gamma_reverse_probs).
@@ -80,7 +82,8 @@ def gamma_loop(apply_fn, x, fixed, key, times, alphas, cfg: SamplingConfig, voca
     steps = alphas.shape[0] - 1
     key, k_m, k_u = jax.random.split(key, 3)
     a1, b1, _, _ = gamma_levels(alphas[0].astype(jnp.float32), gamma)
-    z = jnp.where(jax.random.uniform(k_m, (B, L)) < a1, jax.random.randint(k_u, (B, L), 0, vocab_size, jnp.int32), mask_id)
+    noise = jax.vmap(jax.vmap(lambda k: jax.random.randint(k, (), 0, vocab_size, jnp.int32)))(position_keys(k_u, (B, L), pad))
+    z = jnp.where(uniform_at(position_keys(k_m, (B, L), pad)) < a1, noise, mask_id)
     z = z.astype(jnp.int32)
     z = jnp.where(fixed, x, z)
 
@@ -94,14 +97,15 @@ def gamma_loop(apply_fn, x, fixed, key, times, alphas, cfg: SamplingConfig, voca
         a_t, a_s = (jnp.full((B, L), a, jnp.float32) for a in (alphas[i], alphas[i + 1]))
         probs = gamma_reverse_probs(logits, z, a_t, a_s, gamma, mask_id)
         # the kernel is already tempered through mu; at temperature 0 take its mode
-        draw = categorical(k, jnp.log(jnp.maximum(probs, 1e-30)), 0.0 if greedy(cfg.temperature) else 1.0, cfg.float64)
+        draw = categorical_at(position_keys(k, (B, L), pad), jnp.log(jnp.maximum(probs, 1e-30)),
+                              0.0 if greedy(cfg.temperature) else 1.0, cfg.float64)
         return jnp.where(fixed, x, draw), key
 
     z, _ = jax.lax.fori_loop(0, steps, body, (z, key))
     return z, jnp.int32(steps)
 
 
-def prime_ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, codec, noise_conditioning: bool):
+def prime_ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, codec, noise_conditioning: bool, pad=None):
     """Digit-level ancestral sampling for MDM-Prime.
 
     x [B, L] tokens (fixed positions hold prompt tokens). Each step draws x_hat from the carried-over
@@ -125,8 +129,8 @@ def prime_ancestral_loop(apply_fn, x, fixed, key, alphas, cfg: SamplingConfig, c
         nfe = nfe + recompute.astype(jnp.int32)
         a_t, a_s = alphas[i], alphas[i + 1]
         p_reveal = jnp.where(i + 1 == steps, 1.0, (a_s - a_t) / (1.0 - a_t))
-        digits = codec.encode(categorical(k_cat, logits, cfg.temperature, cfg.float64))  # [B, L, l]
-        reveal = (y == m) & (jax.random.uniform(k_rev, y.shape, alphas.dtype) < p_reveal)
+        digits = codec.encode(categorical_at(position_keys(k_cat, (B, L), pad), logits, cfg.temperature, cfg.float64))  # [B, L, l]
+        reveal = (y == m) & (uniform_at(position_keys(k_rev, (B, L), pad), alphas.dtype, y.shape[2:]) < p_reveal)
         changed = reveal.any()
         return i + 1, jnp.where(reveal, digits, y), logits, changed, nfe, idle + (~changed).astype(jnp.int32), key
 

@@ -55,3 +55,32 @@ def categorical(key, logits, temperature, float64: bool):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     g = gumbel(key, logits.shape, float64)
     return jnp.argmax(temper(logits.astype(g.dtype), temperature) + g, axis=-1).astype(jnp.int32)
+
+
+def position_keys(key, shape, pad=None):
+    """[B, n] keys, one per row and position: fold_in(fold_in(key, b), position - pad[b]) for
+    positions 0..n-1 (`shape` = (B, n), or (B, n, start) for the window [start, start + n)).
+
+    A draw made with them depends on its row and on its position counted from the row's first
+    real token, not on the array's shape: columns of hidden left padding (a length bucket) or
+    rows appended after it (a batch bucket) change no other draw."""
+    B, n = shape[:2]
+    start = shape[2] if len(shape) > 2 else 0
+    pad = jnp.zeros((B,), jnp.int32) if pad is None else pad
+    rows = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(B))
+    pos = (start + jnp.arange(n))[None] - pad[:, None]  # [B, n]; negative only on hidden padding
+    return jax.vmap(lambda k, p: jax.vmap(lambda q: jax.random.fold_in(k, q))(p))(rows, jnp.maximum(pos, 0))
+
+
+def uniform_at(keys, dtype=jnp.float32, tail=()):
+    """Uniform(0, 1) draws [*keys.shape, *tail], one batch per key."""
+    return jax.vmap(jax.vmap(lambda k: jax.random.uniform(k, tail, dtype)))(keys)
+
+
+def categorical_at(keys, logits, temperature, float64: bool):
+    """categorical() with the Gumbel noise of position [b, i] from keys[b, i] (position_keys)."""
+    if greedy(temperature):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    V = logits.shape[-1]
+    g = jax.vmap(jax.vmap(lambda k: gumbel(k, (V,), float64)))(keys)
+    return jnp.argmax(temper(logits.astype(g.dtype), temperature) + g, axis=-1).astype(jnp.int32)

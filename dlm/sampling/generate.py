@@ -9,7 +9,7 @@ sampling config:
 - otherwise the objective's ancestral loop: whole tokens (MDLM), Prime digits, or the
   gamma-hybrid analytic kernel (dlm.sampling.ancestral).
 
-Each sampler below is one function (setup, module, x, fixed, key, alphas, times) -> dict of
+Each sampler below is one function (setup, module, x, fixed, key, alphas, times, pad) -> dict of
 arrays with one key per meaning: tokens, nfe (forward passes of the batch), steps (loop steps),
 idle_steps (steps that needed no forward pass), and where they apply cache_writes (passes that
 wrote settled keys/values) and nfe_per_sample (passes each row needed).
@@ -39,7 +39,7 @@ from dlm.mesh import batch_sharding, mesh_context
 from dlm.models.attention import FULL, restrict
 from dlm.objectives import Objective, SamplerFamily, objective_for
 from dlm.sampling.ancestral import ancestral_loop, gamma_loop, prime_ancestral_loop, time_grid
-from dlm.sampling.draws import categorical
+from dlm.sampling.draws import categorical_at, position_keys
 from dlm.sampling.hyper import Plan, hyper_loop, make_plan
 from dlm.sampling.parallel import parallel_decode
 
@@ -87,27 +87,27 @@ class Setup:
         return self.objective.mask_id
 
 
-def ancestral(s: Setup, module, x, fixed, key, alphas, times):
+def ancestral(s: Setup, module, x, fixed, key, alphas, times, pad=None):
     apply_fn = lambda xt, t: module()(xt, noise=t)
-    tokens, nfe, row_nfe = ancestral_loop(apply_fn, x, fixed, key, alphas, s.cfg, s.vocab_size, s.cond, s.mask_id)
+    tokens, nfe, row_nfe = ancestral_loop(apply_fn, x, fixed, key, alphas, s.cfg, s.vocab_size, s.cond, s.mask_id, pad)
     return {"tokens": tokens, "nfe": nfe, "steps": jnp.int32(s.cfg.steps), "idle_steps": s.cfg.steps - nfe,
             "nfe_per_sample": row_nfe}
 
 
-def prime_digits(s: Setup, module, x, fixed, key, alphas, times):
+def prime_digits(s: Setup, module, x, fixed, key, alphas, times, pad=None):
     apply_fn = lambda yt, t: module()(yt, noise=t)
     codec = Codec(s.vocab_size, s.objective.diffusion.prime.l)
-    tokens, nfe, idle = prime_ancestral_loop(apply_fn, x, fixed, key, alphas, s.cfg, codec, s.cond)
+    tokens, nfe, idle = prime_ancestral_loop(apply_fn, x, fixed, key, alphas, s.cfg, codec, s.cond, pad)
     return {"tokens": tokens, "nfe": nfe, "steps": jnp.int32(s.cfg.steps), "idle_steps": idle}
 
 
-def gamma_analytic(s: Setup, module, x, fixed, key, alphas, times):
+def gamma_analytic(s: Setup, module, x, fixed, key, alphas, times, pad=None):
     apply_fn = lambda xt, t: module()(xt, noise=t)
-    tokens, nfe = gamma_loop(apply_fn, x, fixed, key, times, alphas, s.cfg, s.vocab_size, s.objective.diffusion.gamma)
+    tokens, nfe = gamma_loop(apply_fn, x, fixed, key, times, alphas, s.cfg, s.vocab_size, s.objective.diffusion.gamma, pad)
     return {"tokens": tokens, "nfe": nfe, "steps": jnp.int32(s.cfg.steps), "idle_steps": jnp.int32(0)}
 
 
-def hyperschedule(s: Setup, module, x, fixed, key, alphas, times):
+def hyperschedule(s: Setup, module, x, fixed, key, alphas, times, pad=None):
     cfg, objective, cond = s.cfg, s.objective, s.cond
     acs = cfg.sampler == Sampler.ACS
 
@@ -124,17 +124,17 @@ def hyperschedule(s: Setup, module, x, fixed, key, alphas, times):
                                         mask_id=s.mask_id, kv_shape=kv_shape, kv_dtype=jnp.dtype(m.dtype.value),
                                         temperature=cfg.temperature, float64=cfg.float64, noise_conditioning=cond,
                                         cache=cfg.cache, eta=cfg.eta if acs else 0.0,
-                                        draw_logits=None if acs else objective.reveal_logits)
+                                        draw_logits=None if acs else objective.reveal_logits, pad=pad)
     steps = s.plan.num_steps
     idle = steps - nfe
     if decode:
         t0 = jnp.zeros(tokens.shape, jnp.float32) if cond else None
-        dec = categorical(k_dec, module()(tokens, noise=t0), cfg.temperature, cfg.float64)
+        dec = categorical_at(position_keys(k_dec, tokens.shape, pad), module()(tokens, noise=t0), cfg.temperature, cfg.float64)
         tokens, nfe = jnp.where(fixed, tokens, dec), nfe + 1
     return {"tokens": tokens, "nfe": nfe, "steps": jnp.int32(steps), "idle_steps": idle, "cache_writes": writes}
 
 
-def parallel(s: Setup, module, x, fixed, key, alphas, times):
+def parallel(s: Setup, module, x, fixed, key, alphas, times, pad=None):
     mask_id, cond = s.mask_id, s.cond
 
     def model_fn(tokens, positions, attention, kv_cache, return_kv):
@@ -232,15 +232,21 @@ def left_pad(prompts, length: int, mask_id: int, vocab_size: int, pad_id: int):
     return x, fixed, pad
 
 
-def _length_bucket(cfg: SamplingConfig, sampler, x, fixed, pad, pad_id: int):
-    """The parallel decoder's canvas left-padded up to the smallest of cfg.length_buckets that
-    holds it: (x, fixed, pad, columns added). Its draws are indexed within blocks that start
-    after the prompt, so hidden padding in front changes no token."""
+def _length_bucket(cfg: SamplingConfig, x, fixed, pad, pad_id: int, width: int = 1):
+    """The canvas left-padded up to the smallest of cfg.length_buckets that holds it: (x, fixed,
+    pad, columns added). The padding is hidden and every loop keys its draws by position past
+    it (the parallel decoder within blocks that start after the prompt; the ancestral and
+    hyperschedule loops by position from each row's first token, the hyperschedule's steps from
+    the first step at which a real position is active), so it changes no token. `width`: the
+    added columns must be whole blocks of the hyperschedule (its block width)."""
     L = x.shape[1]
     bucket = next((b for b in cfg.length_buckets if b >= L), L)
-    if sampler is not parallel or bucket == L:
+    if bucket == L:
         return x, fixed, pad, 0
     extra = bucket - L
+    if extra % width:
+        raise ConfigError(f"sampling.length_buckets: the bucket {bucket} pads the canvas of {L} positions with {extra}, not a "
+                          f"multiple of the block width {width}; use buckets that are multiples of diffusion.block_width.")
     B = x.shape[0]
     x = np.concatenate([np.full((B, extra), pad_id, x.dtype), x], 1)
     fixed = np.concatenate([np.ones((B, extra), bool), fixed], 1)
@@ -307,7 +313,7 @@ def program(sampler: Callable, setup: Setup, graphdef, treedef) -> Callable:
         s = setup
         if temperature is not None:
             s = dataclasses.replace(setup, cfg=dataclasses.replace(setup.cfg, temperature=temperature))
-        return sampler(s, module, x, fixed, key, alphas, times)
+        return sampler(s, module, x, fixed, key, alphas, times, pad)
 
     return run
 
@@ -360,7 +366,13 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
         B = num_samples or cfg.num_samples
         x, fixed = prepare_prompts(prompt, B, length, objective.mask_id, V)
         pad = None
-    x, fixed, pad, extra_cols = _length_bucket(cfg, sampler, x, fixed, pad, pad_id if pad_id is not None else max(eos_id, 0))
+    width = 1
+    if sampler is hyperschedule and objective.diffusion.hyperschedule != hs.Kind.FLAT:
+        width = hs.width_for(objective.diffusion.hyperschedule, length, objective.diffusion.block_width)
+    if plan is None:  # a given plan is over its own length
+        x, fixed, pad, extra_cols = _length_bucket(cfg, x, fixed, pad, pad_id if pad_id is not None else max(eos_id, 0), width)
+    else:
+        extra_cols = 0
     length += extra_cols
     if model.cfg.shift_logits and sampler is hyperschedule:
         raise ConfigError("This model predicts each position from the one before (shift_logits, Dream); sample it with "

@@ -36,7 +36,7 @@ import numpy as np
 from dlm.config import TimeGrid
 from dlm.diffusion import hyperschedules as hs
 from dlm.models.attention import rule, visible_keys
-from dlm.sampling.draws import categorical
+from dlm.sampling.draws import categorical_at, position_keys, uniform_at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,7 @@ class Plan:
     commit_width: int  # C
     same_roles: np.ndarray  # [N] roles equal to those of step n - 1
     block_width: int
+    first_active: np.ndarray  # [L] the first step at which each position is active
 
     @property
     def num_steps(self) -> int:
@@ -84,7 +85,7 @@ def make_plan(h: hs.Hyperschedule, grid: TimeGrid = TimeGrid.UNIFORM) -> Plan:
         raise ValueError(f"hyperschedule {h.kind.value}: positions must settle in groups of one size")
     same = np.concatenate([[False], np.all(role[1:] == role[:-1], axis=1)])
     return Plan(tau, np.minimum(lo, L - A).astype(np.int32), A, np.where(grow > 0, prev, -1).astype(np.int32), C, same,
-                h.block_width)
+                h.block_width, active.argmax(0).astype(np.int32))
 
 
 def _commit_rule(q, k):
@@ -97,8 +98,14 @@ def _commit_rule(q, k):
 
 def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, kv_shape, kv_dtype, temperature: float,
                float64: bool, noise_conditioning: bool, cache: bool = True, eta: float = 0.0, draw_logits=None,
-               trace: bool = False):
+               trace: bool = False, pad=None):
     """x [B, L] (mask_id where to generate), fixed [B, L] prompt positions.
+
+    Draws are keyed by step and by position, counted past the hidden left padding `pad` [B]:
+    step n's key is fold_in(key, n - n0), n0 the first step at which column min(pad) (the
+    padding every row has) is active, and each position's draw is keyed by its row and its
+    position from the row's first real token. So whole blocks of padding in front (a length
+    bucket, a multiple of the block width) change no draw of the real positions.
 
     model_fn(tokens, positions, attention, noise, kv_cache, return_kv) -> logits | (logits, kv);
     kv_shape = (layers, B, L, H, D). draw_logits(logits) -> the logits reveals draw from (the
@@ -109,7 +116,10 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
     cache = cache and C > 0  # nothing ever settles before the end (flat): the window is everything
     fdt = jnp.float64 if float64 and jax.config.jax_enable_x64 else jnp.float32  # float64 times only under sampling.x64
     tau = jnp.asarray(plan.tau, fdt)
-    xs = (tau[:-1], tau[1:], jnp.asarray(plan.win_start), jnp.asarray(plan.commit_start), jnp.asarray(plan.same_roles))
+    N = plan.num_steps
+    xs = (tau[:-1], tau[1:], jnp.asarray(plan.win_start), jnp.asarray(plan.commit_start), jnp.asarray(plan.same_roles),
+          jnp.arange(N, dtype=jnp.int32))
+    n0 = 0 if pad is None else jnp.asarray(plan.first_active)[jnp.min(pad)] - int(plan.first_active[0])
     kpos = jnp.arange(L)
     draw_logits = draw_logits or (lambda l: l)
     x = jnp.where(fixed, x, mask_id)
@@ -163,8 +173,8 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
 
     def step(carry, inp):
         x, ck, cv, logits, valid, nfe, commits, key = carry
-        tn, tx, s0, c0, same = inp
-        key, k_cat, k_rev, k_cor, k_cd = jax.random.split(key, 5)
+        tn, tx, s0, c0, same, n = inp
+        k_cat, k_rev, k_cor, k_cd = jax.random.split(jax.random.fold_in(key, n - n0), 4)
         role = hs.roles(tn, tx)
         xw = jax.lax.dynamic_slice_in_dim(x, s0, A, axis=1)
         fw = jax.lax.dynamic_slice_in_dim(fixed, s0, A, axis=1)
@@ -193,12 +203,13 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
         t_now, t_next = (jax.lax.dynamic_slice_in_dim(t, s0, A) for t in (tn, tx))
         a_now, a_next = alpha_fn(t_now), alpha_fn(t_next)
         p = jnp.where(t_next <= 0, 1.0, (a_next - a_now) / jnp.maximum(1.0 - a_now, 1e-30))
-        reveal = active & masked & (jax.random.uniform(k_rev, (B, A), fdt) < p)
-        draw = categorical(k_cat, draw_logits(logits), temperature, float64)
+        keyed = lambda k: position_keys(k, (B, A, s0), pad)  # noqa: E731
+        reveal = active & masked & (uniform_at(keyed(k_rev), fdt) < p)
+        draw = categorical_at(keyed(k_cat), draw_logits(logits), temperature, float64)
         new = jnp.where(reveal, draw, xw)
         if eta > 0:  # ACS: resample visible generated tokens with probability eta * s / t
-            correct = active & ~masked & ~fw & (jax.random.uniform(k_cor, (B, A), fdt) < eta * t_next / t_now)
-            new = jnp.where(correct, categorical(k_cd, logits, temperature, float64), new)
+            correct = active & ~masked & ~fw & (uniform_at(keyed(k_cor), fdt) < eta * t_next / t_now)
+            new = jnp.where(correct, categorical_at(keyed(k_cd), logits, temperature, float64), new)
         changed = (new != xw).any()
         x = jax.lax.dynamic_update_slice_in_dim(x, new, s0, axis=1)
         carry = (x, ck, cv, logits, (valid | recompute) & ~changed, nfe, commits, key)
