@@ -25,10 +25,8 @@ import asyncio
 import dataclasses
 import json
 import pathlib
-import socket
 import statistics
 import sys
-import threading
 import time
 
 import numpy as np
@@ -38,14 +36,6 @@ from common import ROOT  # noqa: F401  (puts the repository on sys.path)
 
 def percentile(values, q):
     return float(np.percentile(np.asarray(values), q)) if values else None
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 async def load(url: str, requests: list, clients: int, max_tokens: int, extra: dict, time_limit: float) -> dict:
@@ -93,12 +83,11 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=300.0, help="Seconds per client count (no new requests after).")
     args = parser.parse_args()
 
-    import uvicorn
 
     import dlm
     from dlm.config import DecodeCache, Sampler, load_config
     from dlm.sampling import generate as gen
-    from dlm.serve.server import Server, create_app
+    from dlm.serve.server import Server, serve_in_thread
 
     if args.workdir:
         model, cfg = dlm.restore(args.workdir)
@@ -171,14 +160,9 @@ def main() -> None:
     print("seconds per row-pass by batch: " + ", ".join(f"{B}: {v * 1e3:.2f} ms" for B, v in scaling.items())
           + f" (batching can gain at most x{ceiling:.2f} here; matmul peak {peak['peak_flops'] / 1e9:.0f} GFLOP/s)")
 
-    port = free_port()
-    u = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=u.run, daemon=True)
-    thread.start()
-    while not u.started:
-        time.sleep(0.05)
+    base, stop = serve_in_thread(server)
     warm = engine.compilations
-    url = f"http://127.0.0.1:{port}/v1"
+    url = base + "/v1"
     extra = {"block_length": dc.block_length, "threshold": dc.tau, "cache": dc.cache.value}
     levels = []
     for c, n in zip(clients, counts):
@@ -192,8 +176,7 @@ def main() -> None:
         print(f"{c:3d} clients: {r['requests']} requests, {r['failed']} failed, {r['tokens_per_second']:.0f} tokens/s "
               f"(x{r['ratio_to_one_at_a_time']:.2f}), p50 {r['p50_latency']:.3f}s, p99 {r['p99_latency']:.3f}s")
     after = engine.compilations - warm
-    u.should_exit = True
-    thread.join()
+    stop()
     print(f"compilations after warm-up: {after}")
 
     import jax

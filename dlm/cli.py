@@ -9,7 +9,7 @@ import os
 import pathlib
 import sys
 
-from dlm.config import ConfigError, load_config
+from dlm.config import ConfigError, check_sampling_overrides, load_config
 
 
 def _fail(e: Exception) -> None:
@@ -96,9 +96,7 @@ def sample_main(argv=None) -> None:
 
         if (args.workdir is None) == (args.pretrained is None):
             raise ConfigError("Pass exactly one of --workdir (a run) and --pretrained (a published checkpoint folder).")
-        bad = [o for o in args.overrides if not o.startswith("sampling.")]
-        if bad:
-            raise ConfigError(f"sample.py takes sampling.* overrides only; {bad[0]!r} changes the trained model: train again instead.")
+        check_sampling_overrides(args.overrides, "sample.py")
         if args.pretrained is not None:
             from dlm.data.tokenizers import FolderTokenizer
             from dlm.interop.hf import open_checkpoint, _load

@@ -397,6 +397,13 @@ def check_buckets(sc: "SamplingConfig") -> None:
             raise ConfigError(f"sampling.{name}={b!r} must be a list of increasing positive integers, e.g. [1, 8, 32].")
 
 
+def check_sampling_overrides(overrides, command: str) -> None:
+    """`command` takes sampling.* overrides only (the trained model is fixed): one sentence otherwise."""
+    bad = [o for o in overrides if not o.startswith("sampling.")]
+    if bad:
+        raise ConfigError(f"{command} takes sampling.* overrides only; {bad[0]!r} changes the trained model: train again instead.")
+
+
 def check_decode(dc: "DecodeConfig", length: int | None = None) -> None:
     """One-sentence errors for a parallel-decoding config (and a generation length, when known)."""
     if dc.block_length < 1:

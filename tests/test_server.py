@@ -7,29 +7,19 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 
 import openai
 import pytest
-import uvicorn
 
 from dlm.config import DecodeCache, DecodeConfig, Sampler, SamplingConfig
 from dlm.sampling import generate as gen
-from dlm.serve.server import Server, create_app, load
+from dlm.serve.server import Server, free_port, load, serve_in_thread
 from hostile import cli_error, run_cli
 
 FOLDER = os.path.join(os.path.dirname(__file__), "fixtures", "pretrained", "llada")
-
-
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +27,9 @@ def served():
     model, tok, context, _, name = load(pretrained=FOLDER)
     server = Server(model, tok, name=name, context=context, decode=DecodeConfig(block_length=8), temperature=0.0,
                     batch_buckets=[1, 4])
-    port = _port()
-    u = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=u.run, daemon=True)
-    thread.start()
-    while not u.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
+    url, stop = serve_in_thread(server)
     yield server, url, openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-    u.should_exit = True
-    thread.join()
+    stop()
 
 
 def _solo_text(server, ids, max_tokens, **decode):
@@ -164,7 +147,7 @@ def test_health_and_metrics(served):
 
 
 def test_command_serves_a_published_folder(tmp_path):
-    port = _port()
+    port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     p = subprocess.Popen([sys.executable, "-m", "dlm.serve", "--pretrained", FOLDER, "--port", str(port),
                           "sampling.temperature=0", "sampling.decode.block_length=4"],

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dlm.config import ConfigError, HyperscheduleKind
+from dlm.config import ConfigError, HyperscheduleKind, check_sampling_overrides
 
 try:
     from lm_eval.api.model import LM
@@ -195,9 +195,7 @@ def main(argv=None) -> None:
     try:
         import dlm
 
-        bad = [o for o in args.overrides if not o.startswith("sampling.")]
-        if bad:
-            raise ConfigError(f"The harness takes sampling.* overrides only, not {bad[0]!r}.")
+        check_sampling_overrides(args.overrides, "The harness")
         if args.t_samples < 1:
             raise ConfigError(f"--t-samples={args.t_samples} must be at least 1.")
         if args.include_path is not None and not pathlib.Path(args.include_path).is_dir():

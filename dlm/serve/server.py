@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import socket
 import time
 import uuid
 
@@ -23,7 +24,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from dlm.config import CommitRule, ConfigError, DecodeCache, DecodeConfig, Score
+from dlm.config import CommitRule, ConfigError, DecodeCache, DecodeConfig, Score, check_sampling_overrides
 from dlm.serve.engine import Engine
 
 # the body's fields for the decoder: name -> (DecodeConfig field, type)
@@ -34,6 +35,13 @@ COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "seed",
           "stream_options"}
 COMPLETION = COMMON | {"prompt"}
 CHAT = COMMON | {"messages"}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (to start a server on in a test or a notebook)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 class BadRequest(Exception):
@@ -332,6 +340,29 @@ def create_app(server: Server):
     return app
 
 
+def serve_in_thread(server: Server, host: str = "127.0.0.1", port: int | None = None):
+    """Start uvicorn on `server` in a background thread (a notebook, a test, a benchmark):
+    returns (base url, stop), where stop() shuts it down and waits for it."""
+    import threading
+
+    import uvicorn
+
+    port = port or free_port(host)
+    u = uvicorn.Server(uvicorn.Config(create_app(server), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=u.run, name="dlm-server", daemon=True)
+    thread.start()
+    while not u.started:
+        if not thread.is_alive():
+            raise ConfigError(f"The server could not start on {host}:{port}.")
+        time.sleep(0.05)
+
+    def stop():
+        u.should_exit = True
+        thread.join()
+
+    return f"http://{host}:{port}", stop
+
+
 def load(workdir=None, pretrained=None, family=None, dtype="float32", use_ema=True, overrides=()):
     """(model, tokenizer, context, sampling config, name) of a run or a published folder;
     `overrides`: sampling.* keys over the run's (or the default) sampling config."""
@@ -379,9 +410,7 @@ def main(argv=None) -> None:
     from dlm.train.checkpoint import RestoreError
 
     try:
-        bad = [o for o in args.overrides if not o.startswith("sampling.")]
-        if bad:
-            raise ConfigError(f"The server takes sampling.* overrides only, not {bad[0]!r}.")
+        check_sampling_overrides(args.overrides, "The server")
         model, tok, context, sampling, name = load(args.workdir, args.pretrained, args.family, args.dtype, not args.no_ema,
                                                    args.overrides)
 
