@@ -113,7 +113,7 @@ def main() -> None:
     batches = [1, 2, 4, 8, 16, 32]
 
     server = Server(model, tok, name="dlm", context=context, decode=dc, temperature=0.0, length_buckets=buckets,
-                    batch_buckets=batches)
+                    batch_buckets=batches, float64=cfg.sampling.float64, diffusion=cfg.diffusion)
     engine = server.engine
     used = sorted({engine.length_bucket(len(p) + G) for p in pool})
     t0 = time.perf_counter()
@@ -125,16 +125,23 @@ def main() -> None:
     sc = dataclasses.replace(cfg.sampling, sampler=Sampler.PARALLEL, decode=dc, temperature=0.0, length_buckets=used)
     base_requests = pool[: counts[-1] if len(counts) else 32][:32]
     for p in base_requests:  # compile every bucket the requests reach
-        gen.generate(model, cfg=sc, prompts=[p], length=len(p) + G, eos_id=getattr(tok, "eos_id", -1))
+        gen.generate(model, cfg=sc, prompts=[p], length=len(p) + G, eos_id=getattr(tok, "eos_id", -1))  # compiles
+    eos = getattr(tok, "eos_id", -1)
+
+    def completed(tokens):  # what the server's usage counts: the tokens up to EOS, EOS included
+        stop = np.flatnonzero(np.asarray(tokens) == eos) if eos >= 0 else []
+        return int(stop[0]) + 1 if len(stop) else len(tokens)
+
     base_runs = []
     for _ in range(args.repeats):
-        lat, t0 = [], time.perf_counter()
+        lat, count, t0 = [], 0, time.perf_counter()
         for p in base_requests:
             t1 = time.perf_counter()
-            gen.generate(model, cfg=sc, prompts=[p], length=len(p) + G, eos_id=getattr(tok, "eos_id", -1))
+            out = gen.generate(model, cfg=sc, prompts=[p], length=len(p) + G, eos_id=eos)["tokens"][0, len(p):]
             lat.append(time.perf_counter() - t1)
+            count += completed(out)
         wall = time.perf_counter() - t0
-        base_runs.append({"requests": len(base_requests), "tokens_per_second": len(base_requests) * G / wall,
+        base_runs.append({"requests": len(base_requests), "tokens_per_second": count / wall,
                           "p50_latency": percentile(lat, 50), "p99_latency": percentile(lat, 99)})
     base_runs.sort(key=lambda r: r["tokens_per_second"])
     baseline = base_runs[len(base_runs) // 2]

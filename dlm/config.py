@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import pathlib
 import typing
 from typing import Any
@@ -419,8 +420,12 @@ def check_decode(dc: "DecodeConfig", length: int | None = None) -> None:
         raise ConfigError(f"sampling.decode.k={dc.k} must be at least 1.")
     if not 0.0 <= dc.credit_beta < 1.0:
         raise ConfigError(f"sampling.decode.credit_beta={dc.credit_beta} must be in [0, 1).")
-    if dc.factor <= 0 or dc.k_sigma <= 0 or dc.scale <= 0:
-        raise ConfigError("sampling.decode.factor, k_sigma and scale must be positive.")
+    if not all(0 < v < math.inf for v in (dc.factor, dc.k_sigma, dc.scale)):
+        raise ConfigError("sampling.decode.factor, k_sigma and scale must be positive and finite.")
+    if not (0 <= dc.credit_alpha < math.inf and math.isfinite(dc.credit_gamma)):
+        raise ConfigError("sampling.decode.credit_alpha must be >= 0 and finite, and credit_gamma finite.")
+    if dc.k > 1 << 20 or dc.window > 1 << 20:
+        raise ConfigError(f"sampling.decode.k={dc.k} and window={dc.window} must be at most {1 << 20} (a block or a context, not more).")
 
 
 # ---------------------------------------------------------------------------- parsing

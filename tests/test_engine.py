@@ -78,6 +78,44 @@ def test_requests_equal_unbatched_unpadded_generate_at_any_temperature(model, eo
         assert r.passes == solo["nfe_per_sample"][0]
 
 
+def test_a_block_longer_than_the_generation_is_the_generation_as_in_generate(model):
+    cfg, m = model
+    eng = Engine(m, length_buckets=(32,), batch_buckets=(2,))
+    r = eng.submit([5, 6, 7], 5, decode=_sampling(cfg, block_length=8).decode, temperature=1.0, seed=3)
+    eng.run()
+    solo = gen.generate(m, cfg=_sampling(cfg, 1.0, 3, block_length=8), prompts=[[5, 6, 7]], length=8)
+    np.testing.assert_array_equal(r.tokens, solo["tokens"][0, 3:])
+
+
+def test_a_failing_step_fails_only_its_own_requests(model, monkeypatch):
+    cfg, m = model
+    eng = Engine(m, length_buckets=(32,), batch_buckets=(4,))
+    good = eng.submit([5, 6], 8, decode=_sampling(cfg, block_length=4).decode)
+    bad = eng.submit([5, 6], 8, decode=_sampling(cfg, block_length=8).decode)
+    program = eng._program
+
+    def failing(dc, sampled, L, B):
+        if dc.block_length == 8:
+            raise RuntimeError("boom")
+        return program(dc, sampled, L, B)
+
+    monkeypatch.setattr(eng, "_program", failing)
+    eng.run()
+    assert good.finish_reason == "length" and bad.finish_reason.startswith("error: RuntimeError: boom")
+    assert bad.tokens is None and eng.pending() == 0
+
+
+def test_requests_differing_in_fields_their_rule_ignores_share_a_program(model):
+    cfg, m = model
+    eng = Engine(m, length_buckets=(32,), batch_buckets=(4,))
+    dc = _sampling(cfg, block_length=4).decode
+    eng.generate([[5, 6]], 8, decode=dc)
+    n = eng.compilations
+    for change in (dict(tau=0.3), dict(k=3), dict(factor=2.0), dict(window=7), dict(credit_alpha=0.1)):
+        eng.generate([[5, 6]], 8, decode=dataclasses.replace(dc, **change))
+    assert eng.compilations == n
+
+
 def test_sharded_engine_equals_unsharded(model, eos):
     cfg, m = model
     mesh = make_mesh()

@@ -146,3 +146,21 @@ def test_command_refuses_bad_arguments_in_one_line(args, words):
         assert p.returncode == 2 and "--workdir" in p.stderr
     else:
         assert words in cli_error(p)
+
+
+def test_block_hyperschedule_runs_score_whole_blocks_and_do_not_generate(root):
+    """A block-hyperschedule run's pairs lose their oldest context tokens to make whole blocks,
+    and its loglikelihood is still minus its conditional bound; generation (the parallel
+    decoder) is refused in one sentence."""
+    from dlm.config import ConfigError, load_config
+    from dlm.data.tokenizers import ByteTokenizer
+
+    cfg = load_config(root / "configs/test.yaml", ["diffusion.hyperschedule=block", "diffusion.block_width=8"])
+    lm = DlmLM(dlm.build_model(cfg, seed=0), cfg, ByteTokenizer(), t_samples=2, seed=1)
+    ll, _ = lm.loglikelihood([_Req("abcdefghijk", "xyz")])[0]
+    tokens, given = lm.pair("abcdefghijk", "xyz")
+    assert tokens.shape[1] == 8 and tokens[0].tolist() == list(b"fghijkxyz"[1:]) and int((~given).sum()) == 3
+    _, m = dlm.nelbo(lm.model, tokens, cfg.diffusion, jax.random.key(1), t_samples=2, given=given)
+    np.testing.assert_allclose(ll, -float(m["nelbo_per_sequence"][0]) * 3, rtol=1e-6)
+    with pytest.raises(ConfigError, match="flat absorbing runs"):
+        lm.generate_until([_Req("abc", {"until": [], "max_gen_toks": 4})])

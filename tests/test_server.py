@@ -24,9 +24,9 @@ FOLDER = os.path.join(os.path.dirname(__file__), "fixtures", "pretrained", "llad
 
 @pytest.fixture(scope="module")
 def served():
-    model, tok, context, _, name = load(pretrained=FOLDER)
+    model, tok, context, _, name, diffusion = load(pretrained=FOLDER)
     server = Server(model, tok, name=name, context=context, decode=DecodeConfig(block_length=8), temperature=0.0,
-                    batch_buckets=[1, 4])
+                    batch_buckets=[1, 4], diffusion=diffusion)
     url, stop = serve_in_thread(server)
     yield server, url, openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
     stop()
@@ -92,16 +92,54 @@ def _post(url, body: bytes):
     (b'{"prompt": "hi", "cache": "bogus"}', "one of none, prefix, dual"),
     (b'{"prompt": "hi", "block_length": 0}', "block_length"),
     (b'{"prompt": "hi", "n": 3}', "'n' must be 1"),
-    (b'{"prompt": "hi", "logprobs": 2}', "Unknown field 'logprobs'"),
+    (b'{"prompt": "hi", "logprobs": 2}', "'logprobs' is not supported"),
+    (b'{"prompt": "hi", "mirostat": 2}', "Unknown field 'mirostat'"),
     (b'{"prompt": "hi", "max_tokens": 100}', "context of 64"),
     (b'{"prompt": [1, 99999], "max_tokens": 4}', "token 99999"),
     (b'{"prompt": "hi", "stop": [3]}', "'stop'"),
+    (b'{"prompt": "hi", "stop": 0}', "'stop'"),
+    (b'{"prompt": [1, 18446744073709551616], "max_tokens": 4}', "token 18446744073709551616"),
+    (b'{"prompt": "hi", "seed": 99999999999999999999}', "'seed'"),
+    (b'{"prompt": "hi", "top_p": 0.5}', "'top_p' is not supported"),
+    (b'{"prompt": "hi", "rule": "topk", "k": 1099511627776}', "at most"),
+    (b'{"prompt": "hi", "suffix_dropout": true, "window": 10000000000}', "at most"),
+    (b'{"prompt": "hi", "temperature": NaN}', "'temperature'"),
+    (b'{"prompt": "\\ud800 hi"}', "cannot be tokenized"),
 ])
 def test_malformed_requests_get_400_and_one_sentence(served, body, words):
     server, url, client = served
     status, answer = _post(url, body)
     message = answer["error"]["message"]
     assert status == 400 and words in message and "\n" not in message and message.endswith("."), (status, answer)
+
+
+def test_null_decoder_fields_and_neutral_openai_fields_take_the_defaults(served):
+    server, url, client = served
+    body = {"prompt": "they do", "max_tokens": 8, "temperature": 0, "threshold": None, "block_length": None, "top_p": 1,
+            "logprobs": None, "presence_penalty": 0}
+    status, answer = _post(url, json.dumps(body).encode())
+    assert status == 200, answer
+    assert answer["choices"][0]["text"] == _solo_text(server, server.tok.encode("they do"), 8)
+
+
+def test_stop_string_across_a_block_boundary_is_not_streamed(served):
+    """The stream holds back text that may still become a stop string, so it sends exactly
+    the non-streamed completion."""
+    server, url, client = served
+    ids = server.tok.encode("they do")
+    out = gen.generate(server.engine.model, cfg=SamplingConfig(sampler=Sampler.PARALLEL, temperature=0.0,
+                                                               decode=DecodeConfig(block_length=4)),
+                       prompts=[ids], length=len(ids) + 24, eos_id=server.eos_id)["tokens"][0, len(ids):]
+    full, _ = server.text(out, [])
+    edge = len(server.text(out[:4], [])[0])  # where the first block's text ends
+    assert 1 <= edge < len(full) - 1
+    stop = full[edge - 1:edge + 1]
+    kw = dict(model="llada", prompt="they do", max_tokens=24, temperature=0, stop=[stop], extra_body={"block_length": 4})
+    whole = client.completions.create(**kw).choices[0]
+    streamed = list(client.completions.create(stream=True, **kw))
+    assert whole.text == full[:full.index(stop)] and whole.finish_reason == "stop"
+    assert "".join(c.choices[0].text for c in streamed) == whole.text
+    assert streamed[-1].choices[0].finish_reason == "stop"
 
 
 def test_openai_client_sees_bad_request(served):
@@ -166,6 +204,18 @@ def test_command_serves_a_published_folder(tmp_path):
     finally:
         p.terminate()
         p.wait(30)
+
+
+def test_server_refuses_a_run_the_parallel_decoder_cannot_decode(root):
+    import dlm
+    from dlm.config import ConfigError, load_config
+
+    cfg = load_config(root / "configs/test.yaml", ["diffusion.hyperschedule=block", "diffusion.block_width=8"])
+    model = dlm.build_model(cfg, seed=0)
+    from dlm.data.tokenizers import ByteTokenizer
+
+    with pytest.raises(ConfigError, match="flat absorbing models"):
+        Server(model, ByteTokenizer(), name="x", context=32, decode=DecodeConfig(), diffusion=cfg.diffusion)
 
 
 @pytest.mark.parametrize("args, words", [

@@ -3,12 +3,14 @@
 The three request kinds of lm_eval, on a dlm run (or a converted checkpoint):
 
 - generate_until: through the serving engine (dlm.serve.engine: the parallel decoder with
-  continuous batching; settings from the run's sampling.decode and sampling.* overrides), the
-  text cut at the first of the request's `until` strings; greedy unless do_sample;
+  continuous batching, for flat absorbing runs; settings from the run's sampling.decode and
+  sampling.* overrides), the text cut at the first of the request's `until` strings; greedy
+  unless do_sample (then at the task's temperature, default 1, each request with its own seed);
 - loglikelihood(context, continuation): minus the conditional bound of the continuation given
   the context, -NELBO(continuation | context) summed over its tokens: the objective's bound at K
   stratified times (--t-samples), the same draws for every request (common random numbers, so
-  the choices of a question are compared on the same masks), i.e. exactly
+  the choices of a question are compared on the same masks; for a block hyperschedule the
+  oldest context tokens are dropped to make the pair whole blocks), i.e. exactly
   -dlm.nelbo(model, pair, diffusion, key, K, given=context)[0] * len(continuation). It is a lower
   bound of log p, so choices are ranked by their bounds. For an autoregressive hyperschedule the
   bound at K = len(continuation) visits each position once and is the exact log-likelihood.
@@ -48,7 +50,8 @@ class DlmLM(LM):
         if LM is object:
             raise ConfigError("The lm-eval adapter needs the lm_eval package: pip install -c constraints.txt -e '.[eval]'.")
         super().__init__()
-        from dlm.objectives import objective_for
+        from dlm.diffusion import hyperschedules as hs
+        from dlm.objectives import SamplerFamily, objective_for
         from dlm.serve.engine import Engine
 
         self.model, self.cfg, self.tok = model, cfg, tok
@@ -57,9 +60,14 @@ class DlmLM(LM):
         self.eos_id = getattr(tok, "eos_id", -1)
         self.objective = objective_for(cfg.diffusion, model.mask_id, model.cfg.noise_conditioning, model.vocab_size)
         self.exact = cfg.diffusion.hyperschedule == HyperscheduleKind.AUTOREGRESSIVE
-        self.engine = Engine(model, eos_id=self.eos_id, max_length=self.context, batch_buckets=batch_buckets, mesh=mesh)
+        kind = cfg.diffusion.hyperschedule
+        self.width = 1 if kind == HyperscheduleKind.FLAT else hs.width_for(kind, self.context, cfg.diffusion.block_width)
+        # generations go through the engine: the parallel decoder, for flat absorbing runs
+        self.engine = (Engine(model, eos_id=self.eos_id, max_length=self.context, batch_buckets=batch_buckets, mesh=mesh,
+                              float64=cfg.sampling.float64) if self.objective.sampler == SamplerFamily.TOKENS else None)
         self.graphdef, self.params = nnx.split(model)
-        self._bounds = {}
+        self._bounds, self._windows = {}, {}
+        self._requests = 0
         self.stderr: list[float] = []
 
     # ------------------------------------------------------------------ helpers
@@ -81,13 +89,19 @@ class DlmLM(LM):
 
     def pair(self, context: str, continuation: str):
         """(tokens [1, L], given [1, L]) of a pair: the context's tokens (cut from the left to fit
-        the model's context) then the continuation's."""
+        the model's context, and for a block hyperschedule to make L whole blocks) then the
+        continuation's."""
         ctx, cont = self.encode(context), self.encode(continuation)
         if not cont:
             raise ConfigError("A loglikelihood request has an empty continuation; there is nothing to score.")
         if len(cont) > self.context:
             raise ConfigError(f"A continuation of {len(cont)} tokens is longer than the model's context of {self.context}.")
         ctx = ctx[max(0, len(ctx) + len(cont) - self.context):]
+        if self.width > 1:  # the hyperschedule tiles the sequence with blocks: drop the oldest context tokens
+            ctx = ctx[(len(ctx) + len(cont)) % self.width:]
+            if (len(ctx) + len(cont)) % self.width:
+                raise ConfigError(f"A pair of {len(ctx) + len(cont)} tokens is not whole blocks of {self.width} and its context "
+                                  "is too short to trim; this block-hyperschedule run cannot score it.")
         tokens = np.asarray([ctx + cont], np.int32)
         given = np.zeros(tokens.shape, bool)
         given[0, :len(ctx)] = True
@@ -120,7 +134,7 @@ class DlmLM(LM):
             n = int((~given).sum())
             P = int(given.sum())
             greedy = False
-            if P:
+            if P and self.engine is not None:
                 dc = self.cfg.sampling.decode
                 got = self.engine.generate([tokens[0, :P]], n, decode=dc)[0]
                 greedy = bool(np.array_equal(got, tokens[0, P:]))
@@ -137,7 +151,10 @@ class DlmLM(LM):
             if len(stream) == 0:
                 out.append(0.0)
                 continue
-            if len(stream) <= self.context:
+            if len(stream) < self.context:
+                if len(stream) % self.width:
+                    raise ConfigError(f"A text of {len(stream)} tokens is not whole blocks of {self.width}; this "
+                                      "block-hyperschedule run scores texts of at least its context length only.")
                 rows = {"tokens": stream[None].astype(np.int32), "given": np.zeros((1, len(stream)), bool)}
             else:
                 rows = scoring_windows(stream, self.context)
@@ -145,13 +162,18 @@ class DlmLM(LM):
             total = 0.0
             for i in range(len(scored)):
                 K = int(scored[i]) if self.exact else self.t_samples
-                fn = make_eval_fn(self.graphdef, self.objective, K)
+                if K not in self._windows:  # one compiled evaluator per K (jit caches the shapes)
+                    self._windows[K] = make_eval_fn(self.graphdef, self.objective, K)
+                fn = self._windows[K]
                 per, _ = fn(self.params, {k: v[i:i + 1] for k, v in rows.items()}, jax.random.key(self.seed))
                 total += float(np.asarray(per, np.float64)[0]) * int(scored[i])
             out.append(-total)
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        if self.engine is None:
+            raise ConfigError("generate_until decodes with the parallel decoder, for flat absorbing runs; this run's "
+                              "hyperschedule, process or Prime setting has loglikelihood tasks only here.")
         reqs = []
         for req in requests:
             context, kw = req.args[0], dict(req.args[1] or {})
@@ -161,9 +183,11 @@ class DlmLM(LM):
             max_gen = min(max_gen, self.context - 1)
             ids = self.encode(context) or ([self.eos_id] if self.eos_id >= 0 else [0])
             ids = ids[max(0, len(ids) + max_gen - self.context):]
-            temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
+            temperature = float(kw.get("temperature", 1.0)) if kw.get("do_sample", False) else 0.0
             dc = self.cfg.sampling.decode
-            reqs.append((self.engine.submit(ids, max_gen, decode=dc, temperature=temperature, seed=self.seed), until))
+            self._requests += 1  # each request its own draws (repeats of a task sample anew)
+            reqs.append((self.engine.submit(ids, max_gen, decode=dc, temperature=temperature, seed=self.seed + self._requests),
+                         until))
         self.engine.run()
         stops = set(getattr(self.tok, "stop_ids", [])) | ({self.eos_id} if self.eos_id >= 0 else set())
         out = []

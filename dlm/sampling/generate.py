@@ -282,6 +282,8 @@ def setup_for(sampler: Callable, objective: Objective, cfg: SamplingConfig, mode
     """The Setup of `sampler` over `length` positions of `vocab_size` logit columns: the parallel decoder's settings checked
     against the positions it decodes (after a given prefix of `prompt_len`), the hyperschedule
     loop's plan (`plan`, or the objective's hyperschedule over `length`)."""
+    if sampler is parallel and 0 < length - prompt_len < cfg.decode.block_length:  # a short generation is one block
+        cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, block_length=length - prompt_len))
     setup = Setup(cfg, objective, vocab_size, length, model_cfg, eos_id=eos_id)
     if sampler is parallel:
         check_decode(cfg.decode, length - prompt_len if cfg.decode.suffix_dropout else length)

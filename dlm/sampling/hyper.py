@@ -103,9 +103,10 @@ def hyper_loop(model_fn, x, fixed, key, plan: Plan, alpha_fn, *, mask_id: int, k
 
     Draws are keyed by step and by position, counted past the hidden left padding `pad` [B]:
     step n's key is fold_in(key, n - n0), n0 the first step at which column min(pad) (the
-    padding every row has) is active, and each position's draw is keyed by its row and its
-    position from the row's first real token. So whole blocks of padding in front (a length
-    bucket, a multiple of the block width) change no draw of the real positions.
+    first real token of the least padded row) is active, and each position's draw is keyed by
+    its row and its position from the row's first real token. So whole blocks of padding in
+    front of every row (a length bucket, a multiple of the block width) change no draw of the
+    real positions.
 
     model_fn(tokens, positions, attention, noise, kv_cache, return_kv) -> logits | (logits, kv);
     kv_shape = (layers, B, L, H, D). draw_logits(logits) -> the logits reveals draw from (the

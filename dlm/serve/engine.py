@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dlm.config import ConfigError, DecodeConfig, check_decode
+from dlm.config import CommitRule, ConfigError, DecodeConfig, check_decode
 from dlm.mesh import batch_sharding, mesh_context
 from dlm.sampling.parallel import decode_block, suffix_slot_count
 
@@ -67,6 +67,7 @@ class Request:
     cancelled: bool = False
     _done: threading.Event = dataclasses.field(default_factory=threading.Event)
     _state: dict | None = None
+    _joined: bool = False  # holds a row (has decoded a block)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
@@ -81,8 +82,23 @@ class Request:
 
 
 def _static(dc: DecodeConfig) -> DecodeConfig:
-    """The settings that make a program: all but the threshold, which is traced per row."""
-    return dataclasses.replace(dc, tau=1.0) if dc.rule.value == "threshold" else dc
+    """The settings that make a program: the threshold is traced per row, and fields the rule,
+    the credit and the suffix dropout do not read are reset, so that requests differing only in
+    them share one program."""
+    d = DecodeConfig()
+    dc = dataclasses.replace(dc, tau=d.tau, early_stop=dc.early_stop)
+    if dc.rule != CommitRule.TOPK:
+        dc = dataclasses.replace(dc, k=d.k)
+    if dc.rule != CommitRule.FACTOR:
+        dc = dataclasses.replace(dc, factor=d.factor)
+    if not dc.credit:
+        dc = dataclasses.replace(dc, credit_alpha=d.credit_alpha, credit_beta=d.credit_beta, credit_gamma=d.credit_gamma)
+    if not dc.suffix_dropout:
+        dc = dataclasses.replace(dc, window=d.window, k_sigma=d.k_sigma, scale=d.scale)
+    return dc
+
+
+MAX_PROGRAMS = 64  # compiled step programs kept (least recently used out)
 
 
 class Engine:
@@ -99,7 +115,14 @@ class Engine:
     prompts, or from a background thread (start(), as the HTTP server does)."""
 
     def __init__(self, model, *, eos_id: int = -1, length_buckets=(64, 128, 256, 512, 1024, 2048, 4096),
-                 batch_buckets=DEFAULT_BATCHES, max_length: int | None = None, mesh=None, float64: bool = True):
+                 batch_buckets=DEFAULT_BATCHES, max_length: int | None = None, mesh=None, float64: bool = True,
+                 diffusion=None):
+        if diffusion is not None:
+            from dlm.objectives import SamplerFamily, objective_for
+
+            if objective_for(diffusion, model.mask_id, model.cfg.noise_conditioning, model.vocab_size).sampler != SamplerFamily.TOKENS:
+                raise ConfigError("The serving engine decodes flat absorbing models (MDLM, LLaDA, Dream) with the parallel decoder; "
+                                  "this run's hyperschedule, process or Prime setting needs dlm.generate with its own sampler.")
         self.model, self.eos_id, self.mesh, self.float64 = model, eos_id, mesh, float64
         self.mask_id, self.vocab_size = model.mask_id, model.vocab_size
         self.max_length = max_length or max(length_buckets)
@@ -108,7 +131,7 @@ class Engine:
         self.batch_buckets = sorted({-(-b // shards) * shards for b in batch_buckets})
         self.graphdef, params = nnx.split(model)
         self.leaves, self.treedef = jax.tree.flatten(params)
-        self._programs: dict = {}
+        self._programs: collections.OrderedDict = collections.OrderedDict()
         self.compilations = 0
         self._lock = threading.Condition()
         self._queue: collections.OrderedDict = collections.OrderedDict()  # id -> Request, oldest first
@@ -138,11 +161,14 @@ class Engine:
                               f"more than this model's context of {self.max_length}; shorten one of them.")
         if not (isinstance(temperature, (int, float)) and 0 <= temperature < float("inf")):
             raise ConfigError(f"temperature={temperature!r} must be a number >= 0 (0 decodes by argmax).")
+        if not (isinstance(seed, int) and -2**63 <= seed < 2**63):
+            raise ConfigError(f"seed={seed!r} must be an integer in [-2**63, 2**63).")
         if dc.block_length > max_tokens:
             dc = dataclasses.replace(dc, block_length=max_tokens)  # a short generation is one block
         check_decode(dc, max_tokens)
         req = Request(p.astype(np.int32), max_tokens, dc, float(temperature), int(seed), on_block, on_done, next(self._ids),
                       time.time())
+        req._state = self._initial_state(req, self.bucket(req))
         with self._lock:
             self._queue[req.id] = req
             self._lock.notify_all()
@@ -190,8 +216,8 @@ class Engine:
             cap = self.batch_buckets[-1]
             # running rows first (they hold their slots), then the waiting ones, oldest first
             members = [r for r in self._queue.values() if self._group(r) == group]
-            members = sorted(members, key=lambda r: (r._state is None, r.id))[:cap]
-        joined = sum(r._state is None for r in members)
+            members = sorted(members, key=lambda r: (not r._joined, r.id))[:cap]
+        joined = sum(not r._joined for r in members)
         running = len(members) - joined
         if joined and running:
             self.stats["joined_running_batch"] += joined
@@ -199,16 +225,24 @@ class Engine:
         dc = _static(oldest.decode)
         L = max(self.bucket(r) for r in members)  # the batch's canvas: its longest row's bucket
         for r in members:
-            if r._state is None:
-                r._state = self._initial_state(r, self.bucket(r))
+            r._joined = True
         B = next(b for b in self.batch_buckets if b >= len(members))
         rows = members + [members[0]] * (B - len(members))
         arrays = {k: np.stack([r._state[k] for r in rows]) for k in members[0]._state if k != "x"}
         fill = max(self.eos_id, 0)  # columns past a row's own length: hidden from every pass
         arrays["x"] = np.stack([np.pad(r._state["x"], (0, L - len(r._state["x"])), constant_values=fill) for r in rows])
         arrays["done"][len(members):] = True  # padding rows take no steps
-        program = self._program(dc, sampled, L, B)
-        out = self._run(program, arrays, [r.temperature for r in rows], sampled)
+        try:
+            program = self._program(dc, sampled, L, B)
+            out = self._run(program, arrays, [r.temperature for r in rows], sampled)
+        except Exception as e:  # this step's requests fail; the others go on
+            with self._lock:
+                for r in members:
+                    self._queue.pop(r.id, None)
+            for r in members:
+                self._finish(r, f"error: {type(e).__name__}: {str(e)[:200]}")
+            self.stats["failed_steps"] += 1
+            return len(members)
         for i, r in enumerate(members):
             self._advance(r, {k: v[i] for k, v in out.items()})
         self.stats["steps"] += 1
@@ -233,14 +267,7 @@ class Engine:
                         self._lock.wait(0.5)
                 if self._stop:
                     break
-                try:
-                    self.step()
-                except Exception as e:  # a failing program must not leave requests waiting forever
-                    with self._lock:
-                        failed = list(self._queue.values())
-                        self._queue.clear()
-                    for r in failed:
-                        self._finish(r, f"error: {type(e).__name__}: {str(e)[:200]}")
+                self.step()  # a failing step finishes its own requests with the error
 
         self._thread = threading.Thread(target=loop, name="dlm-engine", daemon=True)
         self._thread.start()
@@ -252,6 +279,11 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        with self._lock:  # nothing is left waiting for a loop that no longer runs
+            left = list(self._queue.values())
+            self._queue.clear()
+        for r in left:
+            self._finish(r, "cancelled")
 
     # ------------------------------------------------------------------ rows
 
@@ -303,6 +335,7 @@ class Engine:
     def _program(self, dc: DecodeConfig, sampled: bool, L: int, B: int):
         key = (repr(dc), sampled, L, B)
         if key in self._programs:
+            self._programs.move_to_end(key)
             return self._programs[key]
         graphdef, treedef = self.graphdef, self.treedef
         mask_id, eos_id, V, float64 = self.mask_id, self.eos_id, self.vocab_size, self.float64
@@ -334,6 +367,8 @@ class Engine:
                 leaves, x, P, valid, block, done, key, tau, temperature)
 
         self._programs[key] = jax.jit(step)
+        while len(self._programs) > MAX_PROGRAMS:
+            self._programs.popitem(last=False)
         return self._programs[key]
 
     def _run(self, program, arrays: dict, temperatures, sampled: bool) -> dict:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import secrets
 import socket
 import time
 import uuid
@@ -33,8 +34,17 @@ DECODER_FIELDS = {"threshold": ("tau", float), "block_length": ("block_length", 
                   "rule": ("rule", CommitRule), "k": ("k", int), "factor": ("factor", float), "window": ("window", int)}
 COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "seed", "stream", "stop", "user", "n",
           "stream_options"}
+# OpenAI's fields this server does not implement, accepted at their neutral values only
+NEUTRAL = {"top_p": lambda v: v in (None, 1, 1.0), "logprobs": lambda v: v in (None, False, 0),
+           "top_logprobs": lambda v: v in (None, 0), "echo": lambda v: v in (None, False),
+           "presence_penalty": lambda v: v in (None, 0, 0.0), "frequency_penalty": lambda v: v in (None, 0, 0.0),
+           "best_of": lambda v: v in (None, 1), "logit_bias": lambda v: v in (None, {}), "suffix": lambda v: v in (None, ""),
+           "parallel_tool_calls": lambda v: True, "response_format": lambda v: v in (None, {"type": "text"}),
+           "tools": lambda v: v in (None, []), "tool_choice": lambda v: v in (None, "none")}
 COMPLETION = COMMON | {"prompt"}
 CHAT = COMMON | {"messages"}
+DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default; chat answers run to the context (at most CHAT_MAX_TOKENS)
+CHAT_MAX_TOKENS = 512
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -65,7 +75,8 @@ class Server:
     """The app's state: the engine (running in its own thread), the tokenizer and the defaults."""
 
     def __init__(self, model, tok, *, name: str, context: int, decode: DecodeConfig, temperature: float = 0.0,
-                 chat_template: str | None = None, length_buckets=None, batch_buckets=None, mesh=None):
+                 chat_template: str | None = None, length_buckets=None, batch_buckets=None, mesh=None,
+                 float64: bool = True, diffusion=None):
         self.tok, self.name, self.context = tok, name, context
         self.decode, self.temperature, self.chat_template = decode, temperature, chat_template
         self.eos_id = getattr(tok, "eos_id", -1)
@@ -77,30 +88,39 @@ class Server:
             kw["batch_buckets"] = batch_buckets
         buckets = kw.get("length_buckets", (64, 128, 256, 512, 1024, 2048, 4096))
         kw["length_buckets"] = [b for b in buckets if b < context] + [context]
-        self.engine = Engine(model, eos_id=self.eos_id, max_length=context, mesh=mesh, **kw)
-        self.metrics = {"requests_total": 0, "requests_rejected_total": 0, "requests_cancelled_total": 0,
-                        "completion_tokens_total": 0, "prompt_tokens_total": 0, "request_seconds_sum": 0.0}
+        self.engine = Engine(model, eos_id=self.eos_id, max_length=context, mesh=mesh, float64=float64, diffusion=diffusion, **kw)
+        self.metrics = {"requests_total": 0, "requests_completed_total": 0, "requests_rejected_total": 0,
+                        "requests_cancelled_total": 0, "completion_tokens_total": 0, "prompt_tokens_total": 0,
+                        "request_seconds_sum": 0.0}
 
     # ---------------------------------------------------------------- request parsing
 
     def settings(self, body: dict, allowed: set) -> dict:
-        unknown = sorted(set(body) - allowed - set(DECODER_FIELDS))
+        """The request's generation settings (max_tokens None: the endpoint's default)."""
+        unknown = sorted(set(body) - allowed - set(DECODER_FIELDS) - set(NEUTRAL))
         if unknown:
             raise BadRequest(f"Unknown field '{unknown[0]}'; this server takes {', '.join(sorted(allowed | set(DECODER_FIELDS)))}.")
+        odd = sorted(k for k in NEUTRAL if k in body and not NEUTRAL[k](body[k]))
+        if odd:
+            raise BadRequest(f"'{odd[0]}' is not supported by this server; leave it out (or at its default).")
         if _number(body, "n", int, 1) != 1:
             raise BadRequest("'n' must be 1: send one request per completion.")
         max_tokens = _number(body, "max_tokens", int, None)
         if max_tokens is None:
-            max_tokens = _number(body, "max_completion_tokens", int, 16)
-        if max_tokens < 1:
+            max_tokens = _number(body, "max_completion_tokens", int, None)
+        if max_tokens is not None and max_tokens < 1:
             raise BadRequest(f"'max_tokens' must be at least 1, not {max_tokens}.")
         temperature = _number(body, "temperature", float, self.temperature)
         if not 0 <= temperature < float("inf"):
             raise BadRequest(f"'temperature' must be >= 0, not {temperature}.")
-        seed = _number(body, "seed", int, 0)
+        seed = _number(body, "seed", int, None)
+        if seed is None:  # OpenAI's: no seed, a fresh draw
+            seed = secrets.randbits(63)
+        elif not -2**63 <= seed < 2**63:
+            raise BadRequest(f"'seed' must be a 64-bit integer, not {seed}.")
         changes = {}
         for name, (field, kind) in DECODER_FIELDS.items():
-            if name not in body:
+            if body.get(name) is None:  # absent or null: the server's default
                 continue
             v = body[name]
             if isinstance(kind, type) and issubclass(kind, (Score, CommitRule, DecodeCache)):
@@ -110,8 +130,8 @@ class Server:
                     raise BadRequest(f"'{name}' must be one of {', '.join(m.value for m in kind)}, not {json.dumps(v)[:40]}.") from None
             else:
                 changes[field] = _number(body, name, kind, None)
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
+        stop = body.get("stop")
+        stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
         if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
             raise BadRequest("'stop' must be a string or a list of non-empty strings.")
         stream = _number(body, "stream", bool, False)
@@ -125,8 +145,11 @@ class Server:
         if isinstance(p, str):
             if not p:
                 raise BadRequest("'prompt' is empty; send some text.")
-            return np.asarray(self.tok.encode(p), np.int64)
+            return self.encode(p)
         if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            bad = [t for t in p if not 0 <= t < 2**31]
+            if bad:
+                raise BadRequest(f"The prompt holds token {bad[0]}, not a token id of this model (0 to {self.engine.vocab_size - 1}).")
             return np.asarray(p, np.int64)
         raise BadRequest("'prompt' must be a string or a list of token ids (one prompt per request).")
 
@@ -147,9 +170,16 @@ class Server:
         else:
             raise BadRequest("This model's tokenizer has no chat template; use /v1/completions, or start the server with "
                              "--chat-template FILE.")
-        if hasattr(self.tok, "tok"):  # a Hugging Face tokenizer: the template wrote the special tokens
-            return np.asarray(self.tok.tok.encode(text, add_special_tokens=False).ids, np.int64)
-        return np.asarray(self.tok.encode(text), np.int64)
+        return self.encode(text, special=False)
+
+    def encode(self, text: str, special: bool = True) -> np.ndarray:
+        """Token ids of text (special=False: a rendered chat template, which wrote its own special tokens)."""
+        try:
+            if not special and hasattr(self.tok, "tok"):
+                return np.asarray(self.tok.tok.encode(text, add_special_tokens=False).ids, np.int64)
+            return np.asarray(self.tok.encode(text), np.int64)
+        except (UnicodeError, ValueError, TypeError) as e:  # a lone surrogate, or what the tokenizer refuses
+            raise BadRequest(f"The text cannot be tokenized ({type(e).__name__}); send valid UTF-8 text.") from None
 
     def submit(self, ids, s: dict, on_block=None, on_done=None):
         try:
@@ -184,13 +214,14 @@ def create_app(server: Server):
     app = FastAPI(title="dlm", lifespan=lifespan)
 
     def error(message: str, status: int = 400):
-        server.metrics["requests_rejected_total"] += 1
-        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}},
-                            status_code=status)
+        if status < 499:
+            server.metrics["requests_rejected_total"] += 1
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error" if status < 499 else "server_error",
+                                       "param": None, "code": None}}, status_code=status)
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": server.name, "queued": server.engine.pending()}
+        return {"status": "ok", "model": server.name, "requests_in_engine": server.engine.pending()}
 
     @app.get("/v1/models")
     def models():
@@ -200,7 +231,7 @@ def create_app(server: Server):
     def metrics():
         e = server.engine
         lines = []
-        values = {**{f"dlm_{k}": v for k, v in server.metrics.items()}, "dlm_queued_requests": e.pending(),
+        values = {**{f"dlm_{k}": v for k, v in server.metrics.items()}, "dlm_requests_in_engine": e.pending(),
                   "dlm_engine_steps_total": e.stats["steps"], "dlm_engine_rows_total": e.stats["rows"],
                   "dlm_compilations_total": e.compilations}
         for k, v in values.items():
@@ -223,12 +254,11 @@ def create_app(server: Server):
             body = await body_of(request)
             s = server.settings(body, CHAT if chat else COMPLETION)
             ids = server.chat_ids(body) if chat else server.prompt_ids(body)
-        except BadRequest as e:
+            if s["max_tokens"] is None:  # the endpoint's default, within the context
+                room = server.context - len(ids)
+                s["max_tokens"] = max(1, min(CHAT_MAX_TOKENS if chat else DEFAULT_MAX_TOKENS, room))
+        except (BadRequest, ConfigError) as e:  # ConfigError: a chat template that fails to render
             return error(str(e))
-        except ConfigError as e:  # a chat template that fails to render
-            return error(str(e))
-        server.metrics["requests_total"] += 1
-        server.metrics["prompt_tokens_total"] += len(ids)
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
         on_block = (lambda t: loop.call_soon_threadsafe(updates.put_nowait, t)) if s["stream"] else None
@@ -237,6 +267,8 @@ def create_app(server: Server):
             req = server.submit(ids, s, on_block, lambda r: loop.call_soon_threadsafe(done.set))
         except BadRequest as e:
             return error(str(e))
+        server.metrics["requests_total"] += 1
+        server.metrics["prompt_tokens_total"] += len(ids)
         req_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(start)
 
@@ -244,7 +276,7 @@ def create_app(server: Server):
             return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
 
         def reason(stopped: bool):
-            return "stop" if stopped else ("length" if req.finish_reason in ("stop", "length") else req.finish_reason)
+            return "stop" if stopped else "length"
 
         def count_generated(tokens):
             cut = next((i for i, t in enumerate(tokens) if int(t) in server.stops), None)
@@ -260,12 +292,13 @@ def create_app(server: Server):
                     await asyncio.wait_for(done.wait(), 0.25)
                 except asyncio.TimeoutError:
                     pass
-            if req.finish_reason.startswith("error"):
-                return error(f"The engine failed: {req.finish_reason[7:]}", 500)
+            if req.tokens is None:  # an engine failure (or a shutdown)
+                return error(f"The request was not completed ({req.finish_reason}).", 500)
             text, stopped = server.text(req.tokens, s["stop"])
             n = count_generated(req.tokens)
             server.metrics["completion_tokens_total"] += n
             server.metrics["request_seconds_sum"] += time.time() - start
+            server.metrics["requests_completed_total"] += 1
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason(stopped)}
                       if chat else {"index": 0, "text": text, "finish_reason": reason(stopped), "logprobs": None})
             return {"id": req_id, "object": "chat.completion" if chat else "text_completion", "created": created,
@@ -282,15 +315,25 @@ def create_app(server: Server):
             return "data: " + json.dumps({"id": req_id, "object": kind, "created": created, "model": server.name,
                                           "choices": [choice]}) + "\n\n"
 
+        def held_back(text: str) -> int:
+            """Characters at the end of text that may still grow into a stop string (or be a
+            character cut by a block boundary): they are sent once the next block settles them."""
+            n = 1 if text.endswith("\ufffd") else 0
+            for stop in s["stop"]:
+                n = max(n, next((k for k in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:k])), 0))
+            return n
+
         async def events():
-            sent, stopped, complete = "", False, False
+            sent, stopped, complete, last = "", False, False, None
+            pending: set = set()
             try:
                 if chat:
                     yield chunk(None, role=True)
                 while True:
                     get = asyncio.ensure_future(updates.get())
                     fin = asyncio.ensure_future(done.wait())
-                    await asyncio.wait({get, fin}, return_when=asyncio.FIRST_COMPLETED)
+                    pending = {get, fin}
+                    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                     fin.cancel()
                     if get.done():
                         tokens = get.result()
@@ -301,9 +344,10 @@ def create_app(server: Server):
                             tokens = updates.get_nowait()
                         if tokens is None:
                             break
+                    last = tokens
                     text, stopped = server.text(tokens, s["stop"])
-                    if text.endswith("\ufffd"):  # a character cut by the block boundary: wait for its rest
-                        text = text[:-1]
+                    if not stopped and not done.is_set():
+                        text = text[:len(text) - held_back(text)]
                     if len(text) > len(sent) and text.startswith(sent):
                         yield chunk(text[len(sent):])
                         sent = text
@@ -313,16 +357,24 @@ def create_app(server: Server):
                     if done.is_set() and updates.empty():
                         break
                 await done.wait()
-                if req.tokens is not None:
-                    text, stopped = server.text(req.tokens, s["stop"])
-                    if len(text) > len(sent) and text.startswith(sent):
-                        yield chunk(text[len(sent):])
-                    server.metrics["completion_tokens_total"] += count_generated(req.tokens)
-                yield chunk(None, reason(stopped))
+                final = req.tokens if req.tokens is not None else last
+                if req.tokens is None and not stopped:  # failed in the engine: an error event, then the end
+                    yield "data: " + json.dumps({"error": {"message": f"The request was not completed ({req.finish_reason}).",
+                                                           "type": "server_error"}}) + "\n\n"
+                else:
+                    if final is not None:
+                        text, stopped = server.text(final, s["stop"])
+                        if len(text) > len(sent) and text.startswith(sent):
+                            yield chunk(text[len(sent):])
+                        server.metrics["completion_tokens_total"] += count_generated(final)
+                    yield chunk(None, reason(stopped))
+                    server.metrics["request_seconds_sum"] += time.time() - start
+                    server.metrics["requests_completed_total"] += 1
                 yield "data: [DONE]\n\n"
                 complete = True
-                server.metrics["request_seconds_sum"] += time.time() - start
             finally:
+                for task in pending:
+                    task.cancel()
                 if not complete:  # the client went away (or the stream broke): free the row
                     req.cancel()
                     server.metrics["requests_cancelled_total"] += 1
@@ -364,8 +416,8 @@ def serve_in_thread(server: Server, host: str = "127.0.0.1", port: int | None = 
 
 
 def load(workdir=None, pretrained=None, family=None, dtype="float32", use_ema=True, overrides=()):
-    """(model, tokenizer, context, sampling config, name) of a run or a published folder;
-    `overrides`: sampling.* keys over the run's (or the default) sampling config."""
+    """(model, tokenizer, context, sampling config, name, diffusion config) of a run or a
+    published folder; `overrides`: sampling.* keys over the run's (or the default) sampling config."""
     import pathlib
 
     import dlm
@@ -379,11 +431,12 @@ def load(workdir=None, pretrained=None, family=None, dtype="float32", use_ema=Tr
         ckpt = open_checkpoint(pretrained, family, dtype)
         model, _ = _load(ckpt)
         tok = FolderTokenizer(pretrained, ckpt.config, mask_id=model.mask_id)
-        return model, tok, ckpt.context, dlm.load_config(None, overrides).sampling, pathlib.Path(pretrained).name
+        cfg = dlm.load_config(None, overrides)
+        return model, tok, ckpt.context, cfg.sampling, pathlib.Path(pretrained).name, cfg.diffusion
     model, cfg = dlm.restore(workdir, use_ema=use_ema)
     if overrides:
         cfg = dlm.load_config(pathlib.Path(workdir) / "config.yaml", overrides)
-    return model, dlm.load_tokenizer(workdir), cfg.data.seq_len, cfg.sampling, pathlib.Path(workdir).name
+    return model, dlm.load_tokenizer(workdir), cfg.data.seq_len, cfg.sampling, pathlib.Path(workdir).name, cfg.diffusion
 
 
 def main(argv=None) -> None:
@@ -411,8 +464,8 @@ def main(argv=None) -> None:
 
     try:
         check_sampling_overrides(args.overrides, "The server")
-        model, tok, context, sampling, name = load(args.workdir, args.pretrained, args.family, args.dtype, not args.no_ema,
-                                                   args.overrides)
+        model, tok, context, sampling, name, diffusion = load(args.workdir, args.pretrained, args.family, args.dtype,
+                                                              not args.no_ema, args.overrides)
 
         def ints(text, what):
             try:
@@ -429,7 +482,7 @@ def main(argv=None) -> None:
 
             template = pathlib.Path(args.chat_template).read_text()
         server = Server(model, tok, name=name, context=context, decode=sampling.decode, temperature=sampling.temperature,
-                        chat_template=template,
+                        chat_template=template, float64=sampling.float64, diffusion=diffusion,
                         length_buckets=ints(args.length_buckets, "length-buckets") if args.length_buckets else None,
                         batch_buckets=ints(args.batch_buckets, "batch-buckets") if args.batch_buckets else None)
         if args.warmup:
