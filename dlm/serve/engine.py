@@ -225,6 +225,9 @@ class Engine:
         dc = _static(oldest.decode)
         L = max(self.bucket(r) for r in members)  # the batch's canvas: its longest row's bucket
         for r in members:
+            if not r._joined:  # the key is made here, not in submit(): a JAX call on the submitting thread (the
+                # server's event loop) would wait for the step running on the device
+                r._state["key"] = np.asarray(jax.random.key_data(jax.random.key(r.seed)))
             r._joined = True
         B = next(b for b in self.batch_buckets if b >= len(members))
         rows = members + [members[0]] * (B - len(members))
@@ -292,9 +295,8 @@ class Engine:
         x = np.full(L, self.mask_id, np.int32)
         x[:P] = r.prompt
         x[P + r.max_tokens:] = max(self.eos_id, 0)  # unused columns: hidden from every pass
-        key = jax.random.key_data(jax.random.key(r.seed))
         return {"x": x, "P": np.int32(P), "valid": np.int32(P + r.max_tokens), "block": np.int32(0), "done": np.bool_(False),
-                "key": np.asarray(key), "tau": np.float32(r.decode.tau)}
+                "key": None, "tau": np.float32(r.decode.tau)}
 
     def _advance(self, r: Request, out: dict) -> None:
         s = r._state
