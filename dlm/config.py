@@ -182,6 +182,7 @@ class ModelConfig:
     mask_id: int = _field(-1, "The mask token's id: -1 = vocab_size, appended after the vocabulary (models trained here); an id inside the vocabulary for imported families (LLaDA 126336, Dream 151666), whose logit is never predicted.")
     num_kv_heads: int = _field(0, "Key/value heads (grouped-query attention); 0 = num_heads. Must divide num_heads.")
     qkv_bias: bool = _field(False, "Biases on the query, key and value projections (Dream, Qwen2).")
+    qk_norm: bool = _field(False, "QK-norm: a per-head RMSNorm (one scale of head_dim, shared by the heads) on the queries and keys before RoPE (Qwen3, SDAR).")
     norm: str = _field("rms", "Normalisation: rms (RMSNorm) or layer (LayerNorm without bias, MDLM's DiT).")
     norm_eps: float = _field(1e-6, "Epsilon of the normalisation.")
     mlp: str = _field("swiglu", "Feed-forward: swiglu (gate, up, down; no biases) or gelu (GELU-tanh between two biased layers, MDLM's DiT).")

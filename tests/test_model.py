@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ def _cfg(root, *over):
 
 
 def test_every_parameter_has_logical_axis_names(root):
-    model = dlm.build_model(_cfg(root, "model.noise_conditioning=true"))
+    model = dlm.build_model(_cfg(root, "model.noise_conditioning=true", "model.qk_norm=true"))
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         names = var.get_metadata().get("out_sharding")
         assert names is not None and len(names) == var.get_value().ndim, (path, names)
@@ -97,3 +99,45 @@ def test_grid_and_absolute_position_embeddings_follow_row_column_and_box(root):
     # and they reach the logits: the same tokens at shifted positions give other logits
     x = jnp.zeros((1, 36), jnp.int32)
     assert float(jnp.abs(model(x) - model(x, positions=pos[:, ::-1])).max()) > 1e-3
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(root):
+    """Per-head RMSNorm on q and k: scaling wq and wk changes nothing with it, and changes the
+    logits without it; its own scales do change them. (norm_eps is made negligible: the
+    epsilon is the one term that sees the scale.)"""
+    x = jax.random.randint(jax.random.key(1), (2, 32), 0, 257)
+    for qk_norm in (True, False):
+        model = dlm.build_model(_cfg(root, f"model.qk_norm={str(qk_norm).lower()}", "model.norm_eps=1e-20"), seed=3)
+        before = model(x)
+        model.blocks.wq[...] = 5.0 * model.blocks.wq[...]
+        model.blocks.wk[...] = 3.0 * model.blocks.wk[...]
+        after = model(x)
+        if qk_norm:
+            np.testing.assert_allclose(after, before, atol=1e-5)
+            model.blocks.q_norm[...] = 3.0 * model.blocks.q_norm[...]
+            assert float(jnp.abs(model(x) - before).max()) > 1e-3
+        else:
+            assert float(jnp.abs(after - before).max()) > 1e-3
+
+
+def test_qk_norm_keys_from_the_cache_equal_recomputed_ones(root):
+    """A block-hyperschedule run with QK-norm: the cached loop gives the uncached loop's tokens
+    (the cache holds normalised, rotated keys)."""
+    cfg = _cfg(root, "model.qk_norm=true", "diffusion.hyperschedule=block", "diffusion.block_width=8", "sampling.steps=4")
+    model = dlm.build_model(cfg, seed=0)
+    sc = cfg.sampling
+    out = [dlm.generate(model, [5, 6, 7], dataclasses.replace(sc, cache=c, temperature=1.0, seed=2), diffusion=cfg.diffusion,
+                        num_samples=2, length=32)["tokens"] for c in (True, False)]
+    np.testing.assert_array_equal(out[0], out[1])
+
+
+def test_a_qk_norm_model_is_refused_by_the_llada_layout_in_one_sentence(root):
+    import pytest
+
+    from dlm.config import ConfigError
+    from dlm.interop import hf
+
+    model = dlm.build_model(_cfg(root, "model.qk_norm=true"))
+    with pytest.raises(ConfigError, match=r"^This model cannot be written in the llada layout: its QK-norm has no place in the "
+                                          r"llada layout\.$"):
+        hf.exportable(model, "llada")

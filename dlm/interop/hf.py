@@ -218,6 +218,7 @@ def exportable(model: Transformer, family: str) -> tuple[ModelConfig, dict]:
         (family == "llada" and m.shift_logits, "its shifted prediction (Dream) has no place in the LLaDA layout; export it --to hf"),
         (family == "dream" and not m.shift_logits, "the Dream layout implies a shifted prediction this model does not make"),
         (family == "dream" and not m.qkv_bias, "the Dream layout has q/k/v biases and this model has none"),
+        (family in ("llada", "dream", "mdlm") and m.qk_norm, f"its QK-norm has no place in the {family} layout"),
         (family == "mdlm" and m.block != "dit", "the MDLM layout is the DiT block"),
         (family == "mdlm" and model.mask_id != model.vocab_size, "the MDLM layout appends the mask after the vocabulary")) if cond]
     if bad:

@@ -128,6 +128,10 @@ class Block(nnx.Module):
             self.bq, self.bk, self.bv = (_zeros((n, hd), ("heads", "kv")) for n in (H, KV, KV))
         else:
             self.bq = self.bk = self.bv = None
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = (nnx.Param(jnp.ones((hd,), jnp.float32), out_sharding=("kv",)) for _ in range(2))
+        else:
+            self.q_norm = self.k_norm = None
         self.wo = _param(rngs, (H, hd, d), d**-0.5 * out_std, ("heads", "kv", "embed"))
         self.mlp_scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
         self.w_gate = _param(rngs, (d, ff), d**-0.5, ("embed", "mlp")) if cfg.mlp == "swiglu" else None
@@ -165,6 +169,8 @@ class Block(nnx.Module):
         q, k, v = (constrain(_dense(h, w[...], dt), "act_batch", None, "act_heads", None) for w in (self.wq, self.wk, self.wv))
         if self.bq is not None:
             q, k, v = (a + b[...].astype(dt) for a, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
+        if self.q_norm is not None:  # QK-norm: RMSNorm over each head's dimensions, before RoPE
+            q, k = (rms_norm(a, s[...], cfg.norm_eps).astype(dt) for a, s in ((q, self.q_norm), (k, self.k_norm)))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = (k, v)
         if kv is not None:
