@@ -1,0 +1,78 @@
+"""The dropless mixture-of-experts feed-forward (dlm.models.moe): sorted, grouped expert compute
+equals a dense per-token reference, forward and gradients; the routing and its losses take the
+values they must."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dlm.models import moe
+
+T, D, FF, E = 37, 16, 24, 8
+
+
+def _weights(seed=0):
+    ks = jax.random.split(jax.random.key(seed), 5)
+    x = jax.random.normal(ks[0], (T, D))
+    router = jax.random.normal(ks[1], (D, E)) * 0.5
+    w_gate = jax.random.normal(ks[2], (E, D, FF)) * D**-0.5
+    w_up = jax.random.normal(ks[3], (E, D, FF)) * D**-0.5
+    w_down = jax.random.normal(ks[4], (E, FF, D)) * FF**-0.5
+    return x, router, w_gate, w_up, w_down
+
+
+def _layer(path, top_k, renormalize):
+    def f(x, router, w_gate, w_up, w_down):
+        gates, experts, _ = moe.route(x @ router, top_k, renormalize)
+        return path(x, gates, experts, w_gate, w_up, w_down)
+    return f
+
+
+@pytest.mark.parametrize("top_k, renormalize", [(1, False), (2, True), (2, False), (8, True)])
+def test_dropless_experts_equal_the_dense_per_token_reference_forward_and_gradients(top_k, renormalize):
+    args = _weights()
+    fast, ref = _layer(moe.dropless_swiglu, top_k, renormalize), _layer(moe.dense_reference, top_k, renormalize)
+    np.testing.assert_allclose(fast(*args), ref(*args), atol=1e-5, rtol=1e-5)
+    probe = jax.random.normal(jax.random.key(9), (T, D))
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * probe)  # noqa: E731
+    g_fast = jax.grad(loss(fast), argnums=(0, 1, 2, 3, 4))(*args)
+    g_ref = jax.grad(loss(ref), argnums=(0, 1, 2, 3, 4))(*args)
+    for name, a, b in zip(("x", "router", "w_gate", "w_up", "w_down"), g_fast, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_every_token_reaches_its_top_k_experts_when_one_expert_takes_most():
+    """No capacity: a router that sends every token to expert 3 first drops none of them."""
+    x, router, w_gate, w_up, w_down = _weights(1)
+    logits = (x @ router).at[:, 3].add(50.0)
+    gates, experts, _ = moe.route(logits, 2, True)
+    assert bool((experts[:, 0] == 3).all())  # all T tokens on one expert: far past any capacity factor
+    np.testing.assert_allclose(moe.dropless_swiglu(x, gates, experts, w_gate, w_up, w_down),
+                               moe.dense_reference(x, gates, experts, w_gate, w_up, w_down), atol=1e-5, rtol=1e-5)
+
+
+def test_routing_renormalises_only_when_asked():
+    logits = jax.random.normal(jax.random.key(2), (T, E))
+    g_norm, e_norm, p = moe.route(logits, 3, True)
+    g_raw, e_raw, _ = moe.route(logits, 3, False)
+    np.testing.assert_array_equal(e_norm, e_raw)
+    np.testing.assert_allclose(g_norm.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(g_raw, jnp.take_along_axis(p, e_raw, axis=1), rtol=1e-6)
+    assert float(g_raw.sum(-1).max()) < 1.0
+
+
+def test_load_balance_loss_is_one_for_uniform_routing_and_k_over_e_times_e_for_collapse():
+    """Uniform router probabilities with assignments spread evenly give 1; every token's
+    assignments on the same k experts with all the probability there give E / k."""
+    k = 2
+    Tu = 4 * E
+    experts = (jnp.arange(Tu * k) % E).reshape(Tu, k)
+    logits = jnp.zeros((Tu, E))
+    probs = jax.nn.softmax(logits, -1)
+    np.testing.assert_allclose(moe.aux_losses(logits, experts, probs, E)["load_balance"], 1.0, rtol=1e-6)
+    collapsed = jnp.tile(jnp.arange(k), (Tu, 1))
+    peaked = jnp.zeros((Tu, E)).at[:, :k].set(1.0 / k)
+    np.testing.assert_allclose(moe.aux_losses(logits, collapsed, peaked, E)["load_balance"], E / k, rtol=1e-6)
+    z = moe.aux_losses(jnp.full((Tu, E), 2.0), experts, probs, E)["router_z"]
+    np.testing.assert_allclose(z, (2.0 + np.log(E)) ** 2, rtol=1e-6)
