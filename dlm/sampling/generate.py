@@ -336,8 +336,10 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
 
     `prompts`: one prompt per row, of different lengths: they are left-padded to the longest
     (pad_id, default eos_id or 0) with the padding hidden and positions counted from each
-    row's first token, so every row gets what it gets alone (at temperature 0; random draws
-    depend on the batch's shape).
+    row's first token, so every row gets what it gets alone at temperature 0 (for a block
+    hyperschedule only when the prompts' lengths differ by whole blocks: its blocks sit at
+    canvas columns); random draws are keyed by row and by position from the row's first token,
+    so at temperature > 0 a row's draws depend on its index in the batch, not on the padding.
 
     `diffusion` is the run's DiffusionConfig (default: flat MDLM); its objective picks the loop.
     `plan` runs the hyperschedule loop on that plan (e.g. a truncated one, for timing, or the flat
