@@ -29,10 +29,12 @@ def _layer(path, top_k, renormalize):
     return f
 
 
+@pytest.mark.parametrize("impl", ["tiles", "ragged"])
 @pytest.mark.parametrize("top_k, renormalize", [(1, False), (2, True), (2, False), (8, True)])
-def test_dropless_experts_equal_the_dense_per_token_reference_forward_and_gradients(top_k, renormalize):
+def test_dropless_experts_equal_the_dense_per_token_reference_forward_and_gradients(top_k, renormalize, impl):
     args = _weights()
-    fast, ref = _layer(moe.dropless_swiglu, top_k, renormalize), _layer(moe.dense_reference, top_k, renormalize)
+    dropless = lambda *a: moe.dropless_swiglu(*a, impl=impl)  # noqa: E731
+    fast, ref = _layer(dropless, top_k, renormalize), _layer(moe.dense_reference, top_k, renormalize)
     np.testing.assert_allclose(fast(*args), ref(*args), atol=1e-5, rtol=1e-5)
     probe = jax.random.normal(jax.random.key(9), (T, D))
     loss = lambda f: lambda *a: jnp.sum(f(*a) * probe)  # noqa: E731
@@ -48,8 +50,9 @@ def test_every_token_reaches_its_top_k_experts_when_one_expert_takes_most():
     logits = (x @ router).at[:, 3].add(50.0)
     gates, experts, _ = moe.route(logits, 2, True)
     assert bool((experts[:, 0] == 3).all())  # all T tokens on one expert: far past any capacity factor
-    np.testing.assert_allclose(moe.dropless_swiglu(x, gates, experts, w_gate, w_up, w_down),
-                               moe.dense_reference(x, gates, experts, w_gate, w_up, w_down), atol=1e-5, rtol=1e-5)
+    for impl in ("tiles", "ragged"):
+        np.testing.assert_allclose(moe.dropless_swiglu(x, gates, experts, w_gate, w_up, w_down, impl=impl),
+                                   moe.dense_reference(x, gates, experts, w_gate, w_up, w_down), atol=1e-5, rtol=1e-5)
 
 
 def test_routing_renormalises_only_when_asked():
@@ -76,3 +79,15 @@ def test_load_balance_loss_is_one_for_uniform_routing_and_k_over_e_times_e_for_c
     np.testing.assert_allclose(moe.aux_losses(logits, collapsed, peaked, E)["load_balance"], E / k, rtol=1e-6)
     z = moe.aux_losses(jnp.full((Tu, E), 2.0), experts, probs, E)["router_z"]
     np.testing.assert_allclose(z, (2.0 + np.log(E)) ** 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tile", [1, 4, 7, 64])
+def test_tiled_grouped_matmul_equals_each_row_times_its_groups_matrix(tile):
+    """Groups of 0 to 13 rows over tiles of several sizes (groups spanning many tiles, empty groups)."""
+    sizes = jnp.asarray([3, 0, 13, 1, 0, 7, 5, 2], jnp.int32)
+    R = int(sizes.sum())
+    h = jax.random.normal(jax.random.key(3), (R, 6))
+    w = jax.random.normal(jax.random.key(4), (8, 6, 5))
+    group = np.repeat(np.arange(8), np.asarray(sizes))
+    want = jnp.einsum("rd,rdn->rn", h, w[group])
+    np.testing.assert_allclose(moe.grouped_matmul(h, w, sizes, "tiles", tile), want, atol=1e-5, rtol=1e-5)
