@@ -107,10 +107,10 @@ class DlmLM(LM):
         given[0, :len(ctx)] = True
         return tokens, given
 
-    def conditional_loglikelihood(self, context: str, continuation: str) -> tuple[float, float]:
+    def conditional_loglikelihood(self, tokens, given) -> tuple[float, float]:
         """(log-likelihood bound of the continuation given the context, its standard error over
-        the K samples): minus the conditional NELBO summed over the continuation's tokens."""
-        tokens, given = self.pair(context, continuation)
+        the K samples) of a pair (tokens, given) from pair(): minus the conditional NELBO summed
+        over the continuation's tokens."""
         n = int((~given).sum())
         K = n if self.exact else self.t_samples
         samples = np.asarray(self._bound_fn(K)(self.params, tokens, given, jax.random.key(self.seed)))[:, 0]
@@ -127,10 +127,9 @@ class DlmLM(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         out = []
         for req in requests:
-            context, continuation = req.args[:2]
-            ll, err = self.conditional_loglikelihood(context, continuation)
+            tokens, given = self.pair(*req.args[:2])
+            ll, err = self.conditional_loglikelihood(tokens, given)
             self.stderr.append(err)
-            tokens, given = self.pair(context, continuation)
             n = int((~given).sum())
             P = int(given.sum())
             greedy = False

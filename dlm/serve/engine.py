@@ -23,6 +23,7 @@ and seed, greedy or not (up to float rounding of the longer, masked canvas).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import threading
@@ -376,7 +377,7 @@ class Engine:
     def _run(self, program, arrays: dict, temperatures, sampled: bool) -> dict:
         args = [arrays[k] for k in ("x", "P", "valid", "block", "done", "key", "tau")]
         temp = np.asarray(temperatures, np.float32) if sampled else None
-        with mesh_context(self.mesh) if self.mesh is not None else _null():
+        with mesh_context(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             if self.mesh is not None:
                 args = [jax.device_put(a, batch_sharding(self.mesh) if a.ndim == 2 else
                                        jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
@@ -400,11 +401,3 @@ class Engine:
                          "valid": np.full(B, L, np.int32), "block": np.zeros(B, np.int32), "done": np.ones(B, bool),
                          "key": np.zeros((B, 2), np.uint32), "tau": np.full(B, 0.9, np.float32)}
                 self._run(program, state, [max(temperature, 1.0)] * B, temperature > 0)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
