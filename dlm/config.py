@@ -163,6 +163,20 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "chunked", "xla", "cudnn", "splas
 
 
 @dataclasses.dataclass
+class MoEConfig:
+    experts: int = _field(0, "Routed experts of each mixture-of-experts feed-forward; 0 = a dense feed-forward.")
+    top_k: int = _field(2, "Experts each token goes to.")
+    expert_dim: int = _field(0, "Hidden width of each expert's SwiGLU (and of each shared expert); 0 = the dense width (model.mlp_dim).")
+    renormalize: bool = _field(True, "Renormalise the top-k softmax gates to sum to 1 (Qwen3-MoE's norm_topk_prob, SDAR-MoE); false keeps the raw probabilities (LLaDA-MoE, OLMoE).")
+    shared_experts: int = _field(0, "Shared experts every token goes through besides its routed ones, computed as one SwiGLU of shared_experts x expert_dim hidden units.")
+    dense_layers: int = _field(0, "The first blocks that keep the dense feed-forward (model.mlp_dim).")
+    load_balance: float = _field(0.01, "Weight of the load-balancing loss E * sum_e f_e P_e (1 at uniform routing) in the training loss.")
+    router_z: float = _field(0.001, "Weight of the router z-loss mean logsumexp(router logits)^2 in the training loss.")
+    impl: str = _field("tiles", "Grouped matmul of the experts: tiles (rows sorted by expert, one batched product over tiles of rows with their expert's matrix) or ragged (jax.lax.ragged_dot).")
+    capacity_factor: float = _field(0.0, "Expert parallelism (mesh.expert > 1): rows each device sends each expert shard, as a multiple of its fair share (assignments / shards); 0 = every assignment (dropless, exact); above 0 assignments past the capacity are dropped.")
+
+
+@dataclasses.dataclass
 class ModelConfig:
     d_model: int = _field(128, "Residual stream width.")
     num_layers: int = _field(4, "Number of transformer blocks (stacked with nnx.scan).")
@@ -190,6 +204,11 @@ class ModelConfig:
     cond_dim: int = _field(128, "Width of the DiT conditioning vector.")
     shift_logits: bool = _field(False, "Position i's logits come from position i - 1's hidden state (position 0's from its own): Dream's AR-aligned prediction.")
     grid: list = _field([], "A task's 2-D structure [rows, cols, box_rows, box_cols] or [rows, cols, box_rows, box_cols, pages]: learned row, column and box embeddings of each position (row-major) added to the token embedding, and with pages > 1 a page embedding (grids one after another, e.g. a puzzle then its solution); empty: none.")
+    moe: MoEConfig = _field(None, "Mixture-of-experts feed-forward (dlm.models.moe): experts, routing, shared experts, dense first layers, training losses.")
+
+    def __post_init__(self):
+        if self.moe is None:
+            self.moe = MoEConfig()
 
 
 class PrimeObjective(str, enum.Enum):
@@ -328,6 +347,8 @@ class MeshConfig:
     data: int = _field(-1, "Data-parallel axis size (-1 = the devices left over).")
     fsdp: int = _field(1, "Fully-sharded data-parallel axis size.")
     tensor: int = _field(1, "Tensor-parallel axis size.")
+    expert: int = _field(1, "Expert-parallel axis size: a mixture-of-experts layer's experts are split over it (tokens reach "
+                            "them by all-to-all) and every other computation splits its batch over it, like data.")
 
 
 @dataclasses.dataclass
@@ -381,13 +402,30 @@ class Config:
     diffusion: DiffusionConfig = _field(None, "Noise schedule, process and objective.")
     data: DataConfig = _field(None, "Data source, tokenizer and packing.")
     train: TrainConfig = _field(None, "Optimisation, evaluation and checkpointing.")
-    mesh: MeshConfig = _field(None, "Device mesh (data, fsdp, tensor).")
+    mesh: MeshConfig = _field(None, "Device mesh (data, expert, fsdp, tensor).")
     sampling: SamplingConfig = _field(None, "Sampler defaults.")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             if getattr(self, f.name) is None:
                 setattr(self, f.name, typing.get_type_hints(Config)[f.name]())
+
+
+def check_moe(m: "ModelConfig") -> None:
+    e = m.moe
+    if e.experts < 0 or (e.experts and not 1 <= e.top_k <= e.experts):
+        raise ConfigError(f"model.moe.experts={e.experts} must be at least 0 and model.moe.top_k={e.top_k} in [1, experts].")
+    if not e.experts:
+        return
+    if m.mlp != "swiglu" or m.block != "prenorm":
+        raise ConfigError("model.moe.experts > 0 needs model.mlp=swiglu and model.block=prenorm (the experts are SwiGLUs).")
+    if e.expert_dim < 0 or e.shared_experts < 0 or not 0 <= e.dense_layers < m.num_layers:
+        raise ConfigError(f"model.moe.expert_dim={e.expert_dim} and model.moe.shared_experts={e.shared_experts} must be at least 0, "
+                          f"and model.moe.dense_layers={e.dense_layers} in [0, model.num_layers={m.num_layers}).")
+    if e.impl not in ("tiles", "ragged"):
+        raise ConfigError(f"model.moe.impl={e.impl!r} is not one of tiles, ragged.")
+    if e.capacity_factor < 0 or e.load_balance < 0 or e.router_z < 0:
+        raise ConfigError("model.moe.capacity_factor, model.moe.load_balance and model.moe.router_z must be at least 0.")
 
 
 def check_buckets(sc: "SamplingConfig") -> None:
@@ -555,6 +593,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.mask_id={m.mask_id} lies beyond model.vocab_size={m.vocab_size}; use an id inside the vocabulary or -1.")
     if m.d_model % m.num_heads:
         raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.num_heads={m.num_heads}.")
+    check_moe(m)
+    if m.moe.experts and cfg.mesh.expert > 1 and m.moe.experts % cfg.mesh.expert:
+        raise ConfigError(f"model.moe.experts={m.moe.experts} must be divisible by mesh.expert={cfg.mesh.expert} (each device holds "
+                          "experts / mesh.expert of them).")
     if (m.d_model // m.num_heads) % 2:
         raise ConfigError(f"model.d_model / model.num_heads = {m.d_model // m.num_heads} must be even for RoPE.")
     for key, val in [("model.num_layers", m.num_layers), ("data.seq_len", d.seq_len), ("train.batch_size", t.batch_size),

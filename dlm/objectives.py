@@ -55,11 +55,29 @@ def run_objective(cfg, data_vocab: int) -> Objective:
     return objective_for(cfg.diffusion, mask_id_of(cfg.model, V), cfg.model.noise_conditioning, V)
 
 
-def denoiser(model):
+def denoiser(model, losses: list | None = None):
     """The apply_fn of a Transformer: its logits come as LazyLogits, computed in chunks by the
-    losses (dlm.models.logits)."""
-    return lambda xt, noise, attention=FULL, positions=None: model(xt, noise=noise, attention=attention, positions=positions,
-                                                                   head=False)
+    losses (dlm.models.logits). With a list `losses`, each call appends the model's
+    mixture-of-experts training losses ({} for a dense model)."""
+    def apply(xt, noise, attention=FULL, positions=None):
+        out = model(xt, noise=noise, attention=attention, positions=positions, head=False, aux=losses is not None)
+        if losses is None:
+            return out
+        losses.append(out[1])
+        return out[0]
+
+    return apply
+
+
+def with_moe_losses(model, loss, metrics, losses: list):
+    """(loss, metrics) with the weighted mixture-of-experts losses of the calls in `losses` added
+    to the loss (averaged over the calls) and reported; unchanged for a dense model."""
+    if not losses or not losses[0]:
+        return loss, metrics
+    moe = model.cfg.moe
+    mean = {name: sum(d[name] for d in losses) / len(losses) for name in losses[0]}
+    loss = loss + moe.load_balance * mean["load_balance"] + moe.router_z * mean["router_z"]
+    return loss, dict(metrics, **mean)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,14 +109,25 @@ def topology_devices(name: str, num_slices: int = 1):
 
 def matmul_params(mcfg, vocab_size: int) -> dict:
     """Weights that take part in a matmul per token: per layer (attention projections, MLP) and
-    the output head (the embedding is a lookup)."""
+    the output head (the embedding is a lookup). A mixture-of-experts layer counts its router,
+    its top-k experts and its shared experts per token ("layers"); "layers_total" counts every
+    expert (the weights a pass over many tokens reads)."""
     from dlm.models.transformer import kv_heads, mlp_width
 
     d, H, KV = mcfg.d_model, mcfg.num_heads, kv_heads(mcfg)
     hd, ff = d // H, mlp_width(mcfg)
     attn = d * H * hd * 2 + d * KV * hd * 2
     mlp = (3 if mcfg.mlp == "swiglu" else 2) * d * ff
-    return {"layer": attn + mlp, "layers": mcfg.num_layers * (attn + mlp), "head": d * vocab_size}
+    n = {"layer": attn + mlp, "layers": mcfg.num_layers * (attn + mlp), "head": d * vocab_size}
+    n["layers_total"], n["experts"] = n["layers"], 0
+    moe = mcfg.moe
+    if moe.experts:
+        fe, routed = moe.expert_dim or ff, mcfg.num_layers - moe.dense_layers
+        active = attn + d * moe.experts + 3 * d * fe * (moe.top_k + moe.shared_experts)
+        every = attn + d * moe.experts + 3 * d * fe * (moe.experts + moe.shared_experts)
+        n.update(layer=active, layers=moe.dense_layers * (attn + mlp) + routed * active,
+                 layers_total=moe.dense_layers * (attn + mlp) + routed * every, experts=routed * 3 * d * fe * moe.experts)
+    return n
 
 
 def model_flops(mcfg, vocab_size: int, tokens: int, keys: int, backward: bool) -> float:
@@ -372,19 +383,19 @@ def _sample_program(cfg, mesh, V, param_dtype: str, prompt_len: int):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from dlm.diffusion.schedules import make_schedule
-    from dlm.mesh import batch_sharding
+    from dlm.mesh import batch_shards, batch_sharding
     from dlm.objectives import objective_for
     from dlm.sampling.ancestral import time_grid
-    from dlm.sampling.generate import parallel, program, sampler_for, setup_for
+    from dlm.sampling.generate import blocks, parallel, program, sampler_for, setup_for
     from dlm.models.transformer import mask_id_of
     from dlm.train.state import abstract_model_state
 
     sc = cfg.sampling
     L = sc.length or cfg.data.seq_len
     B = sc.num_samples
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh)
     if B % shards:
-        raise PlanError(f"sampling.num_samples={B} must be divisible by mesh data*fsdp={shards} (generate pads it; a plan "
+        raise PlanError(f"sampling.num_samples={B} must be divisible by mesh data*expert*fsdp={shards} (generate pads it; a plan "
                         "should not count padding rows).")
     if not 0 <= prompt_len < L:
         raise PlanError(f"--prompt-len {prompt_len} must be below the generation length {L} (sampling.length).")
@@ -394,7 +405,7 @@ def _sample_program(cfg, mesh, V, param_dtype: str, prompt_len: int):
     mask_id = mask_id_of(cfg.model, cfg.model.vocab_size or V)
     objective = objective_for(cfg.diffusion, mask_id, cfg.model.noise_conditioning, V)
     sampler = sampler_for(objective, sc)
-    setup = setup_for(sampler, objective, sc, cfg.model, V, L, prompt_len=prompt_len if sampler is parallel else 0)
+    setup = setup_for(sampler, objective, sc, cfg.model, V, L, prompt_len=prompt_len if sampler in (parallel, blocks) else 0)
     run = program(sampler, setup, graphdef, treedef)
     bs = batch_sharding(mesh)
     rep = NamedSharding(mesh, P())
@@ -414,6 +425,11 @@ def _sample_program(cfg, mesh, V, param_dtype: str, prompt_len: int):
         pass_tokens = {"none": L, "prefix": L - prompt_len, "dual": block}[dc.cache.value]
         what = (f"parallel decoder: batch {B}, prompt {prompt_len} + generation {gen}, block {block}, {dc.rule.value} "
                 f"{dc.score.value}, cache {dc.cache.value}")
+    elif sampler is blocks:  # a cached step feeds the block (the first of a block also the finished one before)
+        bw = cfg.diffusion.block_width
+        pass_tokens = bw if sc.cache else L
+        what = (f"block decoder: batch {B}, prompt {prompt_len} + generation {gen}, block {bw}, {sc.decode.rule.value} "
+                f"{sc.decode.score.value}, cache of settled blocks {'on' if sc.cache else 'off'}")
     else:  # a cached hyperschedule step feeds the active block (its width); other passes the whole canvas
         pass_tokens = setup.plan.width if setup.plan is not None and sc.cache else L
         what = f"{sampler.__name__} loop: batch {B}, length {L}, {sc.steps} steps, hyperschedule {cfg.diffusion.hyperschedule.value}"
@@ -437,7 +453,7 @@ def plan(cfg, topology: str, what: str = "train", num_slices: int = 1, param_dty
     slices of `topology` and return the report (see the module docstring)."""
     import jax
 
-    from dlm.mesh import make_mesh, mesh_context
+    from dlm.mesh import batch_shards, make_mesh, mesh_context
 
     gen, _ = parse_topology(topology)
     chip = CHIPS[gen]
@@ -500,7 +516,9 @@ def plan(cfg, topology: str, what: str = "train", num_slices: int = 1, param_dty
     # HBM traffic: at least the weights each chip reads per matmul pass (gathered to its tensor
     # shard) and the optimizer's read and write of the state's shards
     n = matmul_params(cfg.model, V)
-    wbytes = extra["weight_passes"] * (n["layers"] + n["head"]) / tensor * jax.numpy.dtype(
+    # (a chip reads only its own experts: 1 / mesh.expert of them)
+    shared = n["layers_total"] - n["experts"] + n["head"]
+    wbytes = extra["weight_passes"] * (shared + n["experts"] / mesh.shape["expert"]) / tensor * jax.numpy.dtype(
         param_dtype or cfg.model.dtype.value).itemsize
     state_rw = 2 * (parts["params_bytes"] + parts["optimizer_bytes"] + parts["ema_bytes"]) + 2 * parts["params_bytes"] \
         if what == "train" else 0
@@ -517,14 +535,22 @@ def plan(cfg, topology: str, what: str = "train", num_slices: int = 1, param_dty
     if what == "sample":
         # the HLO's collectives are the whole decode's (data-dependent loops at their bound);
         # the roofline is one pass's: the weights gathered over fsdp where the program gathers,
-        # and, with tensor parallelism, two all-reduces per layer of the pass's activations
+        # and, with tensor parallelism, two all-reduces per layer of the pass's activations, and
+        # with expert parallelism each routed layer's two all-to-alls
         fsdp = mesh.shape["fsdp"]
         gathers = any(c["kind"] == "all-gather" for c in collectives)
         ici = parts["params_bytes"] * (fsdp - 1) if gathers else 0
         if tensor > 1:
-            rows = extra["tokens"] / (mesh.shape["data"] * mesh.shape["fsdp"])
+            rows = extra["tokens"] / batch_shards(mesh)
             act = rows * cfg.model.d_model * jax.numpy.dtype(cfg.model.dtype.value).itemsize
             ici += 2 * cfg.model.num_layers * act * 2 * (tensor - 1) / tensor
+        moe, shards = cfg.model.moe, mesh.shape["expert"]
+        if moe.experts and shards > 1:  # each routed layer: two all-to-alls of the dispatch buffer
+            rows = extra["tokens"] / batch_shards(mesh)
+            a = rows * moe.top_k
+            cap = min(a, math.ceil(moe.capacity_factor * a / shards)) if moe.capacity_factor > 0 else a
+            buf = shards * cap * cfg.model.d_model * jax.numpy.dtype(cfg.model.dtype.value).itemsize
+            ici += 2 * (cfg.model.num_layers - moe.dense_layers) * buf * (shards - 1) / shards
         dcn = 0
     times = {"compute_seconds": flops / chip.peak_flops, "hbm_seconds": hbm / chip.hbm_bandwidth,
              "ici_seconds": ici / (2 * chip.ici_link), "dcn_seconds": dcn / chip.dcn}

@@ -184,7 +184,7 @@ def test_two_slices_reduce_only_gradients_across_slices(root, tmp_path):
     parameter shard per step."""
     r = _plan(root, tmp_path, "mesh.data=1", "mesh.fsdp=4", "train.batch_size=8",
               "--topology", "v5e:2x2", "--num-slices", "2", "--what", "train")
-    assert r["chips"] == 8 and r["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert r["chips"] == 8 and r["mesh"] == {"data": 2, "expert": 1, "fsdp": 4, "tensor": 1}
     dcn = [c for c in r["collectives"] if c["dcn"]]
     assert dcn, "no cross-slice transfer: the slices would not agree on the gradients"
     sent = sum(c["bytes"] for c in dcn if c["kind"] == "send")
@@ -208,3 +208,17 @@ def test_restore_target_and_start_from_shard_the_optimizer_like_the_parameters(r
         for leaf, p in zip(jax.tree.leaves(tree), p_leaves):
             assert leaf.sharding.is_equivalent_to(p.sharding, p.ndim)
     assert any(not p.sharding.is_fully_replicated for p in p_leaves)
+
+
+def test_expert_parallel_plan_splits_the_experts_and_dispatches_by_all_to_all(root, tmp_path):
+    """A mixture-of-experts train step on v5e:2x2 with mesh.expert=4: the experts' parameters are
+    a quarter per chip, and the step's collectives include the dispatch all-to-alls."""
+    moe = ["model.moe.experts=8", "model.moe.expert_dim=64", "mesh.data=1", "mesh.expert=4", "mesh.fsdp=1", "train.batch_size=8"]
+    r = _plan(root, tmp_path, *moe, "--topology", "v5e:2x2", "--what", "train")
+    d = _plan(root, tmp_path, *moe[:2], "mesh.expert=1", "mesh.data=4", "mesh.fsdp=1", "train.batch_size=8",
+              "--topology", "v5e:2x2", "--what", "train")
+    assert r["fits"] and any(c["kind"] == "all-to-all" for c in r["collectives"])
+    assert not any(c["kind"] == "all-to-all" for c in d["collectives"])
+    cfg = load_config(root / "configs/test.yaml", moe)
+    experts = 3 * cfg.model.num_layers * 8 * cfg.model.d_model * 64 * 4  # float32 bytes of every expert matrix
+    assert d["per_chip"]["params_bytes"] - r["per_chip"]["params_bytes"] >= 0.99 * experts * 3 / 4

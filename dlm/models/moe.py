@@ -16,6 +16,7 @@ Routing, as the families do it:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -31,13 +32,29 @@ def route(logits, top_k: int, renormalize: bool):
     return gates, experts, probs
 
 
-def aux_losses(logits, experts, probs, num_experts: int) -> dict:
-    """{'load_balance', 'router_z'} of one routing (see the module docstring)."""
-    T, k = experts.shape
-    f = jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0) / (T * k)
-    P = probs.mean(axis=0)
+def routing_sums(logits, experts, probs, valid=None):
+    """The sums the losses are made of, over the tokens with valid [T] (default all): (assignments
+    per expert [E], router probabilities summed per expert [E], sum of logsumexp^2, tokens).
+    Sums add across devices (psum), so sharded tokens give the whole batch's losses."""
+    E = probs.shape[-1]
+    w = jnp.ones(experts.shape[:1], jnp.float32) if valid is None else valid.astype(jnp.float32)
+    counts = jnp.zeros((E,), jnp.float32).at[experts].add(jnp.broadcast_to(w[:, None], experts.shape))
     z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-    return {"load_balance": num_experts * jnp.sum(f * P), "router_z": jnp.mean(z * z)}
+    return counts, jnp.sum(probs * w[:, None], axis=0), jnp.sum(z * z * w), jnp.sum(w)
+
+
+def losses_of(sums, top_k: int) -> dict:
+    """{'load_balance', 'router_z'} from routing_sums (see the module docstring)."""
+    counts, prob_sum, z2, n = sums
+    n = jnp.maximum(n, 1.0)
+    f, P = counts / (n * top_k), prob_sum / n
+    return {"load_balance": counts.shape[0] * jnp.sum(f * P), "router_z": z2 / n}
+
+
+def aux_losses(logits, experts, probs, num_experts: int) -> dict:
+    """{'load_balance', 'router_z'} of one routing over all its tokens (see the module docstring)."""
+    assert probs.shape[-1] == num_experts
+    return losses_of(routing_sums(logits, experts, probs), experts.shape[1])
 
 
 def grouped_matmul(h, w, sizes, impl: str = "tiles", tile: int | None = None):
@@ -71,6 +88,16 @@ def grouped_matmul(h, w, sizes, impl: str = "tiles", tile: int | None = None):
     return y[pstart[own] + jnp.arange(R) - start[own]]
 
 
+def grouped_swiglu(h, sizes, w_gate, w_up, w_down, dt, impl: str = "tiles"):
+    """Rows h [R, d] sorted by expert (sizes [E] rows each; rows past their sum are padding and
+    give 0) through their expert's SwiGLU -> [R, d] float32."""
+    g = grouped_matmul(h, w_gate.astype(dt), sizes, impl)
+    u = grouped_matmul(h, w_up.astype(dt), sizes, impl)
+    a = (jax.nn.silu(g) * u).astype(dt)
+    y = grouped_matmul(a, w_down.astype(dt), sizes, impl)
+    return jnp.where((jnp.arange(h.shape[0]) < jnp.sum(sizes))[:, None], y, 0.0)
+
+
 def dropless_swiglu(x, gates, experts, w_gate, w_up, w_down, dtype=None, impl: str = "tiles"):
     """x [T, d]; gates, experts [T, k]; w_gate, w_up [E, d, ff]; w_down [E, ff, d] -> [T, d]:
     sum_j gates[t, j] * SwiGLU_{experts[t, j]}(x[t]), every assignment computed (no capacity).
@@ -82,13 +109,44 @@ def dropless_swiglu(x, gates, experts, w_gate, w_up, w_down, dtype=None, impl: s
     order = jnp.argsort(flat, stable=True)
     token = order // k  # the token of each sorted assignment
     sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    h = x[token].astype(dt)  # [T k, d], grouped by expert
-    g = grouped_matmul(h, w_gate.astype(dt), sizes, impl)
-    u = grouped_matmul(h, w_up.astype(dt), sizes, impl)
-    a = (jax.nn.silu(g) * u).astype(dt)
-    y = grouped_matmul(a, w_down.astype(dt), sizes, impl)  # [T k, d]
+    y = grouped_swiglu(x[token].astype(dt), sizes, w_gate, w_up, w_down, dt, impl)  # [T k, d], grouped by expert
     y = y * gates.reshape(-1)[order][:, None].astype(jnp.float32)
     return jnp.zeros((T, d), jnp.float32).at[token].add(y).astype(x.dtype)
+
+
+def expert_parallel_swiglu(x, gates, experts, w_gate, w_up, w_down, axis: str, shards: int, dtype=None,
+                           impl: str = "tiles", capacity: int = 0):
+    """dropless_swiglu inside shard_map, the experts split over mesh axis `axis` (`shards` ways):
+    x [T, d] and gates, experts [T, k] are this device's tokens; w_* [E / shards, ...] its experts
+    (global expert e lives on shard e // (E / shards)). Each assignment is sent to its expert's
+    shard by one all-to-all (a buffer of `capacity` rows per destination: 0 = T k, every
+    assignment, exact whatever the routing), computed there with the shard's experts, sent back
+    by a second all-to-all and weighted by its gate. With a capacity below T k the assignments
+    past it (in token order) are dropped: they add nothing."""
+    T, d = x.shape
+    El, k = w_gate.shape[0], experts.shape[1]
+    dt = dtype or x.dtype
+    C = capacity or T * k
+    flat = experts.reshape(-1)  # [A], assignment a = token a // k
+    dest = flat // El
+    order = jnp.argsort(dest, stable=True)
+    per_dest = jnp.bincount(dest, length=shards)
+    first = jnp.cumsum(per_dest) - per_dest
+    slot = jnp.zeros_like(flat).at[order].set(jnp.arange(flat.shape[0]) - first[dest[order]])  # rank within its destination
+    kept = slot < C
+    where = jnp.where(kept, dest * C + slot, shards * C)  # out of range: dropped (scatter mode="drop")
+    send = jnp.zeros((shards * C, d), dt).at[where].set(x[jnp.arange(flat.shape[0]) // k].astype(dt), mode="drop")
+    send_e = jnp.full((shards * C,), El, jnp.int32).at[where].set((flat % El).astype(jnp.int32), mode="drop")
+    recv = jax.lax.all_to_all(send.reshape(shards, C, d), axis, 0, 0).reshape(shards * C, d)
+    recv_e = jax.lax.all_to_all(send_e.reshape(shards, C), axis, 0, 0).reshape(shards * C)  # El: an empty slot
+    by_expert = jnp.argsort(recv_e, stable=True)
+    sizes = jnp.bincount(recv_e, length=El + 1)[:El].astype(jnp.int32)
+    y_sorted = grouped_swiglu(recv[by_expert], sizes, w_gate, w_up, w_down, dt, impl)
+    y = jnp.zeros((shards * C, d), jnp.float32).at[by_expert].set(y_sorted)
+    back = jax.lax.all_to_all(y.astype(dt).reshape(shards, C, d), axis, 0, 0).reshape(shards * C, d)
+    mine = jnp.where(kept[:, None], back[jnp.minimum(where, shards * C - 1)].astype(jnp.float32), 0.0)
+    mine = mine * gates.reshape(-1)[:, None].astype(jnp.float32)
+    return jnp.sum(mine.reshape(T, k, d), axis=1).astype(x.dtype)
 
 
 def dense_reference(x, gates, experts, w_gate, w_up, w_down):
@@ -100,3 +158,57 @@ def dense_reference(x, gates, experts, w_gate, w_up, w_down):
         return jnp.sum(gt[:, None] * jax.vmap(expert)(et), axis=0)
 
     return jax.vmap(one)(x.astype(jnp.float32), gates, experts)
+
+
+def moe_feedforward(x, router, w_gate, w_up, w_down, top_k: int, renormalize: bool, dtype, impl: str = "tiles",
+                    capacity_factor: float = 0.0):
+    """The routed experts of one block: x [B, L, d] -> (y [B, L, d], routing_sums of its tokens).
+
+    Without a mesh (or on one device) every token is routed and computed here. Under a mesh the
+    tokens are flattened, padded to a multiple of the batch devices and split over the mesh's
+    batch axes (data, expert, fsdp) inside shard_map, so that sorting and grouping stay on each
+    device; with mesh.expert > 1 the experts are split over the expert axis and each device's
+    assignments reach them by all-to-all (expert_parallel_swiglu); the routing sums are added
+    over the devices, so the losses are the whole batch's."""
+    from jax.sharding import PartitionSpec as P
+
+    from dlm.mesh import BATCH
+
+    B, L, d = x.shape
+    E = router.shape[1]
+    flat = x.reshape(B * L, d)
+
+    def local(xl, valid, router, wg, wu, wd, axes=(), shards=1):
+        logits = jnp.matmul(xl.astype(dtype), router.astype(dtype), preferred_element_type=jnp.float32)
+        gates, experts, probs = route(logits, top_k, renormalize)
+        sums = routing_sums(logits, experts, probs, valid)
+        if axes:
+            sums = jax.tree.map(lambda s: jax.lax.psum(s, axes), sums)
+        if shards > 1:
+            A = xl.shape[0] * top_k
+            cap = min(A, math.ceil(capacity_factor * A / shards)) if capacity_factor > 0 else 0
+            y = expert_parallel_swiglu(xl, gates, experts, wg, wu, wd, "expert", shards, dtype, impl, cap)
+        else:
+            y = dropless_swiglu(xl, gates, experts, wg, wu, wd, dtype, impl)
+        return y, sums
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        y, sums = local(flat, None, router, w_gate, w_up, w_down)
+        return y.reshape(B, L, d), sums
+    axes = tuple(a for a in BATCH if mesh.shape.get(a, 1) > 1)
+    shards = mesh.shape.get("expert", 1)
+    if E % shards:
+        raise ValueError(f"model.moe.experts={E} must be divisible by mesh.expert={shards} (each device holds E / mesh.expert experts).")
+    ways = math.prod(mesh.shape[a] for a in axes)
+    T = B * L
+    pad = -T % ways
+    valid = jnp.arange(T + pad) < T
+    if pad:
+        flat = jnp.concatenate([flat, jnp.zeros((pad, d), flat.dtype)])
+    rows = P(axes or None)
+    ew = P("expert" if shards > 1 else None)
+    fn = jax.shard_map(functools.partial(local, axes=axes, shards=shards), mesh=mesh,
+                       in_specs=(rows, rows, P(), ew, ew, ew), out_specs=(rows, P()))
+    y, sums = fn(flat, valid, router, w_gate, w_up, w_down)
+    return y[:T].reshape(B, L, d), sums

@@ -33,6 +33,7 @@ from dlm.config import ModelConfig, Remat
 from dlm.mesh import constrain
 from dlm.models.attention import FULL, AttentionSpec, attention as attend
 from dlm.models.logits import LazyLogits, rows_for
+from dlm.models.moe import losses_of, moe_feedforward
 
 COND_DIM = 128
 PAD_MULTIPLE = 128  # vocab tables are padded so that any tensor-parallel size divides them
@@ -116,7 +117,7 @@ class Block(nnx.Module):
     """Pre-norm block: x + Attn(norm(x)), then x + MLP(norm(x)); the DiT block modulates each norm
     (x (1 + scale) + shift) and gates each branch from the conditioning vector."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
         d, H, KV = cfg.d_model, cfg.num_heads, kv_heads(cfg)
         hd, ff = d // H, mlp_width(cfg)
         out_std = 1.0 / math.sqrt(2 * cfg.num_layers)
@@ -134,9 +135,18 @@ class Block(nnx.Module):
             self.q_norm = self.k_norm = None
         self.wo = _param(rngs, (H, hd, d), d**-0.5 * out_std, ("heads", "kv", "embed"))
         self.mlp_scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
-        self.w_gate = _param(rngs, (d, ff), d**-0.5, ("embed", "mlp")) if cfg.mlp == "swiglu" else None
-        self.w_up = _param(rngs, (d, ff), d**-0.5, ("embed", "mlp"))
-        self.w_down = _param(rngs, (ff, d), ff**-0.5 * out_std, ("mlp", "embed"))
+        if moe:  # routed experts (and shared ones) instead of the dense feed-forward
+            E, fe = cfg.moe.experts, cfg.moe.expert_dim or ff
+            self.router = _param(rngs, (d, E), d**-0.5, ("embed", None))
+            self.experts_gate = _param(rngs, (E, d, fe), d**-0.5, ("expert", "embed", "mlp"))
+            self.experts_up = _param(rngs, (E, d, fe), d**-0.5, ("expert", "embed", "mlp"))
+            self.experts_down = _param(rngs, (E, fe, d), fe**-0.5 * out_std, ("expert", "mlp", "embed"))
+            ff = cfg.moe.shared_experts * fe  # the shared experts: one dense SwiGLU of this width, or none
+        else:
+            self.router = self.experts_gate = self.experts_up = self.experts_down = None
+        self.w_gate = _param(rngs, (d, ff), d**-0.5, ("embed", "mlp")) if cfg.mlp == "swiglu" and ff else None
+        self.w_up = _param(rngs, (d, ff), d**-0.5, ("embed", "mlp")) if ff else None
+        self.w_down = _param(rngs, (ff, d), ff**-0.5 * out_std, ("mlp", "embed")) if ff else None
         if cfg.mlp == "gelu":
             self.b_up, self.b_down = _zeros((ff,), ("mlp",)), _zeros((d,), ("embed",))
         else:
@@ -155,7 +165,8 @@ class Block(nnx.Module):
         self.attention_chunk = cfg.attention_chunk
 
     def __call__(self, x, cos, sin, spec, cond, kv=None):
-        """-> (x, (k, v)) with this call's keys/values; `kv` = cached (k, v) [B, Lc, KV, D] prepended."""
+        """-> (x, (k, v), routing) with this call's keys/values (`kv` = cached (k, v) [B, Lc, KV, D]
+        prepended) and, in a mixture-of-experts block, its routing sums (dlm.models.moe; else None)."""
         cfg, dt = self.cfg, self.dtype
         gate1 = gate2 = None
         if self.ada_bias is not None:  # DiT: cond [cond_dim] -> [6, d]
@@ -184,7 +195,16 @@ class Block(nnx.Module):
         h = norm(cfg, x, self.mlp_scale[...]).astype(dt)
         if self.ada is not None:
             h = h * (1 + scale2) + shift2
-        if self.w_gate is not None:
+        routing = None
+        if self.router is not None:
+            mc = cfg.moe
+            m, routing = moe_feedforward(h, self.router[...], self.experts_gate[...], self.experts_up[...], self.experts_down[...],
+                                         mc.top_k, mc.renormalize, dt, mc.impl, mc.capacity_factor)
+            m = m.astype(x.dtype)
+            if self.w_gate is not None:  # shared experts
+                s = constrain(jax.nn.silu(_dense(h, self.w_gate[...], dt)) * _dense(h, self.w_up[...], dt), "act_batch", None, "act_mlp")
+                m = m + _dense(s, self.w_down[...], dt, x.dtype)
+        elif self.w_gate is not None:
             h = constrain(jax.nn.silu(_dense(h, self.w_gate[...], dt)) * _dense(h, self.w_up[...], dt), "act_batch", None, "act_mlp")
             m = _dense(h, self.w_down[...], dt, x.dtype)
         else:
@@ -192,7 +212,7 @@ class Block(nnx.Module):
             h = constrain(h, "act_batch", None, "act_mlp")
             m = (_dense(h, self.w_down[...], dt, jnp.float32) + self.b_down[...]).astype(x.dtype)
         x = x + (m if gate2 is None else gate2.astype(x.dtype) * m)
-        return constrain(x, "act_batch", None, None), new_kv
+        return constrain(x, "act_batch", None, None), new_kv, routing
 
 
 class Transformer(nnx.Module):
@@ -215,12 +235,21 @@ class Transformer(nnx.Module):
         else:
             self.embed = _param(rngs, (_pad(max(vocab_size, self.mask_id + 1)), d), cfg.embed_init_std, ("vocab", "embed"))
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(rngs):
-            return Block(cfg, rngs=rngs)
+        moe = cfg.moe.experts > 0
+        dense = cfg.moe.dense_layers if moe else 0
 
-        self.blocks = make_blocks(rngs)
+        def stack(n: int, moe: bool):
+            @nnx.split_rngs(splits=n)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(rngs):
+                return Block(cfg, rngs=rngs, moe=moe)
+
+            return make_blocks(rngs)
+
+        # a mixture-of-experts model's first model.moe.dense_layers blocks keep the dense
+        # feed-forward: a stack of their own, run before the routed blocks
+        self.dense_blocks = stack(dense, False) if dense else None
+        self.blocks = stack(cfg.num_layers - dense, moe)
         # additive position information beside RoPE: absolute positions, and a task's 2-D grid
         std = cfg.embed_init_std
         self.pos_embed = _param(rngs, (cfg.learned_positions, d), std, (None, "embed")) if cfg.learned_positions else None
@@ -251,9 +280,11 @@ class Transformer(nnx.Module):
             self.t_in = self.t_out = None
 
     def __call__(self, tokens, *, positions=None, attention: AttentionSpec = FULL, noise=None, kv_cache=None,
-                 return_kv: bool = False, head: bool = True):
+                 return_kv: bool = False, head: bool = True, aux: bool = False):
         """head=False returns LazyLogits (the normed hidden states and the head, for the chunked
-        losses) instead of the logits."""
+        losses) instead of the logits; aux=True returns (output, losses) with the mixture-of-experts
+        training losses {'load_balance', 'router_z'} (averaged over the routed layers; {} for a
+        dense model)."""
         cfg = self.cfg
         B, L = tokens.shape[:2]
         dt = jnp.dtype(cfg.dtype.value)
@@ -272,27 +303,32 @@ class Transformer(nnx.Module):
             e = timestep_embedding(jnp.broadcast_to(noise, (B, L)))
             cond = _dense(jax.nn.silu(_dense(e, self.t_in[...], jnp.float32)), self.t_out[...], jnp.float32).astype(dt)
 
-        if kv_cache is not None or return_kv:
-            def body(block, x, kv):
-                x, new_kv = block(x, cos, sin, attention, cond, kv)
-                return x, (new_kv if return_kv else None)
+        def body(block, x, kv):
+            x, new_kv, routing = block(x, cos, sin, attention, cond, kv)
+            return x, ((new_kv if return_kv else None), routing)
 
-            scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
-                            transform_metadata={nnx.PARTITION_NAME: "layers"})
-            x, new_kv = scan(self.blocks, x, kv_cache)
-            logits = self._head(x, cond, lazy=not head)
-            return (logits, new_kv) if return_kv else logits
-
-        def body(block, x):
-            return block(x, cos, sin, attention, cond)[0]
-
-        if cfg.remat == Remat.FULL:
-            body = nnx.remat(body, policy=jax.checkpoint_policies.nothing_saveable)
-        elif cfg.remat == Remat.DOTS:
-            body = nnx.remat(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-        scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
+        if kv_cache is None and not return_kv and cfg.remat != Remat.NONE:
+            body = nnx.remat(body, policy=jax.checkpoint_policies.nothing_saveable if cfg.remat == Remat.FULL
+                             else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
                         transform_metadata={nnx.PARTITION_NAME: "layers"})
-        return self._head(scan(self.blocks, x), cond, lazy=not head)
+        new_kv, losses = [], {}
+        first = 0
+        for blocks in (self.dense_blocks, self.blocks):  # the cache's layers are the stacks' layers in order
+            if blocks is None:
+                continue
+            n = cfg.moe.dense_layers if blocks is self.dense_blocks else cfg.num_layers - first
+            kv = None if kv_cache is None else jax.tree.map(lambda a: a[first:first + n], kv_cache)
+            x, (kv_out, routing) = scan(blocks, x, kv)
+            new_kv.append(kv_out)
+            if routing is not None:  # the losses of each routed layer, averaged over the layers
+                per_layer = jax.vmap(lambda r: losses_of(r, cfg.moe.top_k))(routing)
+                losses = {name: jnp.mean(v) for name, v in per_layer.items()}
+            first += n
+        out = self._head(x, cond, lazy=not head)
+        if return_kv:
+            out = (out, new_kv[0] if len(new_kv) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *new_kv))
+        return (out, losses) if aux else out
 
     def _dit_condition(self):
         """c = silu(sigma_map(sigma = 0)) [cond_dim]: MDLM-OWT is not time-conditioned, but its

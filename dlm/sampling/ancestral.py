@@ -8,7 +8,7 @@ same and the last forward pass is reused (no extra NFE).
 
 Prompts and infilling are one mechanism: `fixed[b, i]` positions hold given tokens and are
 never masked. The loop is one `lax.while_loop` with static shapes; under a mesh the batch is
-sharded over (data, fsdp) and the parameters stay sharded as trained.
+sharded over (data, expert, fsdp) and the parameters stay sharded as trained.
 """
 
 from __future__ import annotations

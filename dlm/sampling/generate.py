@@ -31,16 +31,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dlm.config import ConfigError, DiffusionConfig, Sampler, SamplingConfig, check_buckets, check_decode
+from dlm.config import ConfigError, DecodeCache, DiffusionConfig, Sampler, SamplingConfig, check_buckets, check_decode
 from dlm.diffusion import hyperschedules as hs
 from dlm.diffusion.prime import Codec
 from dlm.diffusion.schedules import make_schedule
-from dlm.mesh import batch_sharding, mesh_context
+from dlm.mesh import BATCH, batch_shards, batch_sharding, mesh_context
 from dlm.models.attention import FULL, restrict
 from dlm.objectives import Objective, SamplerFamily, objective_for
 from dlm.sampling.ancestral import ancestral_loop, gamma_loop, prime_ancestral_loop, time_grid
 from dlm.sampling.draws import categorical_at, position_keys
 from dlm.sampling.hyper import Plan, hyper_loop, make_plan
+from dlm.sampling.blocks import block_decode
 from dlm.sampling.parallel import parallel_decode
 
 
@@ -149,16 +150,45 @@ def parallel(s: Setup, module, x, fixed, key, alphas, times, pad=None):
             "nfe_per_sample": out["row_nfe"]}
 
 
+def blocks(s: Setup, module, x, fixed, key, alphas, times, pad=None):
+    """The block hyperschedule decoded with the parallel decoder's commit rules (dlm.sampling.blocks)."""
+    m = s.model_cfg
+
+    def model_fn(tokens, positions, attention, kv_cache, return_kv):
+        return module()(tokens, positions=positions, attention=attention, kv_cache=kv_cache, return_kv=return_kv)
+
+    B = x.shape[0]
+    bw = s.objective.diffusion.block_width
+    kv_shape = (m.num_layers, B, s.length, m.num_kv_heads or m.num_heads, m.d_model // m.num_heads)
+    out = block_decode(model_fn, x, fixed, key, s.cfg.decode, block_width=bw, sub=min(s.cfg.decode.block_length, bw),
+                       prompt_len=s.prompt_len, mask_id=s.mask_id, eos_id=s.eos_id, kv_shape=kv_shape,
+                       kv_dtype=jnp.dtype(m.dtype.value), temperature=s.cfg.temperature, float64=s.cfg.float64,
+                       cache=s.cfg.cache, pad=pad)
+    return {"tokens": out["tokens"], "nfe": out["nfe"], "steps": out["nfe"], "idle_steps": jnp.int32(0),
+            "cache_writes": out["cache_writes"], "nfe_per_sample": out["row_nfe"]}
+
+
 EXACT: dict[SamplerFamily, Callable] = {SamplerFamily.TOKENS: ancestral, SamplerFamily.DIGITS: prime_digits,
                                         SamplerFamily.GAMMA: gamma_analytic, SamplerFamily.HYPERSCHEDULE: hyperschedule}
+
+
+def block_model(objective: Objective) -> bool:
+    """A block-diffusion model: the block hyperschedule over the absorbing process (SDAR, Fast-dLLM
+    v2, LLaDA2 and block models trained here), decoded block by block with a cache of settled blocks."""
+    d = objective.diffusion
+    return (objective.sampler == SamplerFamily.HYPERSCHEDULE and d.hyperschedule == hs.Kind.BLOCK
+            and d.process.value == "absorbing")
 
 
 def sampler_for(objective: Objective, cfg: SamplingConfig) -> Callable:
     """The sampler function for a run's objective under `cfg.sampler`."""
     if cfg.sampler == Sampler.PARALLEL:
+        if block_model(objective):
+            return blocks
         if objective.sampler != SamplerFamily.TOKENS:
-            raise ConfigError("sampling.sampler=parallel decodes flat absorbing models (MDLM); this model's hyperschedule, "
-                              "process or Prime setting needs sampler=ancestral.")
+            raise ConfigError("sampling.sampler=parallel decodes flat absorbing models (MDLM) and block-diffusion models (the block "
+                              "hyperschedule, absorbing); this model's hyperschedule, process or Prime setting needs "
+                              "sampler=ancestral.")
         return parallel
     if cfg.sampler == Sampler.ACS:
         if objective.sampler == SamplerFamily.GAMMA:
@@ -288,6 +318,20 @@ def setup_for(sampler: Callable, objective: Objective, cfg: SamplingConfig, mode
     if sampler is parallel:
         check_decode(cfg.decode, length - prompt_len if cfg.decode.suffix_dropout else length)
         return dataclasses.replace(setup, prompt_len=prompt_len)
+    if sampler is blocks:
+        bw, dc = objective.diffusion.block_width, cfg.decode
+        if model_cfg.noise_conditioning or model_cfg.shift_logits:
+            raise ConfigError("sampling.sampler=parallel decodes block models without noise conditioning or shifted logits; "
+                              "sample this model with sampling.sampler=ancestral.")
+        if length % bw or bw % min(dc.block_length, bw):
+            raise ConfigError(f"Block decoding needs diffusion.block_width={bw} to divide the canvas length {length} and "
+                              f"sampling.decode.block_length={dc.block_length} (the sub-block) to divide the block width or "
+                              "to be at least it.")
+        if dc.suffix_dropout or dc.cache != DecodeCache.NONE:
+            raise ConfigError("A block model's keys and values are cached block by block (sampling.cache); sampling.decode.cache "
+                              "and sampling.decode.suffix_dropout are for bidirectional models: leave them at none and false.")
+        check_decode(dc)
+        return dataclasses.replace(setup, prompt_len=prompt_len)
     if sampler is hyperschedule:
         if plan is None:
             kind = objective.diffusion.hyperschedule
@@ -345,7 +389,7 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
     `plan` runs the hyperschedule loop on that plan (e.g. a truncated one, for timing, or the flat
     one as the loop's baseline). `eos_id` (-1: none)
     drives the parallel decoder's early termination. `model` is a Transformer (possibly with
-    sharded parameters); `mesh`, when given, shards the batch over (data, fsdp).
+    sharded parameters); `mesh`, when given, shards the batch over (data, expert, fsdp).
     """
     cfg = cfg or SamplingConfig()
     if cfg.eta < 0:
@@ -371,7 +415,7 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
         x, fixed = prepare_prompts(prompt, B, length, objective.mask_id, V)
         pad = None
     width = 1
-    if sampler is hyperschedule and objective.diffusion.hyperschedule != hs.Kind.FLAT:
+    if sampler in (hyperschedule, blocks) and objective.diffusion.hyperschedule != hs.Kind.FLAT:
         width = hs.width_for(objective.diffusion.hyperschedule, length, objective.diffusion.block_width)
     if plan is None:  # a given plan is over its own length
         x, fixed, pad, extra_cols = _length_bucket(cfg, x, fixed, pad, pad_id if pad_id is not None else max(eos_id, 0), width)
@@ -382,14 +426,14 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
         raise ConfigError("This model predicts each position from the one before (shift_logits, Dream); sample it with "
                           "sampling.sampler=ancestral or parallel, not the hyperschedule loop.")
     P = 0
-    if sampler is parallel:
+    if sampler in (parallel, blocks):
         P = int((~fixed).argmax(1).min()) if (~fixed).any() else length  # the given prefix of every row
         if cfg.decode.suffix_dropout and fixed[:, P:].any():
             raise ConfigError("sampling.decode.suffix_dropout (DPad) drops masked suffix positions after a prompt prefix; "
                               "an infill spec with given tokens after the first position to fill needs suffix_dropout=false.")
     setup = setup_for(sampler, objective, cfg, model.cfg, V, length, prompt_len=P, eos_id=eos_id, plan=plan)
 
-    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = 1 if mesh is None else batch_shards(mesh)
     rows = next((b for b in cfg.batch_buckets if b >= B), B)
     extra = rows - B + (-rows) % shards  # copies of row 0: random draws are indexed by row, so the others are unchanged
     if extra:
@@ -409,7 +453,7 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
             if mesh is not None:
                 x, fixed = jax.device_put(x, batch_sharding(mesh)), jax.device_put(fixed, batch_sharding(mesh))
                 if pad is not None:
-                    pad = jax.device_put(pad, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+                    pad = jax.device_put(pad, NamedSharding(mesh, PartitionSpec(BATCH)))
             args = (leaves, jnp.asarray(x), jnp.asarray(fixed), key, alphas, times, None if pad is None else jnp.asarray(pad),
                     traced_temperature(cfg, cfg.x64))
             cache_key = _cache_key(sampler, setup, graphdef, treedef, args, mesh, cfg.x64)

@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from dlm.config import CommitRule, ConfigError, DecodeConfig, check_decode
-from dlm.mesh import batch_sharding, mesh_context
+from dlm.mesh import BATCH, batch_shards, batch_sharding, mesh_context
 from dlm.sampling.parallel import decode_block, suffix_slot_count
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -109,8 +109,8 @@ class Engine:
     `length_buckets`: the canvas lengths rows are decoded in (a request of P + G tokens goes to
     the smallest that holds it; none longer than `max_length`); `batch_buckets`: the batch sizes
     a step is padded to, the largest being how many requests run together; `mesh` shards the
-    batch over (data, fsdp) as generate() does (batch buckets are then rounded up to a multiple
-    of its data x fsdp devices).
+    batch over (data, expert, fsdp) as generate() does (batch buckets are then rounded up to a multiple
+    of its data x expert x fsdp devices).
 
     Use it directly (submit() then run() or step() in a loop), through generate() for a list of
     prompts, or from a background thread (start(), as the HTTP server does)."""
@@ -128,7 +128,7 @@ class Engine:
         self.mask_id, self.vocab_size = model.mask_id, model.vocab_size
         self.max_length = max_length or max(length_buckets)
         self.length_buckets = sorted({b for b in length_buckets if b < self.max_length} | {self.max_length})
-        shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        shards = 1 if mesh is None else batch_shards(mesh)
         self.batch_buckets = sorted({-(-b // shards) * shards for b in batch_buckets})
         self.graphdef, params = nnx.split(model)
         self.leaves, self.treedef = jax.tree.flatten(params)
@@ -380,7 +380,7 @@ class Engine:
         with mesh_context(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             if self.mesh is not None:
                 args = [jax.device_put(a, batch_sharding(self.mesh) if a.ndim == 2 else
-                                       jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
+                                       jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(BATCH)))
                         for a in args]
             before = program._cache_size() if hasattr(program, "_cache_size") else None
             out = jax.device_get(program(self.leaves, *args, temp))

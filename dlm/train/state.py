@@ -19,7 +19,7 @@ from dlm.data.pipeline import split_batch
 from dlm.diffusion import batch as rows
 from dlm.mesh import batch_sharding, mesh_context, on_mesh, replicated
 from dlm.models.transformer import Transformer
-from dlm.objectives import denoiser, run_objective
+from dlm.objectives import denoiser, run_objective, with_moe_losses
 
 
 @flax.struct.dataclass
@@ -161,7 +161,9 @@ def loss_and_grads(graphdef, objective, params, batch, key, grad_accum: int = 1,
     tokens, given = split_batch(batch)
 
     def loss_fn(params, tokens, given):
-        return objective.loss(denoiser(nnx.merge(graphdef, params)), tokens, key, given=given)
+        model, losses = nnx.merge(graphdef, params), []
+        loss, metrics = objective.loss(denoiser(model, losses), tokens, key, given=given)
+        return with_moe_losses(model, loss, metrics, losses)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum == 1:
