@@ -29,7 +29,8 @@ import pathlib
 import sys
 import time
 
-from dlm.config import Config, ConfigError, Schedule, TokenizerKind, save_config
+from dlm.config import (CommitRule, Config, ConfigError, HyperscheduleKind, Layout, Sampler, Schedule, TokenizerKind,
+                        save_config)
 from dlm.folders import check_apart, check_target, writing
 
 
@@ -54,6 +55,7 @@ def import_folder(src, out, family: str | None = None, dtype: str = "float32", o
 def _write_workdir(ckpt, tok, tmp: pathlib.Path, out: pathlib.Path, mesh, progress: bool) -> float:
     """Write an opened checkpoint's workdir files into `tmp`, which becomes `out`."""
     from dlm.interop import layouts
+    from dlm.models import families
     from dlm.interop.hf import _load
     from dlm.interop.safetensors import write
     from dlm.train.checkpoint import save_params
@@ -78,6 +80,16 @@ def _write_workdir(ckpt, tok, tmp: pathlib.Path, out: pathlib.Path, mesh, progre
     cfg.sampling.length = min(256, cfg.data.seq_len)
     if ckpt.family == "mdlm":
         cfg.diffusion.schedule = Schedule.LOGLINEAR
+    block = families.diffusion_options(ckpt.family, ckpt.config)
+    if block:  # a block-diffusion family: its blocks, decoded with the KV cache of settled blocks and a threshold
+        cfg.diffusion.hyperschedule = HyperscheduleKind(block["hyperschedule"])
+        cfg.diffusion.block_width = block["block_width"]
+        cfg.diffusion.layout = Layout.DOUBLE
+        cfg.data.seq_len -= cfg.data.seq_len % block["block_width"]
+        cfg.sampling.length -= cfg.sampling.length % block["block_width"]
+        cfg.sampling.sampler = Sampler.PARALLEL
+        cfg.sampling.decode.block_length = block["block_width"]
+        cfg.sampling.decode.rule = CommitRule.THRESHOLD
     cfg.workdir = str(out)
     save_config(cfg, tmp / "config.yaml")
     tok.save(tmp)
@@ -95,6 +107,7 @@ def export_workdir(workdir, out, to: str, dtype: str | None = None, max_shard_by
     with `modeling_dir`, the family's modeling code beside it and config.json's auto_map."""
     import dlm
     from dlm.interop.hf import export, read_modeling_dir
+    from dlm.models import families
 
     workdir = pathlib.Path(workdir)
     check_apart(out, [workdir] + ([modeling_dir] if modeling_dir else []))
@@ -103,7 +116,7 @@ def export_workdir(workdir, out, to: str, dtype: str | None = None, max_shard_by
     tok = dlm.load_tokenizer(workdir)
     family = cfg.model.family
     if to == "hf":
-        layout = family if family in ("llada", "dream", "mdlm") else "llada"
+        layout = family if family in families.FAMILIES else "llada"
     else:
         layout = to
     base = json.loads((workdir / "hf_config.json").read_text()) if (workdir / "hf_config.json").exists() and layout == family else None

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dlm.config import Config, ConfigError, ModelConfig
+from dlm.config import Config, ConfigError, ModelConfig, MoEConfig, check_moe
 from dlm.interop import layouts
 from dlm.interop.safetensors import Folder, write
 from dlm.mesh import make_mesh, mesh_context
@@ -86,7 +86,11 @@ def open_checkpoint(path, family: str | None = None, dtype: str = "float32") -> 
     options, context = families.model_options(family, config)
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
+    moe = options.pop("moe", None)
     m = ModelConfig(**options)
+    if moe:
+        m.moe = MoEConfig(**moe)
+        check_moe(m)
     m.dtype = type(m.dtype)(dtype)
     folder = Folder(path)
     entries = layouts.layout(family, m, layouts.checkpoint_vocab(family, config),
@@ -129,7 +133,9 @@ class _Placer:
         self.abstract, self.dtype = abstract, dtype
         self.values: dict = {}
         self.layers: dict = {}
-        self._set = jax.jit(lambda a, x, i: jax.lax.dynamic_update_index_in_dim(a, x, i, 0), donate_argnums=0)
+        # x: one slice, with leading axes of 1 for all but the first index; idx: (layer,) or (layer, expert)
+        self._set = jax.jit(lambda a, x, idx: jax.lax.dynamic_update_slice(
+            a, x[None].astype(a.dtype), tuple(idx) + (0,) * (a.ndim - idx.shape[0])), donate_argnums=0)
 
     def put(self, path: tuple, layer, array: np.ndarray) -> None:
         spec = self.abstract[path]
@@ -139,21 +145,26 @@ class _Placer:
                 raise ConfigError(f"{'.'.join(path)} would get shape {host.shape}, not {spec.shape}.")
             self.values[path] = jax.make_array_from_callback(spec.shape, spec.sharding, lambda idx: host[idx])
             return
+        index = layer if isinstance(layer, tuple) else (layer,)  # (layer,) or (layer, expert)
         if path not in self.values:
             zeros = jax.jit(lambda: jnp.zeros(spec.shape, self.dtype), out_shardings=spec.sharding)
             self.values[path] = zeros()
             self.layers[path] = set()
-        sharding = NamedSharding(spec.sharding.mesh, P(*tuple(spec.sharding.spec)[1:]))
+        sharding = NamedSharding(spec.sharding.mesh, P(*tuple(spec.sharding.spec)[len(index):]))
         x = jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-        self.values[path] = self._set(self.values[path], x, jnp.int32(layer))
-        self.layers[path].add(layer)
+        self.values[path] = self._set(self.values[path], x.reshape((1,) * (len(index) - 1) + x.shape),
+                                      jnp.asarray(index, jnp.int32))
+        self.layers[path].add(index)
 
-    def finish(self, num_layers: int) -> dict:
-        for path in self.abstract:
+    def finish(self) -> dict:
+        for path, spec in self.abstract.items():
             if path not in self.values:
                 raise ConfigError(f"No checkpoint key fills dlm's parameter {'.'.join(path)}.")
-            if path in self.layers and len(self.layers[path]) != num_layers:
-                raise ConfigError(f"dlm's parameter {'.'.join(path)} got {len(self.layers[path])} of {num_layers} layers.")
+            if path in self.layers:
+                depth = len(next(iter(self.layers[path])))
+                want = int(np.prod(spec.shape[:depth]))
+                if len(self.layers[path]) != want:
+                    raise ConfigError(f"dlm's parameter {'.'.join(path)} got {len(self.layers[path])} of its {want} stacked slices.")
         return self.values
 
 
@@ -181,7 +192,7 @@ def _load(ckpt: Checkpoint, mesh=None, progress=None):
         del arrays
         if progress is not None:
             progress(e.key)
-    values = placer.finish(m.num_layers)
+    values = placer.finish()
     state = abstract
     nnx.replace_by_pure_dict(state, _nest(values))
     with mesh_context(mesh):

@@ -25,7 +25,7 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # known buffers: recomputed from th
 class Entry:
     key: str
     shape: tuple
-    targets: tuple  # ((path tuple, layer or None), ...)
+    targets: tuple  # ((path tuple, layer or None), ...); layer: an index of the stacked layers, or (layer, expert)
     load: Callable  # checkpoint array -> tuple of target arrays
     save: Callable  # target arrays -> checkpoint array
 
@@ -181,6 +181,33 @@ def layout(family: str, m: ModelConfig, checkpoint_vocab: int, biases: bool = Fa
                     heads_out(q + "self_attn.o_proj.weight", d, H, hd, b("wo"), i),
                     linear(q + "mlp.gate_proj.weight", ff, d, b("w_gate"), i), linear(q + "mlp.up_proj.weight", ff, d, b("w_up"), i),
                     linear(q + "mlp.down_proj.weight", d, ff, b("w_down"), i)]
+    elif family in ("sdar", "sdar_moe", "llada_moe"):
+        out += [rows("model.embed_tokens.weight", n, d, ("embed",)), vector("model.norm.weight", d, ("final_scale",)),
+                head("lm_head.weight", n, d, ("head",), _pad(V))]
+        E, dense = m.moe.experts, (m.moe.dense_layers if m.moe.experts else m.num_layers)
+        fe = m.moe.expert_dim or ff
+        for i in range(m.num_layers):
+            # a MoE model's first layers are its dense stack; the routed ones are the "blocks" stack
+            stack, j = ("dense_blocks", i) if E and i < dense else ("blocks", i - dense if E else i)
+            s = lambda name: (stack, name)  # noqa: E731
+            q = f"model.layers.{i}."
+            out += [vector(q + "input_layernorm.weight", d, s("attn_scale"), j),
+                    vector(q + "post_attention_layernorm.weight", d, s("mlp_scale"), j),
+                    heads_in(q + "self_attn.q_proj.weight", H, hd, d, s("wq"), j),
+                    heads_in(q + "self_attn.k_proj.weight", KV, hd, d, s("wk"), j),
+                    heads_in(q + "self_attn.v_proj.weight", KV, hd, d, s("wv"), j),
+                    heads_out(q + "self_attn.o_proj.weight", d, H, hd, s("wo"), j),
+                    vector(q + "self_attn.q_norm.weight", hd, s("q_norm"), j), vector(q + "self_attn.k_norm.weight", hd, s("k_norm"), j)]
+            if E and i >= dense:
+                out.append(linear(q + "mlp.gate.weight", E, d, s("router"), j))
+                for e in range(E):
+                    x = f"{q}mlp.experts.{e}."
+                    out += [linear(x + "gate_proj.weight", fe, d, s("experts_gate"), (j, e)),
+                            linear(x + "up_proj.weight", fe, d, s("experts_up"), (j, e)),
+                            linear(x + "down_proj.weight", d, fe, s("experts_down"), (j, e))]
+            else:
+                out += [linear(q + "mlp.gate_proj.weight", ff, d, s("w_gate"), j), linear(q + "mlp.up_proj.weight", ff, d, s("w_up"), j),
+                        linear(q + "mlp.down_proj.weight", d, ff, s("w_down"), j)]
     elif family == "mdlm":
         p, c = "backbone.", m.cond_dim
         out += [rows(p + "vocab_embed.embedding", n, d, ("embed",)),

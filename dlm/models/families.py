@@ -9,6 +9,16 @@ ModelConfig options of dlm's one transformer, and back.
   fused QKV, LayerNorm without bias, GELU-tanh MLP; GPT-2's 50257 tokens with the mask appended
   as id 50257 (dlm's own convention: vocab_size real tokens, mask = vocab_size).
 
+- `sdar` (JetAstra SDAR-1.7B/4B/8B): Qwen3 exactly (per-head QK-norm, grouped-query attention,
+  no biases), trained and decoded as block diffusion: the block hyperschedule with the
+  config's block_size (4 by default), mask 151669, no shift.
+- `sdar_moe` (SDAR-30B-A3B): Qwen3-MoE, the same blocks; softmax top-k routing with the gates
+  renormalised iff norm_topk_prob; mlp_only_layers, when given, must be the first layers (they
+  keep the dense feed-forward).
+- `llada_moe` (LLaDA-MoE-7B-A1B): Qwen3-MoE's names and per-head QK-norm, bidirectional (flat),
+  softmax top-k without renormalised gates, mask 156895. Its model_type is "llada", as
+  LLaDA-8B's: it is told apart by architectures (LLaDAMoEModelLM).
+
 `detect(config)` names the family of a config.json; `model_options(family, config)` gives the
 ModelConfig fields and the context length; `hf_config(family, model_cfg, base)` writes the
 family's config.json fields for a model (export).
@@ -18,8 +28,9 @@ from __future__ import annotations
 
 from dlm.config import ConfigError
 
-FAMILIES = ("llada", "dream", "mdlm")
-DEFAULT_MASK = {"llada": 126336, "dream": 151666}
+FAMILIES = ("llada", "dream", "mdlm", "sdar", "sdar_moe", "llada_moe")
+DEFAULT_MASK = {"llada": 126336, "dream": 151666, "sdar": 151669, "sdar_moe": 151669, "llada_moe": 156895}
+QWEN3_LIKE = ("sdar", "sdar_moe", "llada_moe")  # Qwen3 / Qwen3-MoE key names with per-head QK-norm
 
 
 def detect(config: dict, family: str | None = None) -> str:
@@ -31,7 +42,11 @@ def detect(config: dict, family: str | None = None) -> str:
     kind = str(config.get("model_type", "")).lower()
     archs = config.get("architectures") or []
     archs = " ".join(a for a in archs if isinstance(a, str)).lower() if isinstance(archs, list) else str(archs).lower()
-    for fam, names in (("llada", ("llada",)), ("dream", ("dream",)), ("mdlm", ("mdlm",))):
+    # the MoE families first: "lladamoemodellm" contains "llada", "sdarmoe" contains "sdar"
+    for fam, names in (("llada_moe", ("lladamoe", "llada_moe")), ("sdar_moe", ("sdarmoe", "sdar_moe")), ("sdar", ("sdar",)),
+                       ("llada", ("llada",)), ("dream", ("dream",)), ("mdlm", ("mdlm",))):
+        if fam == "llada" and "lladamoe" in archs.replace("_", ""):
+            continue
         if kind in names or any(n in archs for n in names):
             return fam
     raise ConfigError(f"config.json has model_type {config.get('model_type')!r} and architectures {config.get('architectures')}, "
@@ -41,7 +56,8 @@ def detect(config: dict, family: str | None = None) -> str:
 
 # the largest value dlm accepts for each size a config.json gives: far beyond any published
 # model, and small enough that a hostile value is refused before anything is built
-LIMITS = {"width": 1 << 16, "layers": 1024, "heads": 1024, "mlp": 1 << 20, "vocab": 1 << 24, "context": 1 << 24}
+LIMITS = {"width": 1 << 16, "layers": 1024, "heads": 1024, "mlp": 1 << 20, "vocab": 1 << 24, "context": 1 << 24,
+          "experts": 1 << 12, "block": 1 << 16}
 
 
 def _need(config: dict, key: str, family: str):
@@ -115,6 +131,8 @@ def model_options(family: str, config: dict) -> tuple[dict, int]:
                        mask_id=_int(config, "mask_token_id", family, "vocab", default=DEFAULT_MASK["dream"], low=0),
                        shift_logits=True, embed_init_std=0.02)
         context = _int(config, "max_position_embeddings", family, "context", default=4096)
+    elif family in QWEN3_LIKE:
+        options, context = _qwen3_like(family, config)
     elif family == "mdlm":
         _check(not config.get("time_conditioning", False),
                "This MDLM config is time-conditioned; dlm's DiT conditions on sigma = 0 (mdlm-owt), so it cannot run it.")
@@ -135,6 +153,66 @@ def model_options(family: str, config: dict) -> tuple[dict, int]:
     if options.get("mask_id", -1) >= options["vocab_size"]:
         raise ConfigError(f"config.json's mask_token_id {options['mask_id']} is not below its vocabulary size {options['vocab_size']}.")
     return options, context
+
+
+def _qwen3_like(family: str, config: dict) -> tuple[dict, int]:
+    """SDAR, SDAR-MoE and LLaDA-MoE: Qwen3's attention (per-head QK-norm) and, for the MoE
+    families, Qwen3-MoE's routed feed-forward."""
+    name = {"sdar": "SDAR", "sdar_moe": "SDAR-MoE", "llada_moe": "LLaDA-MoE"}[family]
+    _check(config.get("hidden_act", "silu") == "silu", f"This {name} config has hidden_act {config.get('hidden_act')!r}; dlm imports silu only.")
+    _check(not config.get("tie_word_embeddings", False), f"This {name} config ties the head to the embedding; dlm imports untied heads.")
+    _check(not config.get("rope_scaling"), f"This {name} config scales RoPE (rope_scaling); dlm imports plain RoPE.")
+    _check(not config.get("attention_bias", False), f"This {name} config has attention biases; dlm imports the bias-free Qwen3 attention.")
+    d, heads = _int(config, "hidden_size", family, "width"), _int(config, "num_attention_heads", family, "heads")
+    if config.get("head_dim") is not None:
+        hd = _int(config, "head_dim", family, "width")
+        _check(hd * heads == d, f"This {name} config has head_dim {hd} with {heads} heads of a width {d}; dlm's attention has "
+                                "head_dim = hidden_size / heads, so it cannot run this model.")
+    layers = _int(config, "num_hidden_layers", family, "layers")
+    options = dict(family=family, d_model=d, num_layers=layers, num_heads=heads,
+                   num_kv_heads=_int(config, "num_key_value_heads", family, "heads", default=heads),
+                   rope_theta=_float(config, "rope_theta", 10000.0), norm="rms", mlp="swiglu", qk_norm=True,
+                   norm_eps=_float(config, "rms_norm_eps", 1e-6), vocab_size=_int(config, "vocab_size", family, "vocab"),
+                   mask_id=_int(config, "mask_token_id", family, "vocab", default=DEFAULT_MASK[family], low=0), embed_init_std=0.02)
+    if family == "sdar":
+        options["mlp_dim"] = _int(config, "intermediate_size", family, "mlp")
+    elif family == "sdar_moe":
+        _check(config.get("decoder_sparse_step", 1) == 1, f"This {name} config routes every {config.get('decoder_sparse_step')}th "
+                                                          "layer (decoder_sparse_step); dlm imports models whose routed layers follow the dense ones.")
+        dense = config.get("mlp_only_layers") or []
+        _check(isinstance(dense, list) and dense == list(range(len(dense))) and len(dense) < layers,
+               f"This {name} config's dense layers (mlp_only_layers {str(dense)[:40]}) are not the first layers; dlm's dense layers come first.")
+        options["mlp_dim"] = _int(config, "intermediate_size", family, "mlp")
+        options["moe"] = dict(experts=_int(config, "num_experts", family, "experts"), top_k=_int(config, "num_experts_per_tok", family, "experts"),
+                              expert_dim=_int(config, "moe_intermediate_size", family, "mlp"),
+                              renormalize=bool(config.get("norm_topk_prob", False)), dense_layers=len(dense))
+    else:
+        for key, ok, want in (("moe_router_score_function", ("softmax", None), "softmax"),
+                              ("moe_router_enable_expert_bias", (False, None), "false"), ("router_num_group", (None, 1), "null"),
+                              ("shared_expert_intermediate_size", (None, 0), "null"), ("partial_rotary_factor", (1, 1.0, None), "1"),
+                              ("routed_scaling_factor", (1, 1.0, None), "1"), ("clip_qkv", (None,), "null"),
+                              ("norm_topk_prob", (None, False), "false"), ("qk_layernorm", (True, None), "true")):
+            _check(config.get(key) in ok, f"This {name} config has {key} {str(config.get(key))[:40]!r}; dlm imports LLaDA-MoE-7B's "
+                                          f"{want} only.")
+        freq = config.get("moe_layer_freq") or [1] * layers
+        _check(isinstance(freq, list) and len(freq) == layers and all(v in (0, 1) for v in freq) and freq == sorted(freq) and freq[-1] == 1,
+               f"This {name} config's moe_layer_freq {str(freq)[:60]} is not dense layers followed by routed ones.")
+        dense = freq.count(0)
+        options["mlp_dim"] = _int(config, "dense_intermediate_size", family, "mlp")
+        options["moe"] = dict(experts=_int(config, "num_experts", family, "experts"), top_k=_int(config, "num_experts_per_tok", family, "experts"),
+                              expert_dim=_int(config, "expert_intermediate_size", family, "mlp"), renormalize=False, dense_layers=dense)
+    if "moe" in options:
+        _check(options["moe"]["top_k"] <= options["moe"]["experts"],
+               f"This {name} config routes to {options['moe']['top_k']} of {options['moe']['experts']} experts.")
+    return options, _int(config, "max_position_embeddings", family, "context", default=4096)
+
+
+def diffusion_options(family: str, config: dict) -> dict:
+    """The DiffusionConfig fields a family was trained with: the block hyperschedule and its
+    width for the block-diffusion families; {} for the flat ones."""
+    if family in ("sdar", "sdar_moe"):
+        return {"hyperschedule": "block", "block_width": _int(config, "block_size", family, "block", default=4)}
+    return {}
 
 
 # The classes each family's own modeling code defines, for config.json's auto_map (what
@@ -193,6 +271,14 @@ def hf_config(family: str, m, context: int, base: dict | None = None, special: d
                 out.setdefault(k, special[k])
         if base is None:
             out["attention_dropout"] = 0.0
+        return out
+    if family in QWEN3_LIKE:
+        if base is None:
+            raise ConfigError(f"dlm exports the {family} layout for models imported from a {family} folder (their config.json "
+                              "is the base); export a model trained here --to hf.")
+        out.update(hidden_size=m.d_model, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                   num_key_value_heads=m.num_kv_heads or m.num_heads, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+                   vocab_size=m.vocab_size, mask_token_id=m.mask_id)
         return out
     if family == "mdlm":
         out.setdefault("architectures", ["MDLM"])
