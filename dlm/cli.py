@@ -10,6 +10,7 @@ import pathlib
 import sys
 
 from dlm.config import ConfigError, check_sampling_overrides, load_config
+from dlm.models.families import FAMILIES
 
 
 def _fail(e: Exception) -> None:
@@ -71,7 +72,7 @@ def sample_main(argv=None) -> None:
     parser.add_argument("--workdir", default=None, help="Directory of a run written by train.py (or by dlm.convert).")
     parser.add_argument("--pretrained", default=None, help="A published checkpoint folder (LLaDA, Dream, MDLM-OWT: config.json, "
                         "safetensors, tokenizer files) to sample from without converting it.")
-    parser.add_argument("--family", choices=["llada", "dream", "mdlm"], default=None, help="With --pretrained: the family, when config.json does not say.")
+    parser.add_argument("--family", choices=list(FAMILIES), default=None, help="With --pretrained: the family, when config.json does not say.")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="With --pretrained: the parameters' dtype.")
     parser.add_argument("--chat", default=None, help="A question, rendered with the tokenizer's chat template (instruct models); "
                         "the answer is printed up to the end of the turn.")

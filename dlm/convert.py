@@ -32,6 +32,7 @@ import time
 from dlm.config import (CommitRule, Config, ConfigError, HyperscheduleKind, Layout, Sampler, Schedule, TokenizerKind,
                         save_config)
 from dlm.folders import check_apart, check_target, writing
+from dlm.models.families import FAMILIES
 
 
 def import_folder(src, out, family: str | None = None, dtype: str = "float32", overwrite: bool = False, mesh=None,
@@ -88,7 +89,7 @@ def _write_workdir(ckpt, tok, tmp: pathlib.Path, out: pathlib.Path, mesh, progre
         cfg.data.seq_len -= cfg.data.seq_len % block["block_width"]
         cfg.sampling.length -= cfg.sampling.length % block["block_width"]
         cfg.sampling.sampler = Sampler.PARALLEL
-        cfg.sampling.decode.block_length = block["block_width"]
+        cfg.sampling.decode.block_length = block.get("sub_block", block["block_width"])
         cfg.sampling.decode.rule = CommitRule.THRESHOLD
     cfg.workdir = str(out)
     save_config(cfg, tmp / "config.yaml")
@@ -151,7 +152,7 @@ def main(argv=None) -> None:
     parser.add_argument("--from", dest="src", required=True, help="A Hugging Face folder (import) or a dlm workdir (with --to).")
     parser.add_argument("--out", required=True, help="The workdir to write (import) or the folder to write (export).")
     parser.add_argument("--to", choices=["llada", "hf"], default=None, help="Export a workdir in this layout.")
-    parser.add_argument("--family", choices=["llada", "dream", "mdlm"], default=None, help="Import: the family, when config.json does not say.")
+    parser.add_argument("--family", choices=list(FAMILIES), default=None, help="Import: the family, when config.json does not say.")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="Import: the parameters' dtype (default float32); export: the files' dtype (default the parameters').")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="Export: the largest safetensors file.")

@@ -126,3 +126,32 @@ def test_unsupported_variants_are_refused_in_one_sentence(tmp_path):
     assert "moe_router_score_function" in _refused(tmp_path / "c", "llada_moe", moe_router_score_function="sigmoid")
     assert "mlp_only_layers" in _refused(tmp_path / "d", "sdar_moe", mlp_only_layers=[1])
     assert "shared_expert" in _refused(tmp_path / "e", "llada_moe", shared_expert_intermediate_size=64)
+
+
+def test_fast_dllm_v2_logits_and_greedy_block_decoding_equal_its_own(tmp_path):
+    """Fast-dLLM v2: the fixture's logits (shifted by one as the family predicts), and dlm's block
+    decoder (sub-blocks, threshold, each block's first token autoregressive) against the
+    release's own greedy batch_sample, with and without the cache, from a prompt that ends inside
+    a block and one that ends on a block boundary."""
+    used = []
+    model = dlm.load_pretrained(FIXTURES / "fast_dllm_v2", mesh=one_device(), progress=used.append)
+    assert sorted(used) == sorted(Folder(FIXTURES / "fast_dllm_v2").keys())
+    ref = np.load(FIXTURES / "fast_dllm_v2" / "reference.npz")
+    got = np.asarray(model(jnp.asarray(ref["input_ids"].astype(np.int32)), attention=block_causal(8)))
+    want = np.concatenate([ref["logits"][:, :1], ref["logits"][:, :-1]], axis=1)
+    cols = np.arange(got.shape[-1]) != model.mask_id
+    assert np.abs(got[..., cols] - want[..., cols]).max() < 1e-4
+    diffusion = DiffusionConfig(hyperschedule=HyperscheduleKind.BLOCK, block_width=8)
+    for n in (5, 8):
+        want = ref[f"generate_tokens_{n}"]
+        for cache in (True, False):
+            sc = dataclasses.replace(_sdar_sampling(block_length=int(ref["generate_small_block"]),
+                                                    tau=float(ref["generate_threshold"])), cache=cache)
+            out = dlm.generate(model, ref[f"generate_prompt_{n}"][0].tolist(), sc, diffusion=diffusion, length=want.shape[1],
+                               num_samples=1)
+            np.testing.assert_array_equal(np.asarray(out["tokens"]), want, err_msg=f"prompt {n}, cache {cache}")
+    config = json.loads((FIXTURES / "fast_dllm_v2" / "config.json").read_text())
+    hf.export(model, tmp_path, "fast_dllm_v2", base_config=config)
+    for k in Folder(FIXTURES / "fast_dllm_v2").keys():
+        assert Folder(FIXTURES / "fast_dllm_v2").read(k).tobytes() == Folder(tmp_path).read(k).tobytes(), k
+    assert json.loads((tmp_path / "config.json").read_text()) == config

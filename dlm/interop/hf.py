@@ -231,6 +231,14 @@ def exportable(model: Transformer, family: str) -> tuple[ModelConfig, dict]:
         (family == "dream" and not m.qkv_bias, "the Dream layout has q/k/v biases and this model has none"),
         (family in ("llada", "dream", "mdlm") and m.qk_norm, f"its QK-norm has no place in the {family} layout"),
         (family == "mdlm" and m.block != "dit", "the MDLM layout is the DiT block"),
+        (family in families.QWEN3_LIKE and not m.qk_norm, f"the {family} layout has QK-norm and this model has none"),
+        (family in families.QWEN3_LIKE and (m.qkv_bias or m.shift_logits), f"the {family} layout has no q/k/v biases and no shift"),
+        (family == "fast_dllm_v2" and not (m.qkv_bias and m.shift_logits), "the Fast-dLLM v2 layout has q/k/v biases and a shift"),
+        (family in families.QWEN3_LIKE + ("fast_dllm_v2",) and (m.block, m.norm, m.mlp) != ("prenorm", "rms", "swiglu"),
+         "it is not a pre-norm RMSNorm / SwiGLU transformer"),
+        (family in ("sdar", "fast_dllm_v2", "llada", "dream", "mdlm") and m.moe.experts > 0, f"its experts have no place in the {family} layout"),
+        (family in ("sdar_moe", "llada_moe") and not m.moe.experts, f"the {family} layout is a mixture of experts"),
+        (family == "llada_moe" and (m.moe.renormalize or m.moe.shared_experts), "LLaDA-MoE routes without renormalised gates or shared experts"),
         (family == "mdlm" and model.mask_id != model.vocab_size, "the MDLM layout appends the mask after the vocabulary")) if cond]
     if bad:
         raise ConfigError(f"This model cannot be written in the {family} layout: {bad[0]}.")

@@ -165,7 +165,7 @@ def layout(family: str, m: ModelConfig, checkpoint_vocab: int, biases: bool = Fa
                         zero_bias(q + "ff_out.bias", d)]
         if biases:
             out.append(mask_logit_bias(p + "ff_out.bias", n, m.mask_id))
-    elif family == "dream":
+    elif family in ("dream", "fast_dllm_v2"):
         out += [rows("model.embed_tokens.weight", n, d, ("embed",)), vector("model.norm.weight", d, ("final_scale",)),
                 head("lm_head.weight", n, d, ("head",), _pad(V))]
         for i in range(m.num_layers):

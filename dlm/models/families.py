@@ -15,6 +15,9 @@ ModelConfig options of dlm's one transformer, and back.
 - `sdar_moe` (SDAR-30B-A3B): Qwen3-MoE, the same blocks; softmax top-k routing with the gates
   renormalised iff norm_topk_prob; mlp_only_layers, when given, must be the first layers (they
   keep the dense feed-forward).
+- `fast_dllm_v2` (NVlabs Fast-dLLM v2 1.5B/7B): Qwen2.5 (q/k/v biases, grouped-query attention)
+  with Dream's shifted prediction, trained and decoded as block diffusion (bd_size, 32), mask
+  151665; decoded with sub-blocks of 8 and each block's first token autoregressive.
 - `llada_moe` (LLaDA-MoE-7B-A1B): Qwen3-MoE's names and per-head QK-norm, bidirectional (flat),
   softmax top-k without renormalised gates, mask 156895. Its model_type is "llada", as
   LLaDA-8B's: it is told apart by architectures (LLaDAMoEModelLM).
@@ -28,8 +31,8 @@ from __future__ import annotations
 
 from dlm.config import ConfigError
 
-FAMILIES = ("llada", "dream", "mdlm", "sdar", "sdar_moe", "llada_moe")
-DEFAULT_MASK = {"llada": 126336, "dream": 151666, "sdar": 151669, "sdar_moe": 151669, "llada_moe": 156895}
+FAMILIES = ("llada", "dream", "mdlm", "sdar", "sdar_moe", "llada_moe", "fast_dllm_v2")
+DEFAULT_MASK = {"llada": 126336, "dream": 151666, "sdar": 151669, "sdar_moe": 151669, "llada_moe": 156895, "fast_dllm_v2": 151665}
 QWEN3_LIKE = ("sdar", "sdar_moe", "llada_moe")  # Qwen3 / Qwen3-MoE key names with per-head QK-norm
 
 
@@ -44,7 +47,7 @@ def detect(config: dict, family: str | None = None) -> str:
     archs = " ".join(a for a in archs if isinstance(a, str)).lower() if isinstance(archs, list) else str(archs).lower()
     # the MoE families first: "lladamoemodellm" contains "llada", "sdarmoe" contains "sdar"
     for fam, names in (("llada_moe", ("lladamoe", "llada_moe")), ("sdar_moe", ("sdarmoe", "sdar_moe")), ("sdar", ("sdar",)),
-                       ("llada", ("llada",)), ("dream", ("dream",)), ("mdlm", ("mdlm",))):
+                       ("fast_dllm_v2", ("fast_dllm_qwen",)), ("llada", ("llada",)), ("dream", ("dream",)), ("mdlm", ("mdlm",))):
         if fam == "llada" and "lladamoe" in archs.replace("_", ""):
             continue
         if kind in names or any(n in archs for n in names):
@@ -117,18 +120,20 @@ def model_options(family: str, config: dict) -> tuple[dict, int]:
                        mlp="swiglu", qkv_bias=bool(config.get("include_qkv_bias", False)), vocab_size=vocab,
                        mask_id=_int(config, "mask_token_id", family, "vocab", default=DEFAULT_MASK["llada"], low=0), embed_init_std=0.02)
         context = _int(config, "max_sequence_length", family, "context", default=4096)
-    elif family == "dream":
-        _check(config.get("hidden_act", "silu") == "silu", f"This Dream config has hidden_act {config.get('hidden_act')!r}; dlm imports silu only.")
-        _check(not config.get("tie_word_embeddings", False), "This Dream config ties the head to the embedding; dlm imports untied heads.")
-        _check(not config.get("rope_scaling"), "This Dream config scales RoPE (rope_scaling); dlm imports plain RoPE.")
+    elif family in ("dream", "fast_dllm_v2"):
+        name = "Dream" if family == "dream" else "Fast-dLLM v2"
+        _check(config.get("hidden_act", "silu") == "silu", f"This {name} config has hidden_act {config.get('hidden_act')!r}; dlm imports silu only.")
+        _check(not config.get("tie_word_embeddings", False), f"This {name} config ties the head to the embedding; dlm imports untied heads.")
+        _check(not config.get("rope_scaling"), f"This {name} config scales RoPE (rope_scaling); dlm imports plain RoPE.")
+        _check(not config.get("use_sliding_window", False), f"This {name} config uses sliding-window attention; dlm imports full attention.")
         heads = _int(config, "num_attention_heads", family, "heads")
-        options = dict(family="dream", d_model=_int(config, "hidden_size", family, "width"),
+        options = dict(family=family, d_model=_int(config, "hidden_size", family, "width"),
                        num_layers=_int(config, "num_hidden_layers", family, "layers"), num_heads=heads,
                        num_kv_heads=_int(config, "num_key_value_heads", family, "heads", default=heads),
                        mlp_dim=_int(config, "intermediate_size", family, "mlp"), rope_theta=_float(config, "rope_theta", 10000.0),
                        norm="rms", norm_eps=_float(config, "rms_norm_eps", 1e-6), mlp="swiglu", qkv_bias=True,
                        vocab_size=_int(config, "vocab_size", family, "vocab"),
-                       mask_id=_int(config, "mask_token_id", family, "vocab", default=DEFAULT_MASK["dream"], low=0),
+                       mask_id=_int(config, "mask_token_id", family, "vocab", default=DEFAULT_MASK[family], low=0),
                        shift_logits=True, embed_init_std=0.02)
         context = _int(config, "max_position_embeddings", family, "context", default=4096)
     elif family in QWEN3_LIKE:
@@ -212,6 +217,9 @@ def diffusion_options(family: str, config: dict) -> dict:
     width for the block-diffusion families; {} for the flat ones."""
     if family in ("sdar", "sdar_moe"):
         return {"hyperschedule": "block", "block_width": _int(config, "block_size", family, "block", default=4)}
+    if family == "fast_dllm_v2":  # sub-blocks of 8, the release's default small_block_size
+        bw = _int(config, "bd_size", family, "block", default=32)
+        return {"hyperschedule": "block", "block_width": bw, "sub_block": min(8, bw) if bw % 8 == 0 else bw}
     return {}
 
 
@@ -272,7 +280,7 @@ def hf_config(family: str, m, context: int, base: dict | None = None, special: d
         if base is None:
             out["attention_dropout"] = 0.0
         return out
-    if family in QWEN3_LIKE:
+    if family in QWEN3_LIKE + ("fast_dllm_v2",):
         if base is None:
             raise ConfigError(f"dlm exports the {family} layout for models imported from a {family} folder (their config.json "
                               "is the base); export a model trained here --to hf.")

@@ -23,6 +23,13 @@ and values are final, and a cache of them is exact. The loop:
 reference the cache is tested against). Left padding (rows of different prompt lengths, length
 buckets) must be whole blocks; padded keys are hidden and draws are keyed by position past the
 padding, so a padded row decodes what it decodes alone.
+
+A shifted model (`ar_heads`: Fast-dLLM v2, whose position i is predicted from i - 1) decodes the
+first token of each block autoregressively, as Fast-dLLM v2 does: once a block is done, one pass
+over it (which writes its keys/values) also gives the next block's first token, drawn from the
+last position's output and committed at once; the block's other positions then follow the
+commit rule, each predicted from the position before it in the block. With a prompt that ends
+on a block boundary, the prefill pass gives the first token.
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ def _fed_rule(q, k):
 
 
 def block_decode(model_fn, x, fixed, key, dc: DecodeConfig, *, block_width: int, sub: int, prompt_len: int, mask_id: int,
-                 eos_id: int, kv_shape, kv_dtype, temperature, float64: bool, cache: bool = True, pad=None):
+                 eos_id: int, kv_shape, kv_dtype, temperature, float64: bool, cache: bool = True, pad=None,
+                 ar_heads: bool = False):
     """x [B, L] (mask_id where to generate, the prompt [0, prompt_len) given: rows left-padded to
     it), fixed [B, L] the given positions. model_fn(tokens, positions, attention, kv_cache,
     return_kv) -> logits | (logits, kv), positions being canvas columns. Returns a dict of tokens,
@@ -76,10 +84,20 @@ def block_decode(model_fn, x, fixed, key, dc: DecodeConfig, *, block_width: int,
 
     nfe = jnp.int32(0)
     writes = jnp.int32(0)
+    def head_commit(x, logits, column, key):
+        """Commit every row's draw from logits [B, V] at `column` where it is masked (AR heads)."""
+        draw = categorical_at(position_keys(key, (B, 1, column), pad), logits[:, None], temperature, float64)[:, 0]
+        at = cols[None] == column
+        return jnp.where(at & (x == mask_id) & ~fixed, draw[:, None], x)
+
     if cache and prefill:
-        _, (k, v) = pass_fed(x, ck, cv, 0, prefill, 0)  # static start 0: the prompt's whole blocks
-        ck, cv = ck.at[:, :, :prefill].set(k.astype(kv_dtype)), cv.at[:, :, :prefill].set(v.astype(kv_dtype))
+        # static start 0: the prompt's whole blocks (and, for AR heads, the first masked column after them)
+        head = ar_heads and prefill == P and P < L
+        logits, (k, v) = pass_fed(x, ck, cv, 0, prefill + head, 0)
+        ck, cv = ck.at[:, :, :prefill].set(k[:, :, :prefill].astype(kv_dtype)), cv.at[:, :, :prefill].set(v[:, :, :prefill].astype(kv_dtype))
         nfe, writes = nfe + 1, writes + 1
+        if head:
+            x = head_commit(x, logits[:, prefill], prefill, jax.random.fold_in(key, 1 << 30))
 
     def block_logits(x, ck, cv, u, pending):
         """Logits [B, bw, V] of unit u's model block; with the cache, the pending finished block
@@ -102,12 +120,30 @@ def block_decode(model_fn, x, fixed, key, dc: DecodeConfig, *, block_width: int,
         logits, ck, cv = jax.lax.cond(pending >= 0, with_write, plain)
         return logits, ck, cv, pending >= 0
 
+    def head_step(c):
+        """AR heads: one pass over the finished block before b0 (writing its keys/values) whose last
+        output gives column b0's token."""
+        x, ck, cv, pending, nfe, writes, b0, k_head = c
+        if cache:
+            logits, (k, v) = pass_fed(x, ck, cv, b0 - bw, bw + 1, b0 - bw)
+            ck = jax.lax.dynamic_update_slice_in_dim(ck, k[:, :, :bw].astype(kv_dtype), b0 - bw, axis=2)
+            cv = jax.lax.dynamic_update_slice_in_dim(cv, v[:, :, :bw].astype(kv_dtype), b0 - bw, axis=2)
+            out, writes = logits[:, bw], writes + 1
+        else:
+            out = jax.lax.dynamic_index_in_dim(pass_full(x), b0, axis=1, keepdims=False).astype(jnp.float32)
+        return head_commit(x, out, b0, k_head), ck, cv, jnp.int32(-1), nfe + 1, writes, b0, k_head
+
     def unit_body(carry):
         u, x, ck, cv, done, pending, nfe, writes, row_nfe, key = carry
         s = jnp.minimum(u * sub, L - sub)
         b0 = s // bw * bw
         key, k_unit = jax.random.split(key)
         off = s - b0  # the unit's columns inside its model block
+        if ar_heads:
+            first = jax.lax.dynamic_index_in_dim(x, b0, axis=1, keepdims=False)
+            need = (off == 0) & (b0 > 0) & ((first == mask_id) & ~done).any()
+            c = (x, ck, cv, pending, nfe, writes, b0, jax.random.fold_in(k_unit, 1 << 30))
+            x, ck, cv, pending, nfe, writes, _, _ = jax.lax.cond(need, head_step, lambda c: c, c)
 
         def step(c):
             it, x, ck, cv, credit, pending, nfe, writes, row_nfe = c

@@ -163,7 +163,7 @@ def blocks(s: Setup, module, x, fixed, key, alphas, times, pad=None):
     out = block_decode(model_fn, x, fixed, key, s.cfg.decode, block_width=bw, sub=min(s.cfg.decode.block_length, bw),
                        prompt_len=s.prompt_len, mask_id=s.mask_id, eos_id=s.eos_id, kv_shape=kv_shape,
                        kv_dtype=jnp.dtype(m.dtype.value), temperature=s.cfg.temperature, float64=s.cfg.float64,
-                       cache=s.cfg.cache, pad=pad)
+                       cache=s.cfg.cache, pad=pad, ar_heads=m.shift_logits)
     return {"tokens": out["tokens"], "nfe": out["nfe"], "steps": out["nfe"], "idle_steps": jnp.int32(0),
             "cache_writes": out["cache_writes"], "nfe_per_sample": out["row_nfe"]}
 
@@ -320,9 +320,9 @@ def setup_for(sampler: Callable, objective: Objective, cfg: SamplingConfig, mode
         return dataclasses.replace(setup, prompt_len=prompt_len)
     if sampler is blocks:
         bw, dc = objective.diffusion.block_width, cfg.decode
-        if model_cfg.noise_conditioning or model_cfg.shift_logits:
-            raise ConfigError("sampling.sampler=parallel decodes block models without noise conditioning or shifted logits; "
-                              "sample this model with sampling.sampler=ancestral.")
+        if model_cfg.noise_conditioning:
+            raise ConfigError("sampling.sampler=parallel decodes block models without noise conditioning; sample this model "
+                              "with sampling.sampler=ancestral.")
         if length % bw or bw % min(dc.block_length, bw):
             raise ConfigError(f"Block decoding needs diffusion.block_width={bw} to divide the canvas length {length} and "
                               f"sampling.decode.block_length={dc.block_length} (the sub-block) to divide the block width or "
