@@ -104,7 +104,11 @@ def sample_main(argv=None) -> None:
 
             ckpt = open_checkpoint(args.pretrained, args.family, args.dtype)
             model, _ = _load(ckpt)
-            cfg = dlm.load_config(None, [f"data.seq_len={ckpt.context}", *args.overrides])
+            from dlm.models.families import diffusion_options, sampling_overrides
+
+            width = diffusion_options(ckpt.family, ckpt.config).get("block_width", 1)  # a block family's blocks divide the context
+            cfg = dlm.load_config(None, [f"data.seq_len={ckpt.context - ckpt.context % width}",
+                                         *sampling_overrides(ckpt.family, ckpt.config), *args.overrides])
             cfg.model = model.cfg
             tok = FolderTokenizer(args.pretrained, ckpt.config, mask_id=model.mask_id)
             workdir = None

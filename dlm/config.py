@@ -173,6 +173,11 @@ class MoEConfig:
     load_balance: float = _field(0.01, "Weight of the load-balancing loss E * sum_e f_e P_e (1 at uniform routing) in the training loss.")
     router_z: float = _field(0.001, "Weight of the router z-loss mean logsumexp(router logits)^2 in the training loss.")
     impl: str = _field("tiles", "Grouped matmul of the experts: tiles (rows sorted by expert, one batched product over tiles of rows with their expert's matrix) or ragged (jax.lax.ragged_dot).")
+    router: str = _field("softmax", "Router scores: softmax (top-k of the softmax; Qwen3-MoE, LLaDA-MoE) or sigmoid (top-k of sigmoid scores plus expert_bias, the gates the unbiased scores; DeepSeek-V3, LLaDA2).")
+    groups: int = _field(1, "Sigmoid router: experts in this many groups; a token's experts come from its group_top_k groups with the largest sums of their two best scores (1: no groups).")
+    group_top_k: int = _field(1, "Sigmoid router: groups each token's experts may come from.")
+    route_scale: float = _field(1.0, "Factor on the routed experts' gates (LLaDA2's routed_scaling_factor 2.5).")
+    expert_bias: bool = _field(False, "Sigmoid router: a per-expert bias added to the scores for choosing experts only (aux-loss-free balancing; not trained by the gradient or decayed).")
     capacity_factor: float = _field(0.0, "Expert parallelism (mesh.expert > 1): rows each device sends each expert shard, as a multiple of its fair share (assignments / shards); 0 = every assignment (dropless, exact); above 0 assignments past the capacity are dropped.")
 
 
@@ -196,6 +201,7 @@ class ModelConfig:
     mask_id: int = _field(-1, "The mask token's id: -1 = vocab_size, appended after the vocabulary (models trained here); an id inside the vocabulary for imported families (LLaDA 126336, Dream 151666), whose logit is never predicted.")
     num_kv_heads: int = _field(0, "Key/value heads (grouped-query attention); 0 = num_heads. Must divide num_heads.")
     qkv_bias: bool = _field(False, "Biases on the query, key and value projections (Dream, Qwen2).")
+    rope_fraction: float = _field(1.0, "Partial RoPE: the fraction of each head's dimensions rotated (the first ones; LLaDA2 0.5), the rest passed through.")
     qk_norm: bool = _field(False, "QK-norm: a per-head RMSNorm (one scale of head_dim, shared by the heads) on the queries and keys before RoPE (Qwen3, SDAR).")
     norm: str = _field("rms", "Normalisation: rms (RMSNorm) or layer (LayerNorm without bias, MDLM's DiT).")
     norm_eps: float = _field(1e-6, "Epsilon of the normalisation.")
@@ -422,6 +428,16 @@ def check_moe(m: "ModelConfig") -> None:
     if e.expert_dim < 0 or e.shared_experts < 0 or not 0 <= e.dense_layers < m.num_layers:
         raise ConfigError(f"model.moe.expert_dim={e.expert_dim} and model.moe.shared_experts={e.shared_experts} must be at least 0, "
                           f"and model.moe.dense_layers={e.dense_layers} in [0, model.num_layers={m.num_layers}).")
+    if e.router not in ("softmax", "sigmoid"):
+        raise ConfigError(f"model.moe.router={e.router!r} is not one of softmax, sigmoid.")
+    if e.groups < 1 or e.experts % e.groups or not 1 <= e.group_top_k <= e.groups or \
+            (e.groups > 1 and (e.router != "sigmoid" or e.top_k > e.group_top_k * (e.experts // e.groups))):
+        raise ConfigError(f"model.moe.groups={e.groups} must divide model.moe.experts={e.experts} and model.moe.group_top_k="
+                          f"{e.group_top_k} lie in [1, groups], with room for top_k={e.top_k} experts (groups need router=sigmoid).")
+    if e.expert_bias and e.router != "sigmoid":
+        raise ConfigError("model.moe.expert_bias needs model.moe.router=sigmoid (it biases the choice among sigmoid scores).")
+    if not e.route_scale > 0:
+        raise ConfigError(f"model.moe.route_scale={e.route_scale} must be above 0.")
     if e.impl not in ("tiles", "ragged"):
         raise ConfigError(f"model.moe.impl={e.impl!r} is not one of tiles, ragged.")
     if e.capacity_factor < 0 or e.load_balance < 0 or e.router_z < 0:
@@ -599,6 +615,10 @@ def validate(cfg: Config) -> Config:
                           "experts / mesh.expert of them).")
     if (m.d_model // m.num_heads) % 2:
         raise ConfigError(f"model.d_model / model.num_heads = {m.d_model // m.num_heads} must be even for RoPE.")
+    rotary = round(m.rope_fraction * (m.d_model // m.num_heads))
+    if not 0 < m.rope_fraction <= 1 or rotary % 2 or abs(rotary - m.rope_fraction * (m.d_model // m.num_heads)) > 1e-6:
+        raise ConfigError(f"model.rope_fraction={m.rope_fraction} must be in (0, 1] and rotate an even number of the "
+                          f"{m.d_model // m.num_heads} dimensions of a head.")
     for key, val in [("model.num_layers", m.num_layers), ("data.seq_len", d.seq_len), ("train.batch_size", t.batch_size),
                      ("train.steps", t.steps), ("sampling.steps", cfg.sampling.steps), ("diffusion.num_steps", cfg.diffusion.num_steps)]:
         if val < 1:

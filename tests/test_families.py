@@ -24,7 +24,7 @@ from dlm.mesh import make_mesh
 from dlm.models.attention import FULL, block_causal
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "pretrained"
-BLOCKS = {"sdar": 4, "sdar_moe": 4, "llada_moe": None}
+BLOCKS = {"sdar": 4, "sdar_moe": 4, "llada_moe": None, "llada2": 8}
 
 
 def one_device():
@@ -72,15 +72,25 @@ def _sdar_sampling(**over):
     return SamplingConfig(sampler="parallel", temperature=0.0, float64=False, decode=dlm.config.DecodeConfig(**dc))
 
 
-def test_greedy_block_decoding_of_sdar_equals_its_own_generate(models):
-    ref = np.load(FIXTURES / "sdar" / "reference.npz")
+@pytest.mark.parametrize("family", ["sdar", "llada2"])
+def test_greedy_block_decoding_equals_the_release_generate(family, models):
+    """SDAR's block_diffusion_generate, and LLaDA2's generate (the same rule: one token per step
+    unless more pass the threshold), ported greedy into the fixture script."""
+    ref = np.load(FIXTURES / family / "reference.npz")
     prompt, want = ref["generate_prompt"][0].tolist(), ref["generate_tokens"]
-    diffusion = DiffusionConfig(hyperschedule=HyperscheduleKind.BLOCK, block_width=4)
+    bw = BLOCKS[family]
+    diffusion = DiffusionConfig(hyperschedule=HyperscheduleKind.BLOCK, block_width=bw)
     for cache in (True, False):
-        out = dlm.generate(models["sdar"], prompt, dataclasses.replace(_sdar_sampling(tau=float(ref["generate_threshold"])),
-                                                                       cache=cache),
-                           diffusion=diffusion, length=want.shape[1], num_samples=1)
+        sc = dataclasses.replace(_sdar_sampling(tau=float(ref["generate_threshold"]), block_length=bw), cache=cache)
+        out = dlm.generate(models[family], prompt, sc, diffusion=diffusion, length=want.shape[1], num_samples=1)
         np.testing.assert_array_equal(np.asarray(out["tokens"]), want)
+
+
+def test_llada2_routes_by_biased_sigmoid_scores_in_groups(models):
+    moe = models["llada2"].cfg.moe
+    assert (moe.router, moe.groups, moe.group_top_k, moe.route_scale, moe.expert_bias, moe.shared_experts, moe.dense_layers) == \
+        ("sigmoid", 4, 2, 2.5, True, 1, 1)
+    assert models["llada2"].cfg.rope_fraction == 0.5
 
 
 def test_sdar_moe_decodes_cached_as_uncached(models):
@@ -126,6 +136,9 @@ def test_unsupported_variants_are_refused_in_one_sentence(tmp_path):
     assert "moe_router_score_function" in _refused(tmp_path / "c", "llada_moe", moe_router_score_function="sigmoid")
     assert "mlp_only_layers" in _refused(tmp_path / "d", "sdar_moe", mlp_only_layers=[1])
     assert "shared_expert" in _refused(tmp_path / "e", "llada_moe", shared_expert_intermediate_size=64)
+    assert "use_qkv_bias" in _refused(tmp_path / "f", "llada2", use_qkv_bias=True)
+    assert "n_group" in _refused(tmp_path / "g", "llada2", n_group=3)
+    assert "partial_rotary_factor" in _refused(tmp_path / "h", "llada2", partial_rotary_factor=0.3)
 
 
 def test_fast_dllm_v2_logits_and_greedy_block_decoding_equal_its_own(tmp_path):
@@ -155,3 +168,19 @@ def test_fast_dllm_v2_logits_and_greedy_block_decoding_equal_its_own(tmp_path):
     for k in Folder(FIXTURES / "fast_dllm_v2").keys():
         assert Folder(FIXTURES / "fast_dllm_v2").read(k).tobytes() == Folder(tmp_path).read(k).tobytes(), k
     assert json.loads((tmp_path / "config.json").read_text()) == config
+
+
+def test_sample_script_decodes_an_sdar_folder_block_by_block(tmp_path):
+    """sample.py --pretrained runs a block family with its blocks (the family's overrides come
+    first, the user's win): a folder whose blocks were not applied would be refused by nothing
+    and decoded as a flat model, so the overrides are checked, then the script is run."""
+    from dlm.cli import sample_main
+    from dlm.models.families import sampling_overrides
+
+    config = json.loads((FIXTURES / "sdar" / "config.json").read_text())
+    assert sampling_overrides("sdar", config)[:2] == ["diffusion.hyperschedule=block", "diffusion.block_width=4"]
+    assert sampling_overrides("llada_moe", json.loads((FIXTURES / "llada_moe" / "config.json").read_text())) == []
+    sample_main(["--pretrained", str(FIXTURES / "sdar"), "--chat", "what is the answer?", "--num-samples", "1", "--length", "40",
+                 "--out", str(tmp_path / "s.jsonl"), "sampling.temperature=0"])
+    record = json.loads((tmp_path / "s.jsonl").read_text().splitlines()[0])
+    assert record["nfe"] >= 1 and record["tokens"]

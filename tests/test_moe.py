@@ -91,3 +91,27 @@ def test_tiled_grouped_matmul_equals_each_row_times_its_groups_matrix(tile):
     group = np.repeat(np.arange(8), np.asarray(sizes))
     want = jnp.einsum("rd,rdn->rn", h, w[group])
     np.testing.assert_allclose(moe.grouped_matmul(h, w, sizes, "tiles", tile), want, atol=1e-5, rtol=1e-5)
+
+
+def test_sigmoid_group_limited_routing_equals_a_brute_force_reference():
+    """DeepSeek-V3 / LLaDA2 routing, token by token in numpy: biased scores choose, groups ranked by
+    the sum of their two best biased scores, unbiased scores renormalised and scaled weight."""
+    rng = np.random.default_rng(3)
+    T, E, G, g, k = 64, 16, 4, 2, 3
+    logits = rng.normal(size=(T, E)).astype(np.float32)
+    bias = (0.5 * rng.normal(size=E)).astype(np.float32)
+    r = moe.Routing(k, True, "sigmoid", G, g, 2.5)
+    gates, experts, _ = moe.route(jnp.asarray(logits), r, bias=jnp.asarray(bias))
+    s = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    for t in range(T):
+        c = s[t] + bias
+        group = [sorted(c[i * (E // G):(i + 1) * (E // G)])[-2:] for i in range(G)]
+        keep = np.argsort([-sum(v) for v in group], kind="stable")[:g]
+        allowed = [e for e in range(E) if e // (E // G) in keep]
+        chosen = sorted(allowed, key=lambda e: -c[e])[:k]
+        assert sorted(np.asarray(experts[t]).tolist()) == sorted(chosen)
+        w = {e: s[t, e] / s[t, chosen].sum() * 2.5 for e in chosen}
+        np.testing.assert_allclose([w[int(e)] for e in np.asarray(experts[t])], np.asarray(gates[t]), rtol=1e-5)
+    # the bias changes the choice but never the weights' formula: without it, other experts win somewhere
+    other = moe.route(jnp.asarray(logits), r)[1]
+    assert (np.sort(np.asarray(other), 1) != np.sort(np.asarray(experts), 1)).any()

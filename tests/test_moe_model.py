@@ -147,7 +147,7 @@ def test_expert_parallel_layer_with_every_token_on_one_shard_drops_nothing():
         return moe.dense_reference(x, gates, experts, *w)
 
     def sharded(x, router, *w):
-        return moe.moe_feedforward(x[None], router, *w, k, True, jnp.float32)[0][0]
+        return moe.moe_feedforward(x[None], router, *w, moe.Routing(k, True), jnp.float32)[0][0]
 
     with mesh_context(mesh):
         fn = jax.jit(on_mesh(sharded, mesh))

@@ -136,6 +136,20 @@ def fused_qkv(key, H, hd, d, layer):
     return Entry(key, (3 * H * hd, d), targets, load, save)
 
 
+def fused_gqa(key, H, KV, hd, d, stack, layer):
+    """LLaDA2's query_key_value [(H + 2 KV) * hd, d], rows all query heads, then key heads, then
+    value heads -> wq [d, H, hd], wk and wv [d, KV, hd]."""
+    def load(a):
+        w = a.reshape(H + 2 * KV, hd, d)
+        return tuple(part.transpose(2, 0, 1) for part in (w[:H], w[H:H + KV], w[H + KV:]))
+
+    def save(q, k, v):
+        return np.concatenate([w.reshape(d, -1).T for w in (q, k, v)])
+
+    targets = tuple(((stack, n), layer) for n in ("wq", "wk", "wv"))
+    return Entry(key, ((H + 2 * KV) * hd, d), targets, load, save)
+
+
 def layout(family: str, m: ModelConfig, checkpoint_vocab: int, biases: bool = False) -> list[Entry]:
     """Every key of a `family` checkpoint of model `m` (checkpoint_vocab: the rows of its
     embedding and output tables). biases (LLaDA's include_bias): every linear layer has a bias,
@@ -205,6 +219,38 @@ def layout(family: str, m: ModelConfig, checkpoint_vocab: int, biases: bool = Fa
                     out += [linear(x + "gate_proj.weight", fe, d, s("experts_gate"), (j, e)),
                             linear(x + "up_proj.weight", fe, d, s("experts_up"), (j, e)),
                             linear(x + "down_proj.weight", d, fe, s("experts_down"), (j, e))]
+            else:
+                out += [linear(q + "mlp.gate_proj.weight", ff, d, s("w_gate"), j), linear(q + "mlp.up_proj.weight", ff, d, s("w_up"), j),
+                        linear(q + "mlp.down_proj.weight", d, ff, s("w_down"), j)]
+    elif family == "llada2":
+        out += [rows("model.word_embeddings.weight", n, d, ("embed",)), vector("model.norm.weight", d, ("final_scale",)),
+                head("lm_head.weight", n, d, ("head",), _pad(V))]
+        E, dense = m.moe.experts, m.moe.dense_layers
+        fe = m.moe.expert_dim or ff
+        for i in range(m.num_layers):
+            stack, j = ("dense_blocks", i) if i < dense else ("blocks", i - dense)
+            s = lambda name: (stack, name)  # noqa: E731
+            q = f"model.layers.{i}."
+            out += [vector(q + "input_layernorm.weight", d, s("attn_scale"), j),
+                    vector(q + "post_attention_layernorm.weight", d, s("mlp_scale"), j),
+                    fused_gqa(q + "attention.query_key_value.weight", H, KV, hd, d, stack, j),
+                    heads_out(q + "attention.dense.weight", d, H, hd, s("wo"), j)]
+            if m.qk_norm:
+                out += [vector(q + "attention.query_layernorm.weight", hd, s("q_norm"), j),
+                        vector(q + "attention.key_layernorm.weight", hd, s("k_norm"), j)]
+            if i >= dense:
+                out.append(linear(q + "mlp.gate.weight", E, d, s("router"), j))
+                if m.moe.expert_bias:
+                    out.append(vector(q + "mlp.gate.expert_bias", E, s("expert_bias"), j))
+                for e in range(E):
+                    x = f"{q}mlp.experts.{e}."
+                    out += [linear(x + "gate_proj.weight", fe, d, s("experts_gate"), (j, e)),
+                            linear(x + "up_proj.weight", fe, d, s("experts_up"), (j, e)),
+                            linear(x + "down_proj.weight", d, fe, s("experts_down"), (j, e))]
+                if m.moe.shared_experts:
+                    fs, x = m.moe.shared_experts * fe, q + "mlp.shared_experts."
+                    out += [linear(x + "gate_proj.weight", fs, d, s("w_gate"), j), linear(x + "up_proj.weight", fs, d, s("w_up"), j),
+                            linear(x + "down_proj.weight", d, fs, s("w_down"), j)]
             else:
                 out += [linear(q + "mlp.gate_proj.weight", ff, d, s("w_gate"), j), linear(q + "mlp.up_proj.weight", ff, d, s("w_up"), j),
                         linear(q + "mlp.down_proj.weight", d, ff, s("w_down"), j)]

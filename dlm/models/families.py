@@ -18,6 +18,10 @@ ModelConfig options of dlm's one transformer, and back.
 - `fast_dllm_v2` (NVlabs Fast-dLLM v2 1.5B/7B): Qwen2.5 (q/k/v biases, grouped-query attention)
   with Dream's shifted prediction, trained and decoded as block diffusion (bd_size, 32), mask
   151665; decoded with sub-blocks of 8 and each block's first token autoregressive.
+- `llada2` (inclusionAI LLaDA2.0 / 2.1 mini and flash): Ling 2.0 (BailingMoeV2) as block
+  diffusion (blocks of 32): fused QKV, per-head QK-norm, partial RoPE (half of each head), a
+  dense first layer, then a shared expert plus routed experts chosen DeepSeek-V3's way (sigmoid
+  scores plus an expert bias, group-limited top-k, renormalised gates times 2.5); mask 156895.
 - `llada_moe` (LLaDA-MoE-7B-A1B): Qwen3-MoE's names and per-head QK-norm, bidirectional (flat),
   softmax top-k without renormalised gates, mask 156895. Its model_type is "llada", as
   LLaDA-8B's: it is told apart by architectures (LLaDAMoEModelLM).
@@ -31,8 +35,8 @@ from __future__ import annotations
 
 from dlm.config import ConfigError
 
-FAMILIES = ("llada", "dream", "mdlm", "sdar", "sdar_moe", "llada_moe", "fast_dllm_v2")
-DEFAULT_MASK = {"llada": 126336, "dream": 151666, "sdar": 151669, "sdar_moe": 151669, "llada_moe": 156895, "fast_dllm_v2": 151665}
+FAMILIES = ("llada", "dream", "mdlm", "sdar", "sdar_moe", "llada_moe", "fast_dllm_v2", "llada2")
+DEFAULT_MASK = {"llada": 126336, "dream": 151666, "sdar": 151669, "sdar_moe": 151669, "llada_moe": 156895, "fast_dllm_v2": 151665, "llada2": 156895}
 QWEN3_LIKE = ("sdar", "sdar_moe", "llada_moe")  # Qwen3 / Qwen3-MoE key names with per-head QK-norm
 
 
@@ -46,7 +50,7 @@ def detect(config: dict, family: str | None = None) -> str:
     archs = config.get("architectures") or []
     archs = " ".join(a for a in archs if isinstance(a, str)).lower() if isinstance(archs, list) else str(archs).lower()
     # the MoE families first: "lladamoemodellm" contains "llada", "sdarmoe" contains "sdar"
-    for fam, names in (("llada_moe", ("lladamoe", "llada_moe")), ("sdar_moe", ("sdarmoe", "sdar_moe")), ("sdar", ("sdar",)),
+    for fam, names in (("llada2", ("llada2",)), ("llada_moe", ("lladamoe", "llada_moe")), ("sdar_moe", ("sdarmoe", "sdar_moe")), ("sdar", ("sdar",)),
                        ("fast_dllm_v2", ("fast_dllm_qwen",)), ("llada", ("llada",)), ("dream", ("dream",)), ("mdlm", ("mdlm",))):
         if fam == "llada" and "lladamoe" in archs.replace("_", ""):
             continue
@@ -138,6 +142,8 @@ def model_options(family: str, config: dict) -> tuple[dict, int]:
         context = _int(config, "max_position_embeddings", family, "context", default=4096)
     elif family in QWEN3_LIKE:
         options, context = _qwen3_like(family, config)
+    elif family == "llada2":
+        options, context = _llada2(config)
     elif family == "mdlm":
         _check(not config.get("time_conditioning", False),
                "This MDLM config is time-conditioned; dlm's DiT conditions on sigma = 0 (mdlm-owt), so it cannot run it.")
@@ -212,15 +218,68 @@ def _qwen3_like(family: str, config: dict) -> tuple[dict, int]:
     return options, _int(config, "max_position_embeddings", family, "context", default=4096)
 
 
+def _llada2(config: dict) -> tuple[dict, int]:
+    family, name = "llada2", "LLaDA2"
+    _check(config.get("hidden_act", "silu") == "silu", f"This {name} config has hidden_act {config.get('hidden_act')!r}; dlm imports silu only.")
+    for key, want in (("tie_word_embeddings", False), ("use_qkv_bias", False), ("use_bias", False), ("use_rmsnorm", True),
+                      ("norm_head", False), ("use_sliding_window", False), ("use_linear_attention", False)):
+        _check(bool(config.get(key, want)) == want, f"This {name} config has {key} {config.get(key)!r}; dlm imports {want} only.")
+    _check(not config.get("rope_scaling"), f"This {name} config scales RoPE (rope_scaling); dlm imports plain RoPE.")
+    _check(config.get("score_function", "sigmoid") in ("sigmoid", "softmax"),
+           f"This {name} config has score_function {config.get('score_function')!r}; dlm routes by sigmoid or softmax.")
+    d, heads = _int(config, "hidden_size", family, "width"), _int(config, "num_attention_heads", family, "heads")
+    hd = _int(config, "head_dim", family, "width", default=d // heads)
+    _check(hd * heads == d, f"This {name} config has head_dim {hd} with {heads} heads of a width {d}; dlm's attention has "
+                            "head_dim = hidden_size / heads, so it cannot run this model.")
+    layers = _int(config, "num_hidden_layers", family, "layers")
+    dense = _int(config, "first_k_dense_replace", family, "layers", default=0, low=0)
+    _check(dense < layers, f"This {name} config's first_k_dense_replace {dense} leaves no routed layer of its {layers}.")
+    experts = _int(config, "num_experts", family, "experts")
+    groups = _int(config, "n_group", family, "experts", default=1)
+    sigmoid = config.get("score_function", "sigmoid") == "sigmoid"
+    fraction = _float(config, "partial_rotary_factor", 1.0)
+    _check(fraction <= 1 and (fraction * hd) % 2 == 0, f"This {name} config's partial_rotary_factor {fraction} does not rotate an "
+                                                        f"even number of the {hd} dimensions of a head.")
+    options = dict(family=family, d_model=d, num_layers=layers, num_heads=heads,
+                   num_kv_heads=_int(config, "num_key_value_heads", family, "heads", default=heads),
+                   mlp_dim=_int(config, "intermediate_size", family, "mlp"), rope_theta=_float(config, "rope_theta", 10000.0),
+                   rope_fraction=fraction, norm="rms", mlp="swiglu", qk_norm=bool(config.get("use_qk_norm", True)),
+                   norm_eps=_float(config, "rms_norm_eps", 1e-6), vocab_size=_int(config, "vocab_size", family, "vocab"),
+                   mask_id=_int(config, "mask_token_id", family, "vocab", default=DEFAULT_MASK[family], low=0), embed_init_std=0.02,
+                   moe=dict(experts=experts, top_k=_int(config, "num_experts_per_tok", family, "experts"),
+                            expert_dim=_int(config, "moe_intermediate_size", family, "mlp"), dense_layers=dense,
+                            shared_experts=_int(config, "num_shared_experts", family, "experts", default=0, low=0),
+                            router="sigmoid" if sigmoid else "softmax", renormalize=True if sigmoid else bool(config.get("norm_topk_prob", True)),
+                            groups=groups, group_top_k=_int(config, "topk_group", family, "experts", default=1),
+                            route_scale=_float(config, "routed_scaling_factor", 1.0),
+                            expert_bias=bool(config.get("moe_router_enable_expert_bias", False)) and sigmoid))
+    _check(experts % groups == 0 and options["moe"]["top_k"] <= experts,
+           f"This {name} config's {experts} experts do not split into its n_group {groups} groups, or it routes to more of them than it has.")
+    return options, _int(config, "max_position_embeddings", family, "context", default=4096)
+
+
 def diffusion_options(family: str, config: dict) -> dict:
     """The DiffusionConfig fields a family was trained with: the block hyperschedule and its
     width for the block-diffusion families; {} for the flat ones."""
     if family in ("sdar", "sdar_moe"):
         return {"hyperschedule": "block", "block_width": _int(config, "block_size", family, "block", default=4)}
+    if family == "llada2":  # its configs give no block: the release decodes (and trained) with blocks of 32
+        return {"hyperschedule": "block", "block_width": _int(config, "block_size", family, "block", default=32)}
     if family == "fast_dllm_v2":  # sub-blocks of 8, the release's default small_block_size
         bw = _int(config, "bd_size", family, "block", default=32)
         return {"hyperschedule": "block", "block_width": bw, "sub_block": min(8, bw) if bw % 8 == 0 else bw}
     return {}
+
+
+def sampling_overrides(family: str, config: dict) -> list[str]:
+    """Dotted overrides that run a family as it was trained and decoded (before the user's own,
+    which win): a block-diffusion family's blocks, decoded block by block with the parallel
+    decoder's threshold rule; [] for the flat families."""
+    d = diffusion_options(family, config)
+    if not d:
+        return []
+    return [f"diffusion.hyperschedule={d['hyperschedule']}", f"diffusion.block_width={d['block_width']}",
+            "sampling.sampler=parallel", f"sampling.decode.block_length={d.get('sub_block', d['block_width'])}"]
 
 
 # The classes each family's own modeling code defines, for config.json's auto_map (what
@@ -280,7 +339,7 @@ def hf_config(family: str, m, context: int, base: dict | None = None, special: d
         if base is None:
             out["attention_dropout"] = 0.0
         return out
-    if family in QWEN3_LIKE + ("fast_dllm_v2",):
+    if family in QWEN3_LIKE + ("fast_dllm_v2", "llada2"):
         if base is None:
             raise ConfigError(f"dlm exports the {family} layout for models imported from a {family} folder (their config.json "
                               "is the base); export a model trained here --to hf.")

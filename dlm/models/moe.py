@@ -16,6 +16,7 @@ Routing, as the families do it:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -23,13 +24,54 @@ import jax
 import jax.numpy as jnp
 
 
-def route(logits, top_k: int, renormalize: bool):
-    """Router logits [T, E] -> (gates [T, k], experts [T, k], probabilities [T, E])."""
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    gates, experts = jax.lax.top_k(probs, top_k)
-    if renormalize:
-        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
-    return gates, experts, probs
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """How a router picks and weights experts (model.moe's routing fields)."""
+
+    top_k: int
+    renormalize: bool = True
+    score: str = "softmax"  # or sigmoid
+    groups: int = 1
+    group_top_k: int = 1
+    scale: float = 1.0
+
+    @classmethod
+    def of(cls, moe) -> "Routing":
+        return cls(moe.top_k, moe.renormalize, moe.router, moe.groups, moe.group_top_k, moe.route_scale)
+
+
+def route(logits, top_k, renormalize: bool | None = None, bias=None):
+    """Router logits [T, E] -> (gates [T, k], experts [T, k], probabilities [T, E]). `top_k` is a
+    Routing, or the k of softmax routing with `renormalize`.
+
+    softmax: the top-k probabilities, renormalised to sum to 1 or not. sigmoid (DeepSeek-V3,
+    LLaDA2): scores s = sigmoid(logits); experts chosen by s + bias (within each token's
+    group_top_k groups of the largest sums of their two best biased scores, the others at -inf),
+    gates the unbiased s of the chosen, divided by their sum (+1e-20) when renormalising with
+    k > 1, times `scale`. The probabilities (for the load-balancing loss) are the softmax, or the
+    scores normalised per token."""
+    r = top_k if isinstance(top_k, Routing) else Routing(top_k, bool(renormalize))
+    x = logits.astype(jnp.float32)
+    if r.score == "softmax":
+        probs = jax.nn.softmax(x, axis=-1)
+        gates, experts = jax.lax.top_k(probs, r.top_k)
+        if r.renormalize:
+            gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+        return gates * r.scale if r.scale != 1.0 else gates, experts, probs
+    scores = jax.nn.sigmoid(x)
+    choice = scores if bias is None else scores + bias.astype(jnp.float32)
+    if r.groups > 1:
+        T, E = choice.shape
+        by_group = choice.reshape(T, r.groups, E // r.groups)
+        group_score = jnp.sum(jax.lax.top_k(by_group, 2)[0], axis=-1)  # [T, groups]
+        kept = jax.lax.top_k(group_score, r.group_top_k)[1]
+        keep = jnp.zeros((T, r.groups), bool).at[jnp.arange(T)[:, None], kept].set(True)
+        choice = jnp.where(jnp.repeat(keep, E // r.groups, axis=1), choice, -jnp.inf)
+    experts = jax.lax.top_k(choice, r.top_k)[1]
+    gates = jnp.take_along_axis(scores, experts, axis=-1)
+    if r.renormalize and r.top_k > 1:
+        gates = gates / (jnp.sum(gates, axis=-1, keepdims=True) + 1e-20)
+    return gates * r.scale, experts, scores / jnp.sum(scores, axis=-1, keepdims=True)
 
 
 def routing_sums(logits, experts, probs, valid=None):
@@ -160,8 +202,8 @@ def dense_reference(x, gates, experts, w_gate, w_up, w_down):
     return jax.vmap(one)(x.astype(jnp.float32), gates, experts)
 
 
-def moe_feedforward(x, router, w_gate, w_up, w_down, top_k: int, renormalize: bool, dtype, impl: str = "tiles",
-                    capacity_factor: float = 0.0):
+def moe_feedforward(x, router, w_gate, w_up, w_down, routing: Routing, dtype, impl: str = "tiles",
+                    capacity_factor: float = 0.0, bias=None):
     """The routed experts of one block: x [B, L, d] -> (y [B, L, d], routing_sums of its tokens).
 
     Without a mesh (or on one device) every token is routed and computed here. Under a mesh the
@@ -178,9 +220,12 @@ def moe_feedforward(x, router, w_gate, w_up, w_down, top_k: int, renormalize: bo
     E = router.shape[1]
     flat = x.reshape(B * L, d)
 
-    def local(xl, valid, router, wg, wu, wd, axes=(), shards=1):
-        logits = jnp.matmul(xl.astype(dtype), router.astype(dtype), preferred_element_type=jnp.float32)
-        gates, experts, probs = route(logits, top_k, renormalize)
+    top_k = routing.top_k
+
+    def local(xl, valid, router, wg, wu, wd, bias, axes=(), shards=1):
+        # the router in float32 (LLaDA2's router_dtype fp32; Qwen3-MoE routes in the model's dtype)
+        logits = jnp.matmul(xl.astype(jnp.float32), router.astype(jnp.float32), preferred_element_type=jnp.float32)
+        gates, experts, probs = route(logits, routing, bias=bias)
         sums = routing_sums(logits, experts, probs, valid)
         if axes:
             sums = jax.tree.map(lambda s: jax.lax.psum(s, axes), sums)
@@ -194,7 +239,7 @@ def moe_feedforward(x, router, w_gate, w_up, w_down, top_k: int, renormalize: bo
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        y, sums = local(flat, None, router, w_gate, w_up, w_down)
+        y, sums = local(flat, None, router, w_gate, w_up, w_down, bias)
         return y.reshape(B, L, d), sums
     axes = tuple(a for a in BATCH if mesh.shape.get(a, 1) > 1)
     shards = mesh.shape.get("expert", 1)
@@ -209,6 +254,6 @@ def moe_feedforward(x, router, w_gate, w_up, w_down, top_k: int, renormalize: bo
     rows = P(axes or None)
     ew = P("expert" if shards > 1 else None)
     fn = jax.shard_map(functools.partial(local, axes=axes, shards=shards), mesh=mesh,
-                       in_specs=(rows, rows, P(), ew, ew, ew), out_specs=(rows, P()))
-    y, sums = fn(flat, valid, router, w_gate, w_up, w_down)
+                       in_specs=(rows, rows, P(), ew, ew, ew, P()), out_specs=(rows, P()))
+    y, sums = fn(flat, valid, router, w_gate, w_up, w_down, jnp.zeros((E,), jnp.float32) if bias is None else bias)
     return y[:T].reshape(B, L, d), sums

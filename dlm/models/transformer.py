@@ -33,7 +33,7 @@ from dlm.config import ModelConfig, Remat
 from dlm.mesh import constrain
 from dlm.models.attention import FULL, AttentionSpec, attention as attend
 from dlm.models.logits import LazyLogits, rows_for
-from dlm.models.moe import losses_of, moe_feedforward
+from dlm.models.moe import Routing, losses_of, moe_feedforward
 
 COND_DIM = 128
 PAD_MULTIPLE = 128  # vocab tables are padded so that any tensor-parallel size divides them
@@ -70,8 +70,17 @@ def rope_tables(positions, head_dim: int, theta: float):
 
 
 def apply_rope(x, cos, sin):
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    """Rotate the first 2 x cos.shape[-1] dimensions of each head (all of them, or partial RoPE's
+    share) in two halves; the rest pass through."""
+    r = 2 * cos.shape[-1]
+    x1, x2 = jnp.split(x[..., :r].astype(jnp.float32), 2, axis=-1)
+    rot = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return rot if r == x.shape[-1] else jnp.concatenate([rot, x[..., r:]], axis=-1)
+
+
+def rotary_dim(cfg: ModelConfig) -> int:
+    """The dimensions of a head that RoPE rotates (model.rope_fraction of them)."""
+    return round(cfg.rope_fraction * (cfg.d_model // cfg.num_heads))
 
 
 def rms_norm(x, scale, eps=1e-6):
@@ -138,12 +147,13 @@ class Block(nnx.Module):
         if moe:  # routed experts (and shared ones) instead of the dense feed-forward
             E, fe = cfg.moe.experts, cfg.moe.expert_dim or ff
             self.router = _param(rngs, (d, E), d**-0.5, ("embed", None))
+            self.expert_bias = _zeros((E,), (None,)) if cfg.moe.expert_bias else None
             self.experts_gate = _param(rngs, (E, d, fe), d**-0.5, ("expert", "embed", "mlp"))
             self.experts_up = _param(rngs, (E, d, fe), d**-0.5, ("expert", "embed", "mlp"))
             self.experts_down = _param(rngs, (E, fe, d), fe**-0.5 * out_std, ("expert", "mlp", "embed"))
             ff = cfg.moe.shared_experts * fe  # the shared experts: one dense SwiGLU of this width, or none
         else:
-            self.router = self.experts_gate = self.experts_up = self.experts_down = None
+            self.router = self.experts_gate = self.experts_up = self.experts_down = self.expert_bias = None
         self.w_gate = _param(rngs, (d, ff), d**-0.5, ("embed", "mlp")) if cfg.mlp == "swiglu" and ff else None
         self.w_up = _param(rngs, (d, ff), d**-0.5, ("embed", "mlp")) if ff else None
         self.w_down = _param(rngs, (ff, d), ff**-0.5 * out_std, ("mlp", "embed")) if ff else None
@@ -198,8 +208,9 @@ class Block(nnx.Module):
         routing = None
         if self.router is not None:
             mc = cfg.moe
+            bias = None if self.expert_bias is None else jax.lax.stop_gradient(self.expert_bias[...])
             m, routing = moe_feedforward(h, self.router[...], self.experts_gate[...], self.experts_up[...], self.experts_down[...],
-                                         mc.top_k, mc.renormalize, dt, mc.impl, mc.capacity_factor)
+                                         Routing.of(mc), dt, mc.impl, mc.capacity_factor, bias)
             m = m.astype(x.dtype)
             if self.w_gate is not None:  # shared experts
                 s = constrain(jax.nn.silu(_dense(h, self.w_gate[...], dt)) * _dense(h, self.w_up[...], dt), "act_batch", None, "act_mlp")
@@ -293,7 +304,7 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, L, d] (Prime: [B, L, l, d/l]) float32 residual stream
         x = x.reshape(B, L, cfg.d_model)
         x = constrain(x + self._position_embedding(positions), "act_batch", None, None)
-        cos, sin = rope_tables(positions, cfg.d_model // cfg.num_heads, cfg.rope_theta)
+        cos, sin = rope_tables(positions, rotary_dim(cfg), cfg.rope_theta)
         cond = None
         if self.sigma_in is not None:
             cond = self._dit_condition()

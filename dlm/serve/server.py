@@ -431,7 +431,9 @@ def load(workdir=None, pretrained=None, family=None, dtype="float32", use_ema=Tr
         ckpt = open_checkpoint(pretrained, family, dtype)
         model, _ = _load(ckpt)
         tok = FolderTokenizer(pretrained, ckpt.config, mask_id=model.mask_id)
-        cfg = dlm.load_config(None, overrides)
+        from dlm.models.families import sampling_overrides
+
+        cfg = dlm.load_config(None, [*sampling_overrides(ckpt.family, ckpt.config), *overrides])
         return model, tok, ckpt.context, cfg.sampling, pathlib.Path(pretrained).name, cfg.diffusion
     model, cfg = dlm.restore(workdir, use_ema=use_ema)
     if overrides:

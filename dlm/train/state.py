@@ -44,9 +44,10 @@ def decays(path) -> bool:
     output head and the noise-conditioning layers do; RMSNorm scales (`*_scale`, stacked to
     [layers, d] by the layer scan, so their rank says nothing) and the embedding tables (token,
     position, grid: `embed`, `*_embed`) do not. An embedding is a lookup table: decoupled decay
-    would shrink the rows of rare tokens (and the mask row) every step whether or not they were used."""
+    would shrink the rows of rare tokens (and the mask row) every step whether or not they were used.
+    A sigmoid router's expert_bias (aux-loss-free balancing) gets no gradient and no decay either."""
     name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-    return not (name.endswith("_scale") or name == "embed" or name.endswith("_embed"))
+    return not (name.endswith("_scale") or name == "embed" or name.endswith("_embed") or name == "expert_bias")
 
 
 def decay_mask(params):
