@@ -150,6 +150,18 @@ def fused_gqa(key, H, KV, hd, d, stack, layer):
     return Entry(key, ((H + 2 * KV) * hd, d), targets, load, save)
 
 
+def experts(prefix: str, E: int, fe: int, d: int, path, layer: int) -> list[Entry]:
+    """The routed experts of one layer as the hub stores them, {prefix}{e}.{gate,up,down}_proj.weight,
+    into the stacked [layers, E, ...] expert matrices (path(name): the stack's parameter path)."""
+    out = []
+    for e in range(E):
+        x = f"{prefix}{e}."
+        out += [linear(x + "gate_proj.weight", fe, d, path("experts_gate"), (layer, e)),
+                linear(x + "up_proj.weight", fe, d, path("experts_up"), (layer, e)),
+                linear(x + "down_proj.weight", d, fe, path("experts_down"), (layer, e))]
+    return out
+
+
 def layout(family: str, m: ModelConfig, checkpoint_vocab: int, biases: bool = False) -> list[Entry]:
     """Every key of a `family` checkpoint of model `m` (checkpoint_vocab: the rows of its
     embedding and output tables). biases (LLaDA's include_bias): every linear layer has a bias,
@@ -179,23 +191,7 @@ def layout(family: str, m: ModelConfig, checkpoint_vocab: int, biases: bool = Fa
                         zero_bias(q + "ff_out.bias", d)]
         if biases:
             out.append(mask_logit_bias(p + "ff_out.bias", n, m.mask_id))
-    elif family in ("dream", "fast_dllm_v2"):
-        out += [rows("model.embed_tokens.weight", n, d, ("embed",)), vector("model.norm.weight", d, ("final_scale",)),
-                head("lm_head.weight", n, d, ("head",), _pad(V))]
-        for i in range(m.num_layers):
-            q = f"model.layers.{i}."
-            out += [vector(q + "input_layernorm.weight", d, b("attn_scale"), i),
-                    vector(q + "post_attention_layernorm.weight", d, b("mlp_scale"), i),
-                    heads_in(q + "self_attn.q_proj.weight", H, hd, d, b("wq"), i),
-                    heads_in(q + "self_attn.k_proj.weight", KV, hd, d, b("wk"), i),
-                    heads_in(q + "self_attn.v_proj.weight", KV, hd, d, b("wv"), i),
-                    heads_bias(q + "self_attn.q_proj.bias", H, hd, b("bq"), i),
-                    heads_bias(q + "self_attn.k_proj.bias", KV, hd, b("bk"), i),
-                    heads_bias(q + "self_attn.v_proj.bias", KV, hd, b("bv"), i),
-                    heads_out(q + "self_attn.o_proj.weight", d, H, hd, b("wo"), i),
-                    linear(q + "mlp.gate_proj.weight", ff, d, b("w_gate"), i), linear(q + "mlp.up_proj.weight", ff, d, b("w_up"), i),
-                    linear(q + "mlp.down_proj.weight", d, ff, b("w_down"), i)]
-    elif family in ("sdar", "sdar_moe", "llada_moe"):
+    elif family in ("dream", "fast_dllm_v2", "sdar", "sdar_moe", "llada_moe"):  # Qwen2 / Qwen3 / Qwen3-MoE key names
         out += [rows("model.embed_tokens.weight", n, d, ("embed",)), vector("model.norm.weight", d, ("final_scale",)),
                 head("lm_head.weight", n, d, ("head",), _pad(V))]
         E, dense = m.moe.experts, (m.moe.dense_layers if m.moe.experts else m.num_layers)
@@ -209,16 +205,15 @@ def layout(family: str, m: ModelConfig, checkpoint_vocab: int, biases: bool = Fa
                     vector(q + "post_attention_layernorm.weight", d, s("mlp_scale"), j),
                     heads_in(q + "self_attn.q_proj.weight", H, hd, d, s("wq"), j),
                     heads_in(q + "self_attn.k_proj.weight", KV, hd, d, s("wk"), j),
-                    heads_in(q + "self_attn.v_proj.weight", KV, hd, d, s("wv"), j),
-                    heads_out(q + "self_attn.o_proj.weight", d, H, hd, s("wo"), j),
-                    vector(q + "self_attn.q_norm.weight", hd, s("q_norm"), j), vector(q + "self_attn.k_norm.weight", hd, s("k_norm"), j)]
+                    heads_in(q + "self_attn.v_proj.weight", KV, hd, d, s("wv"), j)]
+            if m.qkv_bias:  # Qwen2 (Dream, Fast-dLLM v2)
+                out += [heads_bias(q + f"self_attn.{x}_proj.bias", c, hd, s(f"b{x}"), j) for x, c in (("q", H), ("k", KV), ("v", KV))]
+            out.append(heads_out(q + "self_attn.o_proj.weight", d, H, hd, s("wo"), j))
+            if m.qk_norm:  # Qwen3's per-head QK-norm
+                out += [vector(q + "self_attn.q_norm.weight", hd, s("q_norm"), j), vector(q + "self_attn.k_norm.weight", hd, s("k_norm"), j)]
             if E and i >= dense:
                 out.append(linear(q + "mlp.gate.weight", E, d, s("router"), j))
-                for e in range(E):
-                    x = f"{q}mlp.experts.{e}."
-                    out += [linear(x + "gate_proj.weight", fe, d, s("experts_gate"), (j, e)),
-                            linear(x + "up_proj.weight", fe, d, s("experts_up"), (j, e)),
-                            linear(x + "down_proj.weight", d, fe, s("experts_down"), (j, e))]
+                out += experts(q + "mlp.experts.", E, fe, d, s, j)
             else:
                 out += [linear(q + "mlp.gate_proj.weight", ff, d, s("w_gate"), j), linear(q + "mlp.up_proj.weight", ff, d, s("w_up"), j),
                         linear(q + "mlp.down_proj.weight", d, ff, s("w_down"), j)]
@@ -242,11 +237,7 @@ def layout(family: str, m: ModelConfig, checkpoint_vocab: int, biases: bool = Fa
                 out.append(linear(q + "mlp.gate.weight", E, d, s("router"), j))
                 if m.moe.expert_bias:
                     out.append(vector(q + "mlp.gate.expert_bias", E, s("expert_bias"), j))
-                for e in range(E):
-                    x = f"{q}mlp.experts.{e}."
-                    out += [linear(x + "gate_proj.weight", fe, d, s("experts_gate"), (j, e)),
-                            linear(x + "up_proj.weight", fe, d, s("experts_up"), (j, e)),
-                            linear(x + "down_proj.weight", d, fe, s("experts_down"), (j, e))]
+                out += experts(q + "mlp.experts.", E, fe, d, s, j)
                 if m.moe.shared_experts:
                     fs, x = m.moe.shared_experts * fe, q + "mlp.shared_experts."
                     out += [linear(x + "gate_proj.weight", fs, d, s("w_gate"), j), linear(x + "up_proj.weight", fs, d, s("w_up"), j),
