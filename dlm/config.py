@@ -559,6 +559,12 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+def apply_overrides(cfg: "Config", overrides: list[str]) -> "Config":
+    """`cfg` with dotted overrides (``diffusion.block_width=32``) applied in place (not validated)."""
+    _apply(cfg, _fix_scientific(parse_overrides(list(overrides))))
+    return cfg
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """['model.num_layers=2', 'train.lr=1e-3'] -> nested dict of YAML-parsed values."""
     nested: dict = {}

@@ -29,8 +29,7 @@ import pathlib
 import sys
 import time
 
-from dlm.config import (CommitRule, Config, ConfigError, HyperscheduleKind, Layout, Sampler, Schedule, TokenizerKind,
-                        save_config)
+from dlm.config import Config, ConfigError, Layout, Schedule, TokenizerKind, apply_overrides, save_config
 from dlm.folders import check_apart, check_target, writing
 from dlm.models.families import FAMILIES
 
@@ -82,15 +81,11 @@ def _write_workdir(ckpt, tok, tmp: pathlib.Path, out: pathlib.Path, mesh, progre
     if ckpt.family == "mdlm":
         cfg.diffusion.schedule = Schedule.LOGLINEAR
     block = families.diffusion_options(ckpt.family, ckpt.config)
-    if block:  # a block-diffusion family: its blocks, decoded with the KV cache of settled blocks and a threshold
-        cfg.diffusion.hyperschedule = HyperscheduleKind(block["hyperschedule"])
-        cfg.diffusion.block_width = block["block_width"]
+    if block:  # a block-diffusion family: decoded as sample.py --pretrained decodes it, fine-tuned on every block at once
+        apply_overrides(cfg, families.sampling_overrides(ckpt.family, ckpt.config))
         cfg.diffusion.layout = Layout.DOUBLE
         cfg.data.seq_len -= cfg.data.seq_len % block["block_width"]
         cfg.sampling.length -= cfg.sampling.length % block["block_width"]
-        cfg.sampling.sampler = Sampler.PARALLEL
-        cfg.sampling.decode.block_length = block.get("sub_block", block["block_width"])
-        cfg.sampling.decode.rule = CommitRule.THRESHOLD
     cfg.workdir = str(out)
     save_config(cfg, tmp / "config.yaml")
     tok.save(tmp)

@@ -126,9 +126,7 @@ def model_options(family: str, config: dict) -> tuple[dict, int]:
         context = _int(config, "max_sequence_length", family, "context", default=4096)
     elif family in ("dream", "fast_dllm_v2"):
         name = "Dream" if family == "dream" else "Fast-dLLM v2"
-        _check(config.get("hidden_act", "silu") == "silu", f"This {name} config has hidden_act {config.get('hidden_act')!r}; dlm imports silu only.")
-        _check(not config.get("tie_word_embeddings", False), f"This {name} config ties the head to the embedding; dlm imports untied heads.")
-        _check(not config.get("rope_scaling"), f"This {name} config scales RoPE (rope_scaling); dlm imports plain RoPE.")
+        _hf_basics(config, name)
         _check(not config.get("use_sliding_window", False), f"This {name} config uses sliding-window attention; dlm imports full attention.")
         heads = _int(config, "num_attention_heads", family, "heads")
         options = dict(family=family, d_model=_int(config, "hidden_size", family, "width"),
@@ -166,19 +164,31 @@ def model_options(family: str, config: dict) -> tuple[dict, int]:
     return options, context
 
 
-def _qwen3_like(family: str, config: dict) -> tuple[dict, int]:
-    """SDAR, SDAR-MoE and LLaDA-MoE: Qwen3's attention (per-head QK-norm) and, for the MoE
-    families, Qwen3-MoE's routed feed-forward."""
-    name = {"sdar": "SDAR", "sdar_moe": "SDAR-MoE", "llada_moe": "LLaDA-MoE"}[family]
+def _hf_basics(config: dict, name: str) -> None:
+    """What dlm's transformer needs of every transformers-style family: SwiGLU (silu), an untied
+    head, plain RoPE."""
     _check(config.get("hidden_act", "silu") == "silu", f"This {name} config has hidden_act {config.get('hidden_act')!r}; dlm imports silu only.")
     _check(not config.get("tie_word_embeddings", False), f"This {name} config ties the head to the embedding; dlm imports untied heads.")
     _check(not config.get("rope_scaling"), f"This {name} config scales RoPE (rope_scaling); dlm imports plain RoPE.")
-    _check(not config.get("attention_bias", False), f"This {name} config has attention biases; dlm imports the bias-free Qwen3 attention.")
+
+
+def _width_heads(config: dict, family: str, name: str) -> tuple[int, int]:
+    """(hidden_size, heads), a given head_dim checked to be hidden_size / heads (dlm's attention)."""
     d, heads = _int(config, "hidden_size", family, "width"), _int(config, "num_attention_heads", family, "heads")
     if config.get("head_dim") is not None:
         hd = _int(config, "head_dim", family, "width")
         _check(hd * heads == d, f"This {name} config has head_dim {hd} with {heads} heads of a width {d}; dlm's attention has "
                                 "head_dim = hidden_size / heads, so it cannot run this model.")
+    return d, heads
+
+
+def _qwen3_like(family: str, config: dict) -> tuple[dict, int]:
+    """SDAR, SDAR-MoE and LLaDA-MoE: Qwen3's attention (per-head QK-norm) and, for the MoE
+    families, Qwen3-MoE's routed feed-forward."""
+    name = {"sdar": "SDAR", "sdar_moe": "SDAR-MoE", "llada_moe": "LLaDA-MoE"}[family]
+    _hf_basics(config, name)
+    _check(not config.get("attention_bias", False), f"This {name} config has attention biases; dlm imports the bias-free Qwen3 attention.")
+    d, heads = _width_heads(config, family, name)
     layers = _int(config, "num_hidden_layers", family, "layers")
     options = dict(family=family, d_model=d, num_layers=layers, num_heads=heads,
                    num_kv_heads=_int(config, "num_key_value_heads", family, "heads", default=heads),
@@ -220,17 +230,14 @@ def _qwen3_like(family: str, config: dict) -> tuple[dict, int]:
 
 def _llada2(config: dict) -> tuple[dict, int]:
     family, name = "llada2", "LLaDA2"
-    _check(config.get("hidden_act", "silu") == "silu", f"This {name} config has hidden_act {config.get('hidden_act')!r}; dlm imports silu only.")
-    for key, want in (("tie_word_embeddings", False), ("use_qkv_bias", False), ("use_bias", False), ("use_rmsnorm", True),
-                      ("norm_head", False), ("use_sliding_window", False), ("use_linear_attention", False)):
+    _hf_basics(config, name)
+    for key, want in (("use_qkv_bias", False), ("use_bias", False), ("use_rmsnorm", True), ("norm_head", False),
+                      ("use_sliding_window", False), ("use_linear_attention", False)):
         _check(bool(config.get(key, want)) == want, f"This {name} config has {key} {config.get(key)!r}; dlm imports {want} only.")
-    _check(not config.get("rope_scaling"), f"This {name} config scales RoPE (rope_scaling); dlm imports plain RoPE.")
     _check(config.get("score_function", "sigmoid") in ("sigmoid", "softmax"),
            f"This {name} config has score_function {config.get('score_function')!r}; dlm routes by sigmoid or softmax.")
-    d, heads = _int(config, "hidden_size", family, "width"), _int(config, "num_attention_heads", family, "heads")
-    hd = _int(config, "head_dim", family, "width", default=d // heads)
-    _check(hd * heads == d, f"This {name} config has head_dim {hd} with {heads} heads of a width {d}; dlm's attention has "
-                            "head_dim = hidden_size / heads, so it cannot run this model.")
+    d, heads = _width_heads(config, family, name)
+    hd = d // heads
     layers = _int(config, "num_hidden_layers", family, "layers")
     dense = _int(config, "first_k_dense_replace", family, "layers", default=0, low=0)
     _check(dense < layers, f"This {name} config's first_k_dense_replace {dense} leaves no routed layer of its {layers}.")

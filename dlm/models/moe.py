@@ -57,7 +57,7 @@ def route(logits, top_k, renormalize: bool | None = None, bias=None):
         gates, experts = jax.lax.top_k(probs, r.top_k)
         if r.renormalize:
             gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
-        return gates * r.scale if r.scale != 1.0 else gates, experts, probs
+        return gates * r.scale, experts, probs
     scores = jax.nn.sigmoid(x)
     choice = scores if bias is None else scores + bias.astype(jnp.float32)
     if r.groups > 1:

@@ -43,8 +43,13 @@ from dlm.sampling.draws import categorical_at, position_keys
 from dlm.sampling.parallel import commit_mask, credit_update, fuse, scores
 
 
+def _block_rule(q, k):
+    """A query sees the keys of its own block or earlier (cache keys carry their block)."""
+    return k["blk"] <= q["blk"]
+
+
 def _fed_rule(q, k):
-    """Fed queries see visible keys of their own block or earlier (cache keys carry their block)."""
+    """Fed queries see visible keys of their own block or earlier."""
     return k["visible"] & (k["blk"] <= q["blk"])
 
 
@@ -53,13 +58,13 @@ def block_decode(model_fn, x, fixed, key, dc: DecodeConfig, *, block_width: int,
                  ar_heads: bool = False):
     """x [B, L] (mask_id where to generate, the prompt [0, prompt_len) given: rows left-padded to
     it), fixed [B, L] the given positions. model_fn(tokens, positions, attention, kv_cache,
-    return_kv) -> logits | (logits, kv), positions being canvas columns. Returns a dict of tokens,
+    return_kv) -> logits | (logits, kv), positions being canvas columns; a model_fn behind left
+    padding hides the padded keys itself (dlm.sampling.generate.Padded), `pad` [B] keys the draws. Returns a dict of tokens,
     nfe (forward passes of the batch, prefill included), row_nfe [B] (the denoising passes each
     row took part in), cache_writes (passes that wrote keys/values) and finished [B]."""
     B, L = x.shape
     bw, P = block_width, prompt_len
     cols = jnp.arange(L)
-    real = jnp.ones((B, L), bool) if pad is None else cols[None] >= pad[:, None]
     x = jnp.where(fixed, x, mask_id)
     first_unit = P // sub  # the first (sub-)block with something to generate (the prompt's tail shares it)
     units = -(-L // sub)
@@ -67,8 +72,8 @@ def block_decode(model_fn, x, fixed, key, dc: DecodeConfig, *, block_width: int,
     ck = cv = jnp.zeros(kv_shape if cache else (1,) * 5, kv_dtype)
 
     def pass_full(x):
-        """Logits of every position, block-causal, padding hidden (no cache)."""
-        spec = rule(_fed_rule, {"blk": cols // bw}, {"blk": cols // bw, "visible": real})
+        """Logits of every position, block-causal (no cache)."""
+        spec = rule(_block_rule, {"blk": cols // bw}, {"blk": cols // bw})
         return model_fn(x, jnp.broadcast_to(cols, (B, L)), spec, None, False)
 
     def pass_fed(x, ck, cv, start, n, written):
@@ -76,14 +81,14 @@ def block_decode(model_fn, x, fixed, key, dc: DecodeConfig, *, block_width: int,
         themselves block-causally. Returns (logits of the n columns [B, n, V], (k, v) of them)."""
         q_cols = start + jnp.arange(n)
         keys = {"blk": jnp.concatenate([cols // bw, q_cols // bw]),
-                "visible": jnp.concatenate([(cols < written)[None] & real,
-                                            jax.lax.dynamic_slice_in_dim(real, start, n, axis=1)], axis=1)}
+                "visible": jnp.concatenate([cols < written, jnp.ones((n,), bool)])}
         logits, (k, v) = model_fn(jax.lax.dynamic_slice_in_dim(x, start, n, axis=1), jnp.broadcast_to(q_cols, (B, n)),
                                   rule(_fed_rule, {"blk": q_cols // bw}, keys), (ck, cv), True)
         return logits.astype(jnp.float32), (k, v)
 
     nfe = jnp.int32(0)
     writes = jnp.int32(0)
+
     def head_commit(x, logits, column, key):
         """Commit every row's draw from logits [B, V] at `column` where it is masked (AR heads)."""
         draw = categorical_at(position_keys(key, (B, 1, column), pad), logits[:, None], temperature, float64)[:, 0]

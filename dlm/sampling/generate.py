@@ -87,6 +87,11 @@ class Setup:
     def mask_id(self) -> int:
         return self.objective.mask_id
 
+    def kv_shape(self, batch: int) -> tuple:
+        """The shape of a cache of every position's keys (or values): [layers, B, L, KV heads, head dim]."""
+        m = self.model_cfg
+        return (m.num_layers, batch, self.length, m.num_kv_heads or m.num_heads, m.d_model // m.num_heads)
+
 
 def ancestral(s: Setup, module, x, fixed, key, alphas, times, pad=None):
     apply_fn = lambda xt, t: module()(xt, noise=t)
@@ -117,12 +122,10 @@ def hyperschedule(s: Setup, module, x, fixed, key, alphas, times, pad=None):
                         kv_cache=kv_cache, return_kv=return_kv)
 
     m = s.model_cfg
-    B = x.shape[0]
-    kv_shape = (m.num_layers, B, s.length, m.num_kv_heads or m.num_heads, m.d_model // m.num_heads)
     decode = objective.decodes_clean and not acs  # ACS keeps its corrected tokens
     key, k_dec = jax.random.split(key)
     tokens, nfe, writes, _ = hyper_loop(model_fn, x, fixed, key, s.plan, make_schedule(objective.diffusion).alpha,
-                                        mask_id=s.mask_id, kv_shape=kv_shape, kv_dtype=jnp.dtype(m.dtype.value),
+                                        mask_id=s.mask_id, kv_shape=s.kv_shape(x.shape[0]), kv_dtype=jnp.dtype(m.dtype.value),
                                         temperature=cfg.temperature, float64=cfg.float64, noise_conditioning=cond,
                                         cache=cfg.cache, eta=cfg.eta if acs else 0.0,
                                         draw_logits=None if acs else objective.reveal_logits, pad=pad)
@@ -157,11 +160,9 @@ def blocks(s: Setup, module, x, fixed, key, alphas, times, pad=None):
     def model_fn(tokens, positions, attention, kv_cache, return_kv):
         return module()(tokens, positions=positions, attention=attention, kv_cache=kv_cache, return_kv=return_kv)
 
-    B = x.shape[0]
     bw = s.objective.diffusion.block_width
-    kv_shape = (m.num_layers, B, s.length, m.num_kv_heads or m.num_heads, m.d_model // m.num_heads)
     out = block_decode(model_fn, x, fixed, key, s.cfg.decode, block_width=bw, sub=min(s.cfg.decode.block_length, bw),
-                       prompt_len=s.prompt_len, mask_id=s.mask_id, eos_id=s.eos_id, kv_shape=kv_shape,
+                       prompt_len=s.prompt_len, mask_id=s.mask_id, eos_id=s.eos_id, kv_shape=s.kv_shape(x.shape[0]),
                        kv_dtype=jnp.dtype(m.dtype.value), temperature=s.cfg.temperature, float64=s.cfg.float64,
                        cache=s.cfg.cache, pad=pad, ar_heads=m.shift_logits)
     return {"tokens": out["tokens"], "nfe": out["nfe"], "steps": out["nfe"], "idle_steps": jnp.int32(0),
