@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from dlm.config import Config, ConfigError, DiffusionConfig, Source, TokenizerKind, load_config
@@ -15,8 +13,7 @@ from dlm.mesh import make_mesh, mesh_context
 from dlm.models.transformer import Transformer
 from dlm.objectives import denoiser, objective_for
 from dlm.sampling.generate import generate
-from dlm.train.checkpoint import Checkpointer, restore_params
-from dlm.train.state import TrainState, abstract_model_state, make_model, make_optimizer
+from dlm.train.state import abstract_model_state, make_model, run_params
 
 __all__ = ["load_config", "build_model", "nelbo", "generate", "restore", "load_tokenizer"]
 
@@ -74,29 +71,10 @@ def restore(workdir: str | pathlib.Path, *, use_ema: bool = True, mesh=None, ste
     tok = load_tokenizer(workdir)
     if tok is None:
         raise ConfigError(f"{str(workdir)!r} holds no tokenizer.json; the run did not get past data loading.")
-    ckpt = Checkpointer(workdir, create=False)
     mesh = mesh or make_mesh(cfg.mesh)
     graphdef, params = abstract_model_state(cfg, tok.vocab_size, mesh)
-    if ckpt.latest_step() is None:
-        ckpt.close()
-        if not cfg.train.init_from or step is not None:
-            raise ConfigError(f"No checkpoint found in {str(ckpt.directory)!r}; train first or point --workdir at a trained run.")
-        with mesh_context(mesh):  # a converted checkpoint that has not been fine-tuned: its parameters
-            return nnx.merge(graphdef, restore_params(workdir / cfg.train.init_from, params)), cfg
-    # The restore target holds only the parameters that are used (the EMA or the raw ones); the
-    # rest of the train state is a placeholder that is never read from disk.
-    skip = lambda tree: jax.tree.map(lambda _: ocp.PLACEHOLDER, tree)
-    has_ema = cfg.train.ema_decay > 0
-    use_ema = use_ema and has_ema
-    wanted = TrainState(step=ocp.PLACEHOLDER, params=skip(params) if use_ema else params,
-                        opt_state=skip(jax.eval_shape(make_optimizer(cfg.train).init, params)),
-                        ema=(params if use_ema else skip(params)) if has_ema else None, rng=ocp.PLACEHOLDER,
-                        nonfinite=ocp.PLACEHOLDER)
-    try:
-        state = ckpt.restore(wanted, step=step)
-    finally:  # also when the restore fails: no checkpoint manager (and its event loop) left open
-        ckpt.close()
-    params = state.ema if use_ema else state.params
+    with mesh_context(mesh):  # a converted workdir that has not been fine-tuned is read from its parameter folder
+        params = run_params(workdir, cfg, params, use_ema=use_ema, step=step)
     with mesh_context(mesh):
         model = nnx.merge(graphdef, params)
     return model, cfg

@@ -55,11 +55,17 @@ def train_main(argv=None) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
         init_distributed(args)
+        from dlm.config import TrainMode
         from dlm.train.checkpoint import RestoreError
         from dlm.train.trainer import TrainingError, train
 
         try:
-            train(cfg)
+            if cfg.train.mode == TrainMode.RL:
+                from dlm.rl.trainer import train_rl
+
+                train_rl(cfg)
+            else:
+                train(cfg)
         except (TrainingError, RestoreError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)

@@ -147,6 +147,30 @@ class NonFinitePolicy(str, enum.Enum):
     STOP = "stop"
 
 
+class TrainMode(str, enum.Enum):
+    """What train.py optimises: the diffusion objective on data, or rewards of a task's checker."""
+
+    SFT = "sft"
+    RL = "rl"
+
+
+class Estimator(str, enum.Enum):
+    """How the RL loss estimates log pi(response | prompt) (dlm.rl.estimators)."""
+
+    ELBO = "elbo"
+    D1 = "d1"
+    COUPLED = "coupled"
+    SANDWICH = "sandwich"
+    TRACE = "trace"
+
+
+class Reward(str, enum.Enum):
+    """The reward of a rollout from the task's checker."""
+
+    EXACT = "exact"
+    CELLS = "cells"
+
+
 class DType(str, enum.Enum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
@@ -345,7 +369,28 @@ class TrainConfig:
     progress: bool = _field(True, "Show a tqdm progress bar.")
     nonfinite: NonFinitePolicy = _field(NonFinitePolicy.SKIP, "Non-finite loss or gradient: skip the update and count it, or stop with an error (the last good checkpoint stays).")
     inject_nonfinite_at: list = _field([], "Fault injection for testing: steps whose loss is made NaN.")
-    init_from: str = _field("", "Parameters a run without checkpoints starts from (fine-tuning): a parameter checkpoint folder written by dlm.convert, relative to the workdir or absolute; the optimizer starts fresh.")
+    init_from: str = _field("", "Parameters a run without checkpoints starts from (fine-tuning): a parameter checkpoint folder written by dlm.convert, or the workdir of another run (a model trained here, or dlm.convert's workdir: its newest checkpoint's EMA parameters when it keeps an EMA and evaluates with it, else its parameters), relative to this run's workdir or absolute; the optimizer starts fresh.")
+    max_seconds: float = _field(0.0, "Wall-clock budget of this invocation in seconds (0: none): after the step that reaches it the run checkpoints and stops, as on a preemption; running again continues.")
+    mode: TrainMode = _field(TrainMode.SFT, "sft: the diffusion objective on data. rl: policy-gradient post-training on a task's rewards (the rl section; starts from train.init_from).")
+
+
+@dataclasses.dataclass
+class RLConfig:
+    group_size: int = _field(8, "G: rollouts per prompt; train.batch_size counts rollouts, so a step has batch_size / G prompts.")
+    estimator: Estimator = _field(Estimator.ELBO, "How log pi(response | prompt) is estimated (dlm.rl.estimators): elbo (the objective's bound, t_samples times; an unbiased estimate of a lower bound), d1 (one pass with the response masked and the prompt masked at mask_prompt: biased), coupled (complementary mask pairs: antithetic, unbiased for the bound over the full time range), sandwich (SPG: the bound for positive advantages, a mixture with an upper bound for negative ones), trace (TraceRL: the probabilities of the tokens each pass of the parallel decoder committed, in the context it committed them, t_samples passes per rollout: the rollout policy's own log-probability of its tokens).")
+    t_samples: int = _field(2, "elbo: stratified times per rollout; coupled and sandwich: complementary mask pairs per rollout; trace: decoding passes rescored per rollout (stratified over its passes).")
+    mask_prompt: float = _field(0.15, "d1: each prompt token is masked with this probability (a fresh mask every inner step).")
+    coupled_range: list = _field([0.0, 1.0], "coupled: the masking fraction t of a pair's first mask is drawn in [lo, hi] (the second masks the rest); [0, 1] is unbiased for the bound, DiffuCoder uses [0.2, 0.8].")
+    sandwich_beta: float = _field(1.0, "sandwich: beta >= 1 of the upper bound (SPG uses 1.0 for Sudoku, 1.5 otherwise).")
+    sandwich_mix: float = _field(0.5, "sandwich: the weight of the upper bound in the negatives' estimate (the rest is the lower bound).")
+    clip: float = _field(0.2, "epsilon of the clipped importance ratio (length-normalised, sequence level).")
+    kl: float = _field(0.04, "beta: weight of the KL penalty to the frozen starting model (the k3 estimate per rollout; 0: no reference copy is kept).")
+    inner_steps: int = _field(1, "mu: optimizer updates per batch of rollouts, each with fresh estimator draws (the ratio is 1 at the first).")
+    reward: Reward = _field(Reward.EXACT, "exact: 1 for a solved problem, else 0. cells: the share of response cells (Sudoku) or digits (addition) that are right: denser.")
+    scale_rewards: bool = _field(False, "Divide each group's advantages by its reward standard deviation (GRPO); off: the group mean is subtracted only (Dr. GRPO, d1).")
+    givens: list = _field([30, 0], "Sudoku: the prompts' givens, one pool of puzzles per entry (0: minimal puzzles), drawn with equal probability.")
+    pool: int = _field(1000, "Sudoku: puzzles generated per pool (cached, from seeds of their own); each prompt is a random symmetry of one.")
+    long_carry: float = _field(0.5, "Addition: the share of prompts whose carry ripples through at least digits - 1 columns (the rest uniform).")
 
 
 @dataclasses.dataclass
@@ -409,7 +454,8 @@ class Config:
     data: DataConfig = _field(None, "Data source, tokenizer and packing.")
     train: TrainConfig = _field(None, "Optimisation, evaluation and checkpointing.")
     mesh: MeshConfig = _field(None, "Device mesh (data, expert, fsdp, tensor).")
-    sampling: SamplingConfig = _field(None, "Sampler defaults.")
+    sampling: SamplingConfig = _field(None, "Sampler defaults (with train.mode=rl: the rollouts' decoder).")
+    rl: RLConfig = _field(None, "Post-training from rewards (train.mode=rl).")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -724,7 +770,47 @@ def validate(cfg: Config) -> Config:
                           "(the l sub-token embeddings are concatenated into one token embedding).")
     if cfg.sampling.length > d.seq_len:
         raise ConfigError(f"sampling.length={cfg.sampling.length} exceeds the model context data.seq_len={d.seq_len}.")
+    if t.max_seconds < 0:
+        raise ConfigError(f"train.max_seconds={t.max_seconds} must be >= 0 (0: no budget).")
+    if t.mode == TrainMode.RL:
+        check_rl(cfg)
     return cfg
+
+
+def check_rl(cfg: Config) -> None:
+    """The cross-field checks of train.mode=rl, one sentence each."""
+    r, t = cfg.rl, cfg.train
+    if cfg.data.source not in (Source.SUDOKU, Source.ADDITION):
+        raise ConfigError(f"train.mode=rl needs a task with a checker (data.source=sudoku or addition), not {cfg.data.source.value}.")
+    if not t.init_from:
+        raise ConfigError("train.mode=rl starts from a trained model: set train.init_from to its workdir (a run trained here or "
+                          "written by dlm.convert).")
+    if r.group_size < 2 or t.batch_size % r.group_size:
+        raise ConfigError(f"rl.group_size={r.group_size} must be at least 2 and divide train.batch_size={t.batch_size} (rollouts per step).")
+    if cfg.sampling.temperature <= 0:
+        raise ConfigError(f"train.mode=rl draws its rollouts from the policy: sampling.temperature={cfg.sampling.temperature} must be > 0.")
+    if t.grad_accum != 1:
+        raise ConfigError("train.mode=rl runs each update in one pass; leave train.grad_accum at 1.")
+    if r.t_samples < 1 or r.inner_steps < 1:
+        raise ConfigError(f"rl.t_samples={r.t_samples} and rl.inner_steps={r.inner_steps} must be at least 1.")
+    if r.estimator == Estimator.TRACE and cfg.sampling.sampler != Sampler.PARALLEL:
+        raise ConfigError("rl.estimator=trace scores the decoding trace of the parallel decoder: set sampling.sampler=parallel.")
+    if not 0.0 <= r.mask_prompt < 1.0:
+        raise ConfigError(f"rl.mask_prompt={r.mask_prompt} must be in [0, 1).")
+    lo_hi = r.coupled_range
+    if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0 or abs(lo_hi[0] + lo_hi[1] - 1.0) > 1e-9:
+        raise ConfigError(f"rl.coupled_range={lo_hi} must be [lo, hi] with 0 <= lo < hi <= 1 and lo + hi = 1 (a pair's masks "
+                          "are complementary, so their fractions t and 1 - t share the range).")
+    if r.sandwich_beta < 1.0 or not 0.0 <= r.sandwich_mix <= 1.0:
+        raise ConfigError(f"rl.sandwich_beta={r.sandwich_beta} must be >= 1 and rl.sandwich_mix={r.sandwich_mix} in [0, 1].")
+    if r.clip <= 0 or r.kl < 0:
+        raise ConfigError(f"rl.clip={r.clip} must be > 0 and rl.kl={r.kl} >= 0.")
+    if cfg.data.source == Source.SUDOKU and (not r.givens or any(not isinstance(g, int) or not 0 <= g < cfg.data.sudoku.size ** 2
+                                                                 for g in r.givens) or r.pool < 1):
+        raise ConfigError(f"rl.givens={r.givens} must list givens counts in [0, {cfg.data.sudoku.size ** 2}) (0: minimal puzzles) "
+                          f"and rl.pool={r.pool} be at least 1.")
+    if not 0.0 <= r.long_carry <= 1.0:
+        raise ConfigError(f"rl.long_carry={r.long_carry} must be in [0, 1].")
 
 
 def from_dict(values: dict) -> Config:

@@ -78,6 +78,7 @@ class Setup:
     plan: Plan | None = None
     prompt_len: int = 0
     eos_id: int = -1
+    commit_steps: bool = False  # the parallel decoder also returns its trace: the pass that committed each position
 
     @property
     def cond(self) -> bool:
@@ -148,9 +149,13 @@ def parallel(s: Setup, module, x, fixed, key, alphas, times, pad=None):
 
     out = parallel_decode(model_fn, x, s.prompt_len, key, s.cfg.decode, mask_id=mask_id, vocab_size=s.vocab_size, eos_id=s.eos_id,
                           shift=s.model_cfg.shift_logits,
-                          temperature=s.cfg.temperature, float64=s.cfg.float64, kv_dtype=jnp.dtype(s.model_cfg.dtype.value))
-    return {"tokens": out["tokens"], "nfe": out["nfe"], "steps": out["steps"], "idle_steps": jnp.int32(0),
-            "nfe_per_sample": out["row_nfe"]}
+                          temperature=s.cfg.temperature, float64=s.cfg.float64, kv_dtype=jnp.dtype(s.model_cfg.dtype.value),
+                          commit_steps=s.commit_steps)
+    res = {"tokens": out["tokens"], "nfe": out["nfe"], "steps": out["steps"], "idle_steps": jnp.int32(0),
+           "nfe_per_sample": out["row_nfe"]}
+    if s.commit_steps:
+        res["commit_step"] = out["commit_step"]
+    return res
 
 
 def blocks(s: Setup, module, x, fixed, key, alphas, times, pad=None):

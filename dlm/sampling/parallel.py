@@ -285,12 +285,16 @@ def suffix_slot_count(dc: DecodeConfig, G: int) -> int:
 
 
 def decode_block(model_fn, x, start, given, done, key, dc: DecodeConfig, *, sizes, S: int, mask_id: int, eos_id: int,
-                 temperature, float64: bool, kv_dtype, V: int, shift: bool, trace: bool = False, valid=None, tau=None):
+                 temperature, float64: bool, kv_dtype, V: int, shift: bool, trace: bool = False, valid=None, tau=None,
+                 order=None, base=None):
     """Decode the block [start, start + block_length) of every row of x [B, L] (rows `done` take
     no commits): its steps until no masked position is left, then early termination. `key` is
     the block's key; `sizes` the static canvas lengths (one: no canvas); `valid` [B] each row's
     own length and `tau` a traced threshold (the serving engine's rows). Returns (x, done,
-    passes, row_passes [B], first-pass logits (with trace), the suffix-dropout pattern or None)."""
+    passes, row_passes [B], first-pass logits (with trace), the suffix-dropout pattern or None);
+    with `order` [B, L] (int32) and `base` [B] (the passes each row made before this block) one
+    more entry: `order` with each position committed here set to the index of the row's pass
+    that committed it (its decoding trace)."""
     B, L = x.shape
     Bk, W = dc.block_length, dc.window
     pos = jnp.arange(L)
@@ -305,7 +309,7 @@ def decode_block(model_fn, x, start, given, done, key, dc: DecodeConfig, *, size
         slots = ctx.slots(start, keep)
 
         def step(c, logits_fn):
-            it, x, credit, ck, cv, row_nfe, key, first_logits = c
+            it, x, credit, ck, cv, row_nfe, key, first_logits, order = c
             key, k_draw = jax.random.split(key)
             blk = jax.lax.dynamic_slice_in_dim(x, start, Bk, axis=1)
             masked = (blk == mask_id) & ~done[:, None]
@@ -318,7 +322,11 @@ def decode_block(model_fn, x, start, given, done, key, dc: DecodeConfig, *, size
             draw = categorical(k_draw, logits, temperature, float64)
             commit = commit_mask(scores(logits, draw, dc.score), masked, dc, tau)
             x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(commit, draw, blk), start, axis=1)
-            return it + 1, x, credit, ck, cv, row_nfe, key, first_logits
+            if order is not None:
+                ob = jax.lax.dynamic_slice_in_dim(order, start, Bk, axis=1)
+                ob = jnp.where(commit, (base + row_nfe - 1)[:, None], ob)
+                order = jax.lax.dynamic_update_slice_in_dim(order, ob, start, axis=1)
+            return it + 1, x, credit, ck, cv, row_nfe, key, first_logits, order
 
         def full(x, ck, cv):
             return ctx.full(x, start, keep, False, slots)[0], ck, cv
@@ -342,26 +350,29 @@ def decode_block(model_fn, x, start, given, done, key, dc: DecodeConfig, *, size
         # masked in the block commits nothing in it and is not counted in its row_nfe
         credit = jnp.zeros((B, Bk, V) if dc.credit else (1, 1, 1), jnp.float32)
         fl = jnp.zeros((B, Bk, V) if trace else (1, 1, 1), jnp.float32)
-        c = step((jnp.int32(0), x, credit, None, None, jnp.zeros((B,), jnp.int32), k_loop, fl), first)
-        it, x, _, _, _, row_nfe, _, fl = jax.lax.while_loop(more, lambda c: step(c, later), c)
-        return it, x, row_nfe, fl
+        c = step((jnp.int32(0), x, credit, None, None, jnp.zeros((B,), jnp.int32), k_loop, fl, order0), first)
+        it, x, _, _, _, row_nfe, _, fl, order = jax.lax.while_loop(more, lambda c: step(c, later), c)
+        return it, x, row_nfe, fl, order
 
+    order0 = order
     if len(sizes) == 1:
-        it, x, row_nfe, fl = run_block(sizes[0], x, k_loop)
+        it, x, row_nfe, fl, order = run_block(sizes[0], x, k_loop)
     else:  # the smallest canvas that holds the block
         which = (start + Bk > jnp.asarray(sizes)).sum()
-        it, x, row_nfe, fl = jax.lax.switch(which, [functools.partial(run_block, Lc) for Lc in sizes], x, k_loop)
+        it, x, row_nfe, fl, order = jax.lax.switch(which, [functools.partial(run_block, Lc) for Lc in sizes], x, k_loop)
     if dc.early_stop and eos_id >= 0:
         blk = jax.lax.dynamic_slice_in_dim(x, start, Bk, axis=1)
         finished = (blk == eos_id).any(-1) & ~done
         x = jnp.where(finished[:, None] & (pos >= start + Bk)[None] & ~given, eos_id, x)
         done = done | finished
+    if order is not None:
+        return x, done, it, row_nfe, fl, keep, order
     return x, done, it, row_nfe, fl, keep
 
 
 def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask_id: int, eos_id: int, temperature: float,
                     float64: bool, kv_dtype=jnp.float32, trace: bool = False, vocab_size: int | None = None,
-                    shift: bool = False):
+                    shift: bool = False, commit_steps: bool = False):
     """x [B, L] with mask_id at the positions to fill and given tokens everywhere else (a prompt
     prefix, or any set of fixed positions: infill). Blocks start at `prompt_len` (the given prefix
     common to all rows, P) and tile [P, L); when block_length does not divide L - P the last block
@@ -375,7 +386,9 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
     passes of the batch: a block runs until its slowest row is done), row_nfe [B] (the passes each
     row needed: what decoding it alone would take), steps, finished [B] and, with trace, 'refresh_logits' [blocks, B, block, V] (the block
     logits of each block's first pass), 'block_inputs' [blocks, B, L] (x at each block start) and
-    'keep' [blocks, B, W] (each block's suffix-dropout pattern)."""
+    'keep' [blocks, B, W] (each block's suffix-dropout pattern); with commit_steps, 'commit_step' [B, L]
+    (int32: the index of the row's pass that committed each position, -1 where given or never
+    decoded: the decoding trace)."""
     B, L = x.shape
     P, Bk = prompt_len, dc.block_length
     G = L - P
@@ -389,21 +402,28 @@ def parallel_decode(model_fn, x, prompt_len: int, key, dc: DecodeConfig, *, mask
                     kv_dtype=kv_dtype, V=V, shift=shift, trace=trace)
 
     def block_body(carry):
-        b, x, done, nfe, row_nfe, steps, key, tr = carry
+        b, x, done, nfe, row_nfe, steps, key, tr, order = carry
         start = jnp.minimum(P + b * Bk, L - Bk)
         key, k_blk = jax.random.split(key)
         x0 = x
-        x, done, it, rn, fl, keep = decode_block(model_fn, x, start, given, done, k_blk, dc, **settings)
+        if commit_steps:
+            x, done, it, rn, fl, keep, order = decode_block(model_fn, x, start, given, done, k_blk, dc, **settings,
+                                                            order=order, base=row_nfe)
+        else:
+            x, done, it, rn, fl, keep = decode_block(model_fn, x, start, given, done, k_blk, dc, **settings)
         if trace:
             kp = keep if dc.suffix_dropout else jnp.ones((B, W), bool)
             tr = tuple(jax.lax.dynamic_update_index_in_dim(a, v, b, axis=0) for a, v in zip(tr, (fl, x0, kp)))
-        return b + 1, x, done, nfe + it, row_nfe + rn, steps + it, key, tr
+        return b + 1, x, done, nfe + it, row_nfe + rn, steps + it, key, tr, order
 
     tr = ((jnp.zeros((nb, B, Bk, V), jnp.float32), jnp.zeros((nb, B, L), x.dtype), jnp.zeros((nb, B, W), bool))
           if trace else jnp.zeros((1,)))
-    init = (jnp.int32(0), x, jnp.zeros((B,), bool), jnp.int32(0), jnp.zeros((B,), jnp.int32), jnp.int32(0), key, tr)
-    _, x, done, nfe, row_nfe, steps, _, tr = jax.lax.while_loop(lambda c: (c[0] < nb) & ~c[2].all(), block_body, init)
+    order = jnp.full((B, L), -1, jnp.int32) if commit_steps else None
+    init = (jnp.int32(0), x, jnp.zeros((B,), bool), jnp.int32(0), jnp.zeros((B,), jnp.int32), jnp.int32(0), key, tr, order)
+    _, x, done, nfe, row_nfe, steps, _, tr, order = jax.lax.while_loop(lambda c: (c[0] < nb) & ~c[2].all(), block_body, init)
     out = {"tokens": x, "nfe": nfe, "row_nfe": row_nfe, "steps": steps, "finished": done}
+    if commit_steps:
+        out["commit_step"] = order
     if trace:
         out["refresh_logits"], out["block_inputs"], out["keep"] = tr
     return out

@@ -6,6 +6,7 @@ only arrays and donates the whole state.
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import flax.struct
@@ -143,6 +144,57 @@ def create_train_state(cfg: Config, vocab_size: int, mesh, *, abstract: bool = F
         else:
             state = jax.jit(lambda: init_state(cfg, vocab_size, tx), out_shardings=shardings)()
     return graphdef, state, shardings
+
+
+def run_params(workdir, cfg: Config, abstract_params, *, use_ema: bool = True, step: int | None = None):
+    """The parameters of the run in `workdir` (its config `cfg`), placed by the shardings of
+    `abstract_params`: the EMA (when `use_ema` and the run keeps one) or the raw parameters of
+    checkpoint `step` (default the newest intact one), or, for a dlm.convert workdir that has
+    not been trained yet, its imported parameters (train.init_from). Only those arrays are read."""
+    import orbax.checkpoint as ocp
+
+    from dlm.config import ConfigError
+    from dlm.train.checkpoint import Checkpointer, restore_params
+
+    workdir = pathlib.Path(workdir)
+    ckpt = Checkpointer(workdir, create=False)
+    if ckpt.latest_step() is None:
+        ckpt.close()
+        if not cfg.train.init_from or step is not None:
+            raise ConfigError(f"No checkpoint found in {str(ckpt.directory)!r}; train first or point --workdir at a trained run.")
+        return restore_params(workdir / cfg.train.init_from, abstract_params)
+    skip = lambda tree: jax.tree.map(lambda _: ocp.PLACEHOLDER, tree)
+    has_ema = cfg.train.ema_decay > 0
+    use_ema = use_ema and has_ema
+    wanted = TrainState(step=ocp.PLACEHOLDER, params=skip(abstract_params) if use_ema else abstract_params,
+                        opt_state=skip(jax.eval_shape(make_optimizer(cfg.train).init, abstract_params)),
+                        ema=(abstract_params if use_ema else skip(abstract_params)) if has_ema else None, rng=ocp.PLACEHOLDER,
+                        nonfinite=ocp.PLACEHOLDER)
+    try:
+        state = ckpt.restore(wanted, step=step)
+    finally:  # also when the restore fails: no checkpoint manager (and its event loop) left open
+        ckpt.close()
+    return state.ema if use_ema else state.params
+
+
+def initial_params(cfg: Config, workdir, abstract_params):
+    """The parameters train.init_from names, relative to `workdir` or absolute: a parameter
+    checkpoint folder (dlm.convert's) or the workdir of another run (its config.yaml says which
+    parameters: the EMA when the run keeps one and evaluates with it)."""
+    from dlm.config import ConfigError, load_config
+    from dlm.train.checkpoint import restore_params
+
+    source = pathlib.Path(workdir) / cfg.train.init_from
+    if (source / "config.yaml").exists():
+        start = load_config(source / "config.yaml")
+        try:
+            return run_params(source, start, abstract_params, use_ema=start.train.eval_use_ema)
+        except ValueError as e:
+            if isinstance(e, ConfigError) and "does not match" not in str(e):
+                raise
+            raise ConfigError(f"The run in {str(source)!r} has another model than this config ({str(e).splitlines()[0][:160]}); "
+                              "start from a run of the same model.model settings.") from None
+    return restore_params(source, abstract_params)
 
 
 def start_from(cfg: Config, params, shardings) -> TrainState:

@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 from dlm.config import Config, ConfigError, NonFinitePolicy, save_config
 from dlm.data.pipeline import LoaderError, load_data, train_iterator, unigram_entropy_bits, validation_windows
 from dlm.eval.likelihood import Evaluator
-from dlm.mesh import check_batch, global_batch, make_mesh
+from dlm.mesh import check_batch, global_batch, make_mesh, mesh_context
 from dlm.objectives import run_objective
-from dlm.train.checkpoint import Checkpointer, restore_params
+from dlm.train.checkpoint import Checkpointer
 from dlm.train.metrics import MetricWriter
-from dlm.train.state import create_train_state, make_train_step, start_from
+from dlm.train.state import create_train_state, initial_params, make_train_step, start_from
 
 
 def _log(msg: str) -> None:
@@ -76,6 +76,24 @@ class Preemption:
         return None
 
 
+class Budget:
+    """train.max_seconds: the wall-clock budget of one invocation. Every process stops after the
+    same step: process 0's clock decides and the verdict is shared."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.start = seconds, time.time()
+
+    def spent(self, step: int) -> str | None:
+        if not self.seconds:
+            return None
+        over = time.time() - self.start >= self.seconds
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            over = bool(multihost_utils.broadcast_one_to_all(np.array(over)))
+        return f"the wall-clock budget train.max_seconds={self.seconds:g}" if over else None
+
+
 class Trainer:
     """Owns the run: mesh, data, state, step function, checkpoints and metric writers."""
 
@@ -112,7 +130,9 @@ class Trainer:
             _log(f"Resumed from {self.checkpointer.directory}/{self.start_step}")
         elif cfg.train.init_from:
             source = self.workdir / cfg.train.init_from
-            self.state = start_from(cfg, restore_params(source, self.state.params), self.shardings)
+            with mesh_context(self.mesh):
+                params = initial_params(cfg, self.workdir, self.state.params)
+            self.state = start_from(cfg, params, self.shardings)
             _log(f"Starting from the parameters in {source}")
         self.step_fn = make_train_step(cfg, self.graphdef, self.vocab_size, self.mesh, self.shardings)
         self.objective = run_objective(cfg, self.vocab_size)
@@ -179,6 +199,7 @@ class Trainer:
         losses, first, t0, t_log = [], self.start_step, time.time(), time.time()
         step = self.start_step
         self.nonfinite_seen = int(self.state.nonfinite)
+        budget = Budget(cfg.max_seconds)
         with Preemption(self.checkpointer) as preempt:
             while step < cfg.steps:
                 try:
@@ -210,7 +231,7 @@ class Trainer:
                     self.report(ev, step)
                 if save_now:
                     self.checkpointer.save(step, self.state, self.iterator)
-                reason = preempt.requested(step, log_now)
+                reason = preempt.requested(step, log_now) or budget.spent(step)
                 if reason:
                     if losses:
                         vals = [float(x) for x in jax.device_get(losses)]
