@@ -96,13 +96,12 @@ def run_arm(cfg, what: str) -> dict:
 
 
 def curve(task, workdir, info, tiers, decoders, num, points: int) -> list[dict]:
-    """Solve rate of evenly spaced checkpoints against their wall time (first tier)."""
+    """Solve rate of evenly spaced checkpoints against their wall time (every tier)."""
     steps = info["steps"]
     pick = sorted({steps[round(i * (len(steps) - 1) / max(points - 1, 1))] for i in range(points)}) if steps else []
-    first = dict(list(tiers.items())[:1])
     out = []
     for s in pick:
-        for row in evaluate(task, workdir, first, decoders, num, step=s):
+        for row in evaluate(task, workdir, tiers, decoders, num, step=s):
             out.append(dict(row, step=s, seconds=info["elapsed"][str(s)]))
     return out
 
@@ -161,8 +160,8 @@ def main() -> None:
     curve_decoders = ("greedy_margin", "threshold_0.9_margin")
     record["curves"] = {name: curve(args.task, work, info, tiers, curve_decoders, args.curve_puzzles, args.curve_points)
                         for name, (work, info) in infos.items()}
-    record["curves"]["start"] = [dict(r, step=0, seconds=0.0) for r in evaluate(args.task, start, dict(list(tiers.items())[:1]),
-                                                                                   curve_decoders, args.curve_puzzles)]
+    record["curves"]["start"] = [dict(r, step=0, seconds=0.0) for r in evaluate(args.task, start, tiers, curve_decoders,
+                                                                                   args.curve_puzzles)]
     record["runs"] = {name: {"workdir": str(work), "seconds": info["seconds"], "steps": info["steps"][-1],
                              "last_metrics": info["last_metrics"]} for name, (work, info) in infos.items()}
     record["goals"] = goals(record)
@@ -200,33 +199,34 @@ def goals(record: dict) -> dict:
 
 
 def plot(record: dict, png: str) -> str:
-    """Solve rate of each arm's checkpoints against wall time (one panel per curve decoder)."""
+    """Solve rate of each arm's checkpoints against wall time: a panel per tier and curve decoder."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     curves = record["curves"]
-    decoders = list(dict.fromkeys(r["decoder"] for rows in curves.values() for r in rows))
-    fig, axes = plt.subplots(1, len(decoders), figsize=(6 * len(decoders), 4.5), squeeze=False)
-    start = {r["decoder"]: r for r in curves.get("start", [])}
-    for ax, dec in zip(axes[0], decoders):
-        for name, rows in curves.items():
+    rows = [r for rs in curves.values() for r in rs]
+    panels = list(dict.fromkeys((r["tier"], r["decoder"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    start = {(r["tier"], r["decoder"]): r for r in curves.get("start", [])}
+    for ax, (tier, dec) in zip(axes[0], panels):
+        for name, rs in curves.items():
             if name == "start":
                 continue
-            pts = sorted((r["seconds"], r["exact_solve"]) for r in rows if r["decoder"] == dec)
-            if dec in start:
-                pts = [(0.0, start[dec]["exact_solve"])] + pts
-            label = "continued SFT" if name == "sft" else f"RL ({name})"
-            ax.plot([p[0] / 60 for p in pts], [100 * p[1] for p in pts], marker="o", label=label)
-        tier = next(r["tier"] for rows in curves.values() for r in rows)
-        ax.set_title(f"{record['task']}, tier {tier}: {dec}")
+            pts = sorted((r["seconds"], r["exact_solve"]) for r in rs if (r["tier"], r["decoder"]) == (tier, dec))
+            if (tier, dec) in start:
+                pts = [(0.0, start[(tier, dec)]["exact_solve"])] + pts
+            ax.plot([p[0] / 60 for p in pts], [100 * p[1] for p in pts], marker="o",
+                    label="continued SFT" if name == "sft" else f"RL ({name})", linestyle="--" if name == "sft" else "-")
+        ax.set_title(f"{record['task']}, tier {tier}\n{dec}", fontsize=10)
         ax.set_xlabel("wall time (minutes, this CPU)")
         ax.set_ylabel("exact solve (%)")
+        ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-        ax.legend()
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
 

@@ -64,14 +64,19 @@ def train_if_needed(cfg) -> float:
     from dlm.train.trainer import train
 
     saved = pathlib.Path(cfg.workdir) / "config.yaml"
+    post_trained = False
     if saved.exists():
         ours, theirs = to_dict(cfg), to_dict(load_config(saved))
-        differ = [f"{s}.{k}" for s in ours if isinstance(ours[s], dict) and s not in ("train", "sampling")
-                  for k in ours[s] if ours[s][k] != theirs[s].get(k)] + (["train.steps"] if ours["train"]["steps"] != theirs["train"]["steps"] else [])
+        post_trained = theirs["train"]["mode"] == "rl"  # an RL run of this task's model: read, never trained here
+        differ = [f"{s}.{k}" for s in ours if isinstance(ours[s], dict) and s not in ("train", "sampling", "rl")
+                  for k in ours[s] if ours[s][k] != theirs[s].get(k)] + (
+                      ["train.steps"] if ours["train"]["steps"] != theirs["train"]["steps"] and not post_trained else [])
         if differ:
             raise ConfigError(f"{cfg.workdir!r} holds a run of another configuration ({', '.join(differ)} differ); delete it or "
                               "pass workdir=... for this one.")
     if Checkpointer(cfg.workdir).latest_step() is None:
+        if post_trained:
+            raise ConfigError(f"{cfg.workdir!r} is an RL run (train.mode=rl) without a checkpoint yet; run it first.")
         t0 = time.time()
         train(cfg)
         (pathlib.Path(cfg.workdir) / "train_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")

@@ -206,6 +206,15 @@ def test_a_run_compiles_its_rollouts_and_step_once_logs_the_time_split_and_resto
     puzzles, solutions = trainer.task.pools[0]
     r = solve_sudoku(model, cfg.diffusion, puzzles[:20], solutions[:20], SamplingConfig(sampler="parallel", temperature=0.0), batch=20)
     assert r["num_puzzles"] == 20
+    # dlm-eval's NELBO report and benchmarks/tasks.py take it as the task's run (never training it further)
+    from dlm.eval.command import nelbo_report
+
+    assert nelbo_report(work, windows=8)["step"] == 4
+    sys.path.insert(0, str(root / "benchmarks"))
+    from tasks import train_if_needed
+
+    train_if_needed(load_config(root / "configs/sudoku.yaml", [f"workdir={work}", f"data.sudoku.cache_dir={start[1]}", *START]))
+    assert Checkpointer(work).latest_step() == 4
 
 
 def test_rl_refuses_a_start_that_is_not_a_run_and_a_zero_temperature(root, start, tmp_path):

@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from dlm.config import Config, ConfigError, Estimator, NonFinitePolicy, save_config
+from dlm.config import Config, ConfigError, Estimator, save_config
 from dlm.data.tokenizers import load_tokenizer
 from dlm.diffusion.schedules import make_schedule
 from dlm.mesh import (
@@ -55,7 +55,7 @@ from dlm.train.state import (
     make_optimizer,
     start_from,
 )
-from dlm.train.trainer import Budget, Preemption, TrainingError
+from dlm.train.trainer import Budget, Preemption, check_faults
 
 
 def _log(msg: str) -> None:
@@ -316,14 +316,7 @@ class RLTrainer:
         return dict(last, step=step, seconds=time.time() - t_start, workdir=str(self.workdir), nonfinite=int(self.state.nonfinite))
 
     def _check_faults(self, count: int, step: int) -> None:
-        if count > self.nonfinite_seen:
-            new, self.nonfinite_seen = count - self.nonfinite_seen, count
-            if self.cfg.train.nonfinite == NonFinitePolicy.STOP:
-                self.checkpointer.close()
-                last = self.checkpointer.latest_step()
-                where = f"checkpoint {last} in {self.checkpointer.directory} is intact" if last is not None else "no checkpoint was written"
-                raise TrainingError(f"Non-finite loss or gradient at or before step {step}; training stopped and {where}.")
-            _log(f"Skipped {new} update(s) with a non-finite loss or gradient (total {count}) by step {step}.")
+        self.nonfinite_seen = check_faults(self.cfg, self.checkpointer, self.nonfinite_seen, count, step)
 
 
 def train_rl(cfg: Config) -> dict:

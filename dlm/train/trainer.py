@@ -76,6 +76,21 @@ class Preemption:
         return None
 
 
+def check_faults(cfg: Config, checkpointer, seen: int, count: int, step: int) -> int:
+    """Act on `count` skipped non-finite updates by `step` (`seen` of them acted on before): stop
+    with TrainingError under train.nonfinite=stop (the last good checkpoint intact), else say how
+    many were skipped. Returns the new count seen."""
+    if count <= seen:
+        return seen
+    if cfg.train.nonfinite == NonFinitePolicy.STOP:
+        checkpointer.close()  # let an async save of a good state commit
+        last = checkpointer.latest_step()
+        where = f"checkpoint {last} in {checkpointer.directory} is intact" if last is not None else "no checkpoint was written"
+        raise TrainingError(f"Non-finite loss or gradient at or before step {step}; training stopped and {where}.")
+    _log(f"Skipped {count - seen} update(s) with a non-finite loss or gradient (total {count}) by step {step}.")
+    return count
+
+
 class Budget:
     """train.max_seconds: the wall-clock budget of one invocation. Every process stops after the
     same step: process 0's clock decides and the verdict is shared."""
@@ -160,14 +175,7 @@ class Trainer:
                 if "prime_joint_objective" in ev else ""))
 
     def _check_faults(self, count: int, step: int) -> None:
-        if count > self.nonfinite_seen:
-            new, self.nonfinite_seen = count - self.nonfinite_seen, count
-            if self.cfg.train.nonfinite == NonFinitePolicy.STOP:
-                self.checkpointer.close()  # let an async save of a good state commit
-                last = self.checkpointer.latest_step()
-                where = f"checkpoint {last} in {self.checkpointer.directory} is intact" if last is not None else "no checkpoint was written"
-                raise TrainingError(f"Non-finite loss or gradient at or before step {step}; training stopped and {where}.")
-            _log(f"Skipped {new} update(s) with a non-finite loss or gradient (total {count}) by step {step}.")
+        self.nonfinite_seen = check_faults(self.cfg, self.checkpointer, self.nonfinite_seen, count, step)
 
     def _data_fault(self, fault: Exception, step: int) -> TrainingError:
         """Reading batch `step` failed: checkpoint the steps taken and say so in one sentence. (With
