@@ -43,22 +43,15 @@ CONFIGS = {"sudoku": ("configs/sudoku.yaml", "configs/rl_sudoku.yaml"), "additio
 def evaluate(task: str, workdir, tiers: dict, decoders, num: int, step=None) -> list[dict]:
     """ROWs of the run in `workdir` (checkpoint `step`, default the newest) on every tier and decoder."""
     import dlm
-    from dlm.config import DecodeConfig, Sampler, SamplingConfig
     from dlm.eval.command import cfg_ema
-    from tasks import DECODERS as SPECS
-    from tasks import solve
+    from tasks import decoder_sampling, solve
 
     model, cfg = dlm.restore(workdir, use_ema=cfg_ema(pathlib.Path(workdir)), step=step)
     rows = []
     for tier, (problems, _) in tiers.items():
         problems = tuple(p[:num] for p in problems)
         for name in decoders:
-            spec = dict(SPECS[name])
-            sampler = spec.pop("sampler", "parallel")
-            spec.setdefault("block_length", cfg.data.seq_len)
-            sampling = SamplingConfig(sampler=Sampler(sampler), temperature=0.0, steps=cfg.data.seq_len, float64=False,
-                                      decode=DecodeConfig(**spec))
-            r = solve(task, model, cfg, problems, sampling, 100)
+            r = solve(task, model, cfg, problems, decoder_sampling(name, cfg.data.seq_len), 100)
             rows.append({"tier": tier, "decoder": name, "exact_solve": r["exact_solve"], "exact_solve_ci": r["exact_solve_ci"],
                          "nfe": r["nfe"], "num_puzzles": r["num_puzzles"], "cell_accuracy": r["cell_accuracy"]})
     return rows

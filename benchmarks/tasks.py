@@ -56,6 +56,16 @@ CONFIGS = {("sudoku", 9): ("configs/sudoku.yaml", "configs/sudoku_ar.yaml"), ("s
            ("addition", None): ("configs/addition.yaml", "configs/addition_ar.yaml")}
 
 
+def decoder_sampling(name: str, length: int):
+    """The SamplingConfig of decoder `name` (DECODERS) over canvases of `length`, at temperature 0."""
+    from dlm.config import DecodeConfig, Sampler, SamplingConfig
+
+    spec = {k: v for k, v in DECODERS[name].items() if k not in ("model", "sampler")}
+    spec.setdefault("block_length", length)
+    return SamplingConfig(sampler=Sampler(DECODERS[name].get("sampler", "parallel")), temperature=0.0, steps=length,
+                          float64=False, decode=DecodeConfig(**spec))
+
+
 def train_if_needed(cfg) -> float:
     """Train the run of `cfg` unless its workdir holds a checkpoint; the training seconds (from metrics)."""
     from dlm.config import ConfigError, load_config, to_dict
@@ -144,7 +154,7 @@ def main() -> None:
     from flax import nnx
 
     import dlm
-    from dlm.config import DecodeConfig, SamplingConfig, Sampler, load_config
+    from dlm.config import load_config
 
     default, default_ar = CONFIGS[(args.task, args.size if args.task == "sudoku" else None)]
     config, ar_config = args.config or str(ROOT / default), args.ar_config or str(ROOT / default_ar)
@@ -169,12 +179,8 @@ def main() -> None:
     results = []
     for tier, (problems, note) in tiers.items():
         for name in names:
-            spec = dict(DECODERS[name])
-            m, c = (model, cfg) if spec.pop("model", "mdlm") == "mdlm" else ar
-            sampler = spec.pop("sampler", "parallel")
-            length = c.data.seq_len
-            spec.setdefault("block_length", length)
-            sampling = SamplingConfig(sampler=Sampler(sampler), temperature=0.0, steps=length, float64=False, decode=DecodeConfig(**spec))
+            m, c = (model, cfg) if DECODERS[name].get("model", "mdlm") == "mdlm" else ar
+            sampling = decoder_sampling(name, c.data.seq_len)
             r = solve(args.task, m, c, problems, sampling, args.batch)
             results.append({"tier": tier, "decoder": name, **note, **r})
             print(f"{tier:10s} {name:32s} solve {r['exact_solve']:6.1%} [{r['exact_solve_ci'][0]:.1%}, {r['exact_solve_ci'][1]:.1%}]  "
