@@ -21,7 +21,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
@@ -49,6 +48,7 @@ from dlm.train.checkpoint import Checkpointer, restore_params, save_params
 from dlm.train.metrics import MetricWriter
 from dlm.train.state import (
     TrainState,
+    apply_gradients,
     create_train_state,
     initial_params,
     learning_rate,
@@ -159,22 +159,10 @@ def make_rl_step(cfg: Config, graphdef, objective, mesh, shardings, ref_sharding
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def inner(carry, j):
-            params, opt_state, ema, nonfinite = carry
-            (loss, metrics), grads = grad_fn(params, j)
+            (loss, metrics), grads = grad_fn(carry[0], j)
             grads = jax.lax.with_sharding_constraint(grads, shardings.params)
-            grad_norm = optax.tree.norm(grads)
-            updates, new_opt = tx.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            new_ema = ema
-            if ema is not None:
-                n = (state.step * mu + j).astype(jnp.float32)
-                d = jnp.minimum(tc.ema_decay, (1.0 + n) / (10.0 + n))
-                new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, new_params)
-            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            keep = lambda new, prev: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, prev)
-            nonfinite = nonfinite + (~ok).astype(jnp.int32)
-            return (keep(new_params, params), keep(new_opt, opt_state), keep(new_ema, ema), nonfinite), \
-                dict(metrics, loss=loss, grad_norm=grad_norm)
+            carry, grad_norm = apply_gradients(tx, carry, grads, loss, state.step * mu + j, tc.ema_decay)
+            return carry, dict(metrics, loss=loss, grad_norm=grad_norm)
 
         carry = (state.params, state.opt_state, state.ema, state.nonfinite)
         (params, opt_state, ema, nonfinite), metrics = jax.lax.scan(inner, carry, jnp.arange(mu))

@@ -238,6 +238,26 @@ def loss_and_grads(graphdef, objective, params, batch, key, grad_accum: int = 1,
     return (mean(losses), jax.tree.map(mean, metrics)), jax.tree.map(lambda g: g / n, grads)
 
 
+def apply_gradients(tx, carry, grads, loss, n, ema_decay: float):
+    """One optimizer update of carry = (params, opt_state, ema or None, fault count) from `grads`
+    -> (the new carry, the gradient norm); the EMA takes its n-th step (warm-up
+    min(decay, (1 + n) / (10 + n))). A non-finite loss or gradient leaves parameters, optimizer and
+    EMA untouched and counts the fault, all inside jit."""
+    params, opt_state, ema, nonfinite = carry
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    new_ema = ema
+    if ema is not None:
+        n = jnp.asarray(n).astype(jnp.float32)
+        d = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
+        new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, new_params)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    count = nonfinite + (~ok).astype(jnp.int32)
+    return (keep(new_params, params), keep(new_opt, opt_state), keep(new_ema, ema), count), grad_norm
+
+
 def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
     """Jitted (state, batch) -> (state, metrics), state donated; a batch is tokens [B, L], or a pairs
     dict of tokens and given (dlm.data.pipeline)."""
@@ -253,22 +273,11 @@ def make_train_step(cfg: Config, graphdef, vocab_size: int, mesh, shardings):
         (loss, metrics), grads = loss_and_grads(graphdef, objective, state.params, batch, key, cfg.train.grad_accum,
                                                 shardings.params)
         loss = loss * poison
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema
-        if ema is not None:
-            n = state.step.astype(jnp.float32)
-            d = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
-            ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
-        # A non-finite loss or gradient leaves parameters, optimizer and EMA untouched; the step
-        # still advances (the batch is consumed) and the fault is counted, all inside jit.
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        count = state.nonfinite + (~ok).astype(jnp.int32)
+        (params, opt_state, ema, count), grad_norm = apply_gradients(
+            tx, (state.params, state.opt_state, state.ema, state.nonfinite), grads, loss, state.step, ema_decay)
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr_fn(state.step), nonfinite=count)
-        return TrainState(step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-                          ema=keep(ema, state.ema), rng=state.rng, nonfinite=count), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rng=state.rng,
+                          nonfinite=count), metrics
 
     with mesh_context(mesh):
         return jax.jit(on_mesh(step, mesh), in_shardings=(shardings, batch_sharding(mesh)),
