@@ -409,6 +409,7 @@ class DecodeConfig:
     rule: CommitRule = _field(CommitRule.THRESHOLD, "topk (k per step, LLaDA), threshold (score > tau, at least the best: Fast-dLLM) or factor.")
     k: int = _field(1, "Tokens per step of the topk rule.")
     tau: float = _field(0.9, "Threshold of the threshold rule, in (0, 1] (1 = one token per step).")
+    commit_temperature: float = _field(0.0, "kappa > 0 makes the threshold rule stochastic (RL rollouts whose commit decisions the trace estimator scores): each masked position commits with probability sigmoid((score - tau) / kappa), and the best one when none does; needs a score of the distribution alone (top1, margin or entropy). 0: the deterministic rule.")
     factor: float = _field(1.0, "f of the factor rule: commit the longest prefix with c_j >= 1 - f / (j + 1).")
     credit: bool = _field(False, "Trace-credit decoding (CreditDecoding).")
     credit_alpha: float = _field(0.7, "Credit fusion weight: logits + alpha * log(1 + credit).")
@@ -515,6 +516,12 @@ def check_decode(dc: "DecodeConfig", length: int | None = None) -> None:
                           "use a block length at most that.")
     if not 0.0 < dc.tau <= 1.0:
         raise ConfigError(f"sampling.decode.tau={dc.tau} must be in (0, 1].")
+    if not 0.0 <= dc.commit_temperature < math.inf:
+        raise ConfigError(f"sampling.decode.commit_temperature={dc.commit_temperature} must be >= 0 and finite (0: the deterministic rule).")
+    if dc.commit_temperature > 0 and (dc.rule != CommitRule.THRESHOLD or dc.score == Score.CONFIDENCE):
+        raise ConfigError(f"sampling.decode.commit_temperature={dc.commit_temperature} makes the threshold rule stochastic and needs "
+                          f"rule=threshold with score top1, margin or entropy (got rule={CommitRule(dc.rule).value}, score={Score(dc.score).value}), "
+                          "so that the commit probability is a function of the model's distribution alone.")
     if dc.window < 1:
         raise ConfigError(f"sampling.decode.window={dc.window} must be at least 1 (W, the suffix positions that may be kept).")
     if dc.k < 1:

@@ -382,11 +382,9 @@ def _sample_program(cfg, mesh, V, param_dtype: str, prompt_len: int):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from dlm.diffusion.schedules import make_schedule
     from dlm.mesh import batch_shards, batch_sharding
     from dlm.objectives import objective_for
-    from dlm.sampling.ancestral import time_grid
-    from dlm.sampling.generate import blocks, parallel, program, sampler_for, setup_for
+    from dlm.sampling.generate import blocks, grid_arguments, parallel, program, sampler_for, setup_for
     from dlm.models.transformer import mask_id_of
     from dlm.train.state import abstract_model_state
 
@@ -410,8 +408,7 @@ def _sample_program(cfg, mesh, V, param_dtype: str, prompt_len: int):
     bs = batch_sharding(mesh)
     rep = NamedSharding(mesh, P())
     with jax.enable_x64(sc.x64):
-        times = jnp.asarray(time_grid(sc.steps, sc.grid), jnp.float64 if sc.x64 else jnp.float32)
-        alphas = make_schedule(objective.diffusion).alpha(times)
+        alphas, times, _ = grid_arguments(sc, objective)
         key = jax.eval_shape(lambda: jax.random.key(0))
     args = (leaves, jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=bs), jax.ShapeDtypeStruct((B, L), jnp.bool_, sharding=bs),
             jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),

@@ -36,9 +36,16 @@ masking rate t can stand for any schedule's 1 - alpha).
   sum_s sum_{k in C_s} log softmax(f(x_s) / T)[o^k]. Each update rescores t_samples passes per
   rollout (stratified over its S passes, each weighted S / t_samples): an unbiased estimate of
   that sum, exact for the draws of a decoder without KV caches or credit (with them the passes
-  it rescores are full passes with plain logits: approximate). It leaves out the probability of
-  *which* positions the rule committed (a deterministic function of the scores at temperature
-  0, random with it).
+  it rescores are full passes with plain logits: approximate). With the deterministic commit
+  rules it leaves out the probability of *which* positions the rule committed (a function of the
+  scores and the draws, which no gradient reaches). With the stochastic threshold rule
+  (sampling.decode.commit_temperature = kappa > 0) the decisions are part of the policy and of
+  the trajectory's probability: each position still masked in the pass's block committed with
+  probability c = sigmoid((score - tau) / kappa) and waited with 1 - c, independently, and when
+  none committed the best did, so a pass that committed only its best position has probability
+  prod over the others of (1 - c) (both ways of getting there). The estimate then adds those log
+  probabilities, so the gradient also moves the scores: it lowers the confidence of positions
+  committed on failed rollouts and teaches when to wait.
 
 d1, coupled, sandwich and trace mask positions themselves, so they need a flat absorbing model
 (MDLM / MD4 over whole tokens) without noise conditioning (d1: with it, the time 1); `elbo`
@@ -52,10 +59,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dlm.config import ConfigError, Estimator, HyperscheduleKind, Process, RLConfig
+from dlm.config import ConfigError, DecodeConfig, Estimator, HyperscheduleKind, Process, RLConfig, Score
 from dlm.diffusion import batch as rows
 from dlm.diffusion.losses import token_nll
 from dlm.models.logits import per_token
+from dlm.sampling.parallel import scores
 
 
 @jax.tree_util.register_dataclass
@@ -65,6 +73,25 @@ class Estimate:
 
     lower: jax.Array  # the estimator's value (for sandwich: its lower bound)
     upper: jax.Array | None = None  # sandwich: the upper bound
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitPolicy:
+    """The rollouts' stochastic threshold rule (sampling.decode with commit_temperature > 0) as
+    the trace estimator scores it: the score, tau and kappa, and the blocks (the decoder's
+    prompt_len and block_length) that say which masked positions a pass could commit."""
+
+    score: Score
+    tau: float
+    kappa: float
+    prompt_len: int
+    block_length: int
+
+    @classmethod
+    def of(cls, dc: DecodeConfig, prompt_len: int) -> "CommitPolicy | None":
+        if dc.commit_temperature <= 0:
+            return None
+        return cls(dc.score, dc.tau, dc.commit_temperature, prompt_len, dc.block_length)
 
 
 def check_estimator(rl: RLConfig, objective, noise_conditioning: bool) -> None:
@@ -150,31 +177,57 @@ def sandwich(apply_fn, x0, given, key, rl: RLConfig, mask_id: int, t_min: float)
     return Estimate(lower, upper)
 
 
+def decisions_log_prob(score, now, waiting, commit: CommitPolicy):
+    """[B]: log-probability of one pass's commit decisions under the stochastic threshold rule:
+    `now` [B, L] the positions it committed, `waiting` [B, L] those it could have committed and
+    did not, `score` [B, L] their scores in that pass."""
+    z = (score - commit.tau) / commit.kappa
+    eligible = now | waiting
+    best = jnp.argmax(jnp.where(eligible, score, -jnp.inf), axis=-1)
+    is_best = jnp.arange(score.shape[-1])[None] == best[:, None]
+    only_best = (now.sum(-1) == 1) & (now & is_best).any(-1)  # committed by a draw or as the fallback
+    terms = jnp.where(now, jax.nn.log_sigmoid(z), jnp.where(waiting, jax.nn.log_sigmoid(-z), 0.0))
+    return jnp.where(only_best[:, None] & is_best, 0.0, terms).sum(-1)
+
+
 def trace(apply_fn, x0, given, commit_step, key, t_samples: int, temperature: float, mask_id: int,
-          noise_conditioning: bool) -> Estimate:
+          noise_conditioning: bool, commit: CommitPolicy | None = None) -> Estimate:
     resp, n = _response(given, x0)
+    B, L = x0.shape
     passes = jnp.maximum(commit_step.max(-1) + 1, 1)  # [B]
-    u = rows.uniform(key, (x0.shape[0],))
-    total = jnp.zeros(x0.shape[0], jnp.float32)
+    u = rows.uniform(key, (B,))
+    total = jnp.zeros(B, jnp.float32)
+    if commit is not None:
+        block = (jnp.arange(L) - commit.prompt_len) // commit.block_length  # the block that decodes each position
+
+    def token_and_score(lg, t):
+        return -token_nll(lg / temperature, t), scores(lg, t, commit.score) if commit is not None else jnp.zeros_like(t)
+
     for k in range(t_samples):
         s = jnp.minimum(jnp.floor(jnp.mod(u + k / t_samples, 1.0) * passes), passes - 1).astype(jnp.int32)  # [B]
         later = resp & ((commit_step >= s[:, None]) | (commit_step < 0))
         xt = jnp.where(later, mask_id, x0)
         noise = jnp.where(xt == mask_id, 1.0, 0.0) if noise_conditioning else None
-        logits = apply_fn(xt, noise)
-        logp = -per_token(lambda lg, t: token_nll(lg / temperature, t), logits, x0)
+        logp, score = per_token(token_and_score, apply_fn(xt, noise), x0)
         now = resp & (commit_step == s[:, None])
-        total = total + jnp.where(now, logp, 0.0).sum(-1) * passes / t_samples
+        value = jnp.where(now, logp, 0.0).sum(-1)
+        if commit is not None:
+            active = jnp.where(now, block[None], -1).max(-1)  # [B]: the block pass s decoded
+            waiting = resp & (commit_step > s[:, None]) & (block[None] == active[:, None])
+            value = value + decisions_log_prob(score, now, waiting, commit)
+        total = total + value * passes / t_samples
     return Estimate(total / n)
 
 
 def estimate(rl: RLConfig, objective, apply_fn, x0, given, key, noise_conditioning: bool, commit_step=None,
-             temperature: float = 1.0) -> Estimate:
+             temperature: float = 1.0, commit: CommitPolicy | None = None) -> Estimate:
     """The configured estimator of every rollout x0 [B, L] (given [B, L]: the prompt's positions;
-    commit_step [B, L]: the decoding trace, for rl.estimator=trace, drawn at `temperature`)."""
+    commit_step [B, L]: the decoding trace, for rl.estimator=trace, drawn at `temperature` and,
+    with `commit`, by the stochastic threshold rule)."""
     kind = rl.estimator
     if kind == Estimator.TRACE:
-        return trace(apply_fn, x0, given, commit_step, key, rl.t_samples, temperature, objective.mask_id, noise_conditioning)
+        return trace(apply_fn, x0, given, commit_step, key, rl.t_samples, temperature, objective.mask_id, noise_conditioning,
+                     commit)
     if kind == Estimator.ELBO:
         return elbo(objective, apply_fn, x0, given, key, rl.t_samples)
     if kind == Estimator.D1:

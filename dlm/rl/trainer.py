@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from dlm.config import Config, ConfigError, Estimator, save_config
 from dlm.data.tokenizers import load_tokenizer
-from dlm.diffusion.schedules import make_schedule
 from dlm.mesh import (
     BATCH,
     batch_sharding,
@@ -40,10 +39,9 @@ from dlm.mesh import (
 from dlm.models.transformer import mask_id_of
 from dlm.objectives import denoiser, run_objective, with_moe_losses
 from dlm.rl import grpo
-from dlm.rl.estimators import Estimate, check_estimator, estimate
+from dlm.rl.estimators import CommitPolicy, Estimate, check_estimator, estimate
 from dlm.rl.tasks import repeat, task_for
-from dlm.sampling.ancestral import time_grid
-from dlm.sampling.generate import program, sampler_for, setup_for, traced_temperature
+from dlm.sampling.generate import grid_arguments, program, sampler_for, setup_for
 from dlm.train.checkpoint import Checkpointer, restore_params, save_params
 from dlm.train.metrics import MetricWriter
 from dlm.train.state import (
@@ -55,7 +53,7 @@ from dlm.train.state import (
     make_optimizer,
     start_from,
 )
-from dlm.train.trainer import Budget, Preemption, check_faults
+from dlm.train.trainer import Budget, Preemption, check_faults, stop_early
 
 
 def _log(msg: str) -> None:
@@ -97,9 +95,7 @@ class Rollouts:
         self.run = program(sampler, setup, graphdef, jax.tree.structure(params))
         self.cfg, self.mesh, self.mask_id = s, mesh, objective.mask_id
         with jax.enable_x64(s.x64):
-            times = jnp.asarray(time_grid(s.steps, s.grid), jnp.float64 if s.x64 else jnp.float32)
-            self.times, self.alphas = times, make_schedule(objective.diffusion).alpha(times)
-            self.temperature = traced_temperature(s, s.x64)
+            self.alphas, self.times, self.temperature = grid_arguments(s, objective)
         self.compiled = None
         self.compilations = 0
 
@@ -120,22 +116,24 @@ class Rollouts:
         return tokens, nfe.astype(np.float64), steps
 
 
-def make_rl_step(cfg: Config, graphdef, objective, mesh, shardings, ref_shardings):
+def make_rl_step(cfg: Config, graphdef, objective, mesh, shardings, ref_shardings, prompt_len: int = 0):
     """Jitted (state, reference params or None, batch) -> (state, metrics), state donated; a batch
     is {'tokens' [N, L], 'given' [N, L], 'advantages' [N]} and, for rl.estimator=trace, the
-    rollouts' decoding trace 'commit_step' [N, L]."""
+    rollouts' decoding trace 'commit_step' [N, L] (from a decoder whose blocks start at
+    `prompt_len`)."""
     rl, tc = cfg.rl, cfg.train
     tx = make_optimizer(tc)
     cond = bool(cfg.model.noise_conditioning)
     mu = rl.inner_steps
     temperature = cfg.sampling.temperature
+    commit = CommitPolicy.of(cfg.sampling.decode, prompt_len)
 
     def step(state: TrainState, ref, batch):
         tokens, given, adv, trace = batch["tokens"], batch["given"], batch["advantages"], batch.get("commit_step")
 
         def est(params, tokens, given, key, losses=None):
             model = nnx.merge(graphdef, params)
-            return estimate(rl, objective, denoiser(model, losses), tokens, given, key, cond, trace, temperature), model
+            return estimate(rl, objective, denoiser(model, losses), tokens, given, key, cond, trace, temperature, commit), model
 
         keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), mu)
 
@@ -227,7 +225,7 @@ class RLTrainer:
                 _log(f"Starting from the parameters of {start}")
         self.start_step = int(self.state.step)
         self.step_fn = make_rl_step(cfg, self.graphdef, self.objective, self.mesh, self.shardings,
-                                    self.shardings.params if self.ref is not None else None)
+                                    self.shardings.params if self.ref is not None else None, self.task.prompt_len)
         length = cfg.data.seq_len
         self.rollouts = Rollouts(cfg, self.objective, cfg.model, cfg.model.vocab_size or self.vocab_size, length,
                                  self.task.prompt_len, self.graphdef, self.state.params, self.mesh)
@@ -288,14 +286,8 @@ class RLTrainer:
                     self.checkpointer.save(step, self.state)
                 reason = preempt.requested(step, log_now) or budget.spent(step)
                 if reason:
-                    if self.checkpointer.latest_step() != step:
-                        self.checkpointer.save(step, self.state)
-                    self.checkpointer.close()
-                    self.writer.close()
-                    bar.close()
-                    msg = f"Stopped by {reason} at step {step}; checkpoint saved to {self.checkpointer.directory / str(step)}."
-                    tqdm.write(msg if jax.process_count() == 1 else f"process {jax.process_index()}: {msg}")
-                    return {"step": step, "preempted": True, "seconds": time.time() - t_start, "workdir": str(self.workdir)}
+                    return stop_early(self.checkpointer, self.writer, bar, step, lambda: self.checkpointer.save(step, self.state),
+                                      reason, t_start, self.workdir)
         bar.close()
         if self.checkpointer.latest_step() != step:
             self.checkpointer.save(step, self.state)

@@ -162,7 +162,8 @@ def block_decode(model_fn, x, fixed, key, dc: DecodeConfig, *, block_width: int,
                 logits = fuse(logits, credit, dc)
             keys = position_keys(jax.random.fold_in(k_unit, it), (B, bw, b0), pad)
             draw = categorical_at(keys, logits, temperature, float64)
-            commit = commit_mask(scores(logits, draw, dc.score), masked, dc)
+            coin = jax.vmap(jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1))))(keys) if dc.commit_temperature > 0 else None
+            commit = commit_mask(scores(logits, draw, dc.score), masked, dc, u=coin)
             x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(commit, draw, blk), b0, axis=1)
             return (it + 1, x, ck, cv, credit, jnp.where(wrote, -1, pending), nfe + 1, writes + wrote.astype(jnp.int32),
                     row_nfe)

@@ -375,6 +375,13 @@ def traced_temperature(cfg: SamplingConfig, x64: bool):
     return None if cfg.temperature == 0 else jnp.asarray(cfg.temperature, jnp.float64 if x64 else jnp.float32)
 
 
+def grid_arguments(cfg: SamplingConfig, objective: Objective):
+    """program()'s (alphas, times, temperature) arguments: the time grid at the widest float, the
+    objective's schedule on it and the traced temperature. Call it under jax.enable_x64(cfg.x64)."""
+    times = jnp.asarray(time_grid(cfg.steps, cfg.grid), jnp.float64 if cfg.x64 else jnp.float32)
+    return make_schedule(objective.diffusion).alpha(times), times, traced_temperature(cfg, cfg.x64)
+
+
 def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, *, diffusion: DiffusionConfig | None = None,
              num_samples: int | None = None, length: int | None = None, mesh=None, key=None, plan=None,
              eos_id: int = -1, prompts=None, pad_id: int | None = None) -> dict:
@@ -453,15 +460,14 @@ def generate(model: nnx.Module, prompt=None, cfg: SamplingConfig | None = None, 
     run = program(sampler, setup, graphdef, treedef)
     start = time.time()
     with jax.enable_x64(cfg.x64):
-        times = jnp.asarray(time_grid(cfg.steps, cfg.grid), jnp.float64 if cfg.x64 else jnp.float32)
-        alphas = make_schedule(objective.diffusion).alpha(times)
+        alphas, times, temperature = grid_arguments(cfg, objective)
         with mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
             if mesh is not None:
                 x, fixed = jax.device_put(x, batch_sharding(mesh)), jax.device_put(fixed, batch_sharding(mesh))
                 if pad is not None:
                     pad = jax.device_put(pad, NamedSharding(mesh, PartitionSpec(BATCH)))
             args = (leaves, jnp.asarray(x), jnp.asarray(fixed), key, alphas, times, None if pad is None else jnp.asarray(pad),
-                    traced_temperature(cfg, cfg.x64))
+                    temperature)
             cache_key = _cache_key(sampler, setup, graphdef, treedef, args, mesh, cfg.x64)
             compiled = _COMPILED.get(cache_key)
             if compiled is None:

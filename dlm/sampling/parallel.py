@@ -118,13 +118,24 @@ def scores(logits, draw, kind: Score):
     return jnp.exp(jnp.sum(p * logp, axis=-1))  # exp(-H) in (0, 1]
 
 
-def commit_mask(score, masked, dc: DecodeConfig, tau=None):
+def commit_probability(score, tau, kappa: float):
+    """The stochastic threshold rule's probability of committing a position of this score."""
+    return jax.nn.sigmoid((score - tau) / kappa)
+
+
+def commit_mask(score, masked, dc: DecodeConfig, tau=None, u=None):
     """[B, n] bool: positions to commit this step (a subset of `masked`, at least one per row
     that has a masked position). Ties break towards the lower position. `tau` (traced, e.g. one
-    per row of the serving engine) replaces dc.tau."""
+    per row of the serving engine) replaces dc.tau. With dc.commit_temperature > 0 the threshold
+    rule is stochastic: each masked position commits when its uniform draw u [B, n] falls below
+    commit_probability(score), and the best one commits when none does."""
     s = jnp.where(masked, score, -jnp.inf)
     order = jnp.argsort(-s, axis=-1, stable=True)
     rank = jnp.argsort(order, axis=-1, stable=True)
+    if dc.rule == CommitRule.THRESHOLD and dc.commit_temperature > 0:
+        p = commit_probability(score, dc.tau if tau is None else tau, dc.commit_temperature)
+        take = masked & (u < p)
+        return take | (masked & (rank == 0) & ~take.any(-1, keepdims=True))
     if dc.rule == CommitRule.TOPK:
         n = jnp.full(s.shape[:1], dc.k)
     elif dc.rule == CommitRule.THRESHOLD:
@@ -320,7 +331,8 @@ def decode_block(model_fn, x, start, given, done, key, dc: DecodeConfig, *, size
                 credit = credit_update(credit, logits, masked, dc, it == 0)
                 logits = fuse(logits, credit, dc)
             draw = categorical(k_draw, logits, temperature, float64)
-            commit = commit_mask(scores(logits, draw, dc.score), masked, dc, tau)
+            u = jax.random.uniform(jax.random.fold_in(k_draw, 1), masked.shape) if dc.commit_temperature > 0 else None
+            commit = commit_mask(scores(logits, draw, dc.score), masked, dc, tau, u)
             x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(commit, draw, blk), start, axis=1)
             if order is not None:
                 ob = jax.lax.dynamic_slice_in_dim(order, start, Bk, axis=1)

@@ -109,6 +109,20 @@ class Budget:
         return f"the wall-clock budget train.max_seconds={self.seconds:g}" if over else None
 
 
+def stop_early(checkpointer, writer, bar, step: int, save, reason: str, t0: float, workdir) -> dict:
+    """End a run that a preemption signal or the wall-clock budget stopped at `step`: save it
+    (save(), unless that step is saved already), close the checkpointer, metrics and progress bar,
+    say so, and return the run's result."""
+    if checkpointer.latest_step() != step:
+        save()
+    checkpointer.close()
+    writer.close()
+    bar.close()
+    msg = f"Stopped by {reason} at step {step}; checkpoint saved to {checkpointer.directory / str(step)}."
+    tqdm.write(msg if jax.process_count() == 1 else f"process {jax.process_index()}: {msg}")
+    return {"step": step, "preempted": True, "seconds": time.time() - t0, "workdir": str(workdir)}
+
+
 class Trainer:
     """Owns the run: mesh, data, state, step function, checkpoints and metric writers."""
 
@@ -244,14 +258,8 @@ class Trainer:
                     if losses:
                         vals = [float(x) for x in jax.device_get(losses)]
                         self.writer.write(step, dict(losses=vals, first_step=first, loss=vals[-1]))
-                    if self.checkpointer.latest_step() != step:
-                        self.checkpointer.save(step, self.state, self.iterator)
-                    self.checkpointer.close()
-                    self.writer.close()
-                    bar.close()
-                    msg = f"Stopped by {reason} at step {step}; checkpoint saved to {self.checkpointer.directory / str(step)}."
-                    tqdm.write(msg if jax.process_count() == 1 else f"process {jax.process_index()}: {msg}")
-                    return {"step": step, "preempted": True, "seconds": time.time() - t0, "workdir": str(self.workdir)}
+                    return stop_early(self.checkpointer, self.writer, bar, step,
+                                      lambda: self.checkpointer.save(step, self.state, self.iterator), reason, t0, self.workdir)
         bar.close()
         ev = self.evaluate()
         self.writer.write(step, ev, prefix="eval")
