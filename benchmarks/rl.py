@@ -103,7 +103,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--budget", type=float, default=300.0, help="wall-clock seconds of each arm (the issue allows up to 1800)")
-    parser.add_argument("--estimators", default="elbo", help="comma-separated RL estimators, one RL arm each (the first is 'rl')")
+    parser.add_argument("--estimators", default=None,
+                        help="comma-separated RL estimators, one RL arm each (the first is 'rl'; default: the RL config's)")
     parser.add_argument("--num-puzzles", type=int, default=500, help="held-out problems per tier")
     parser.add_argument("--curve-puzzles", type=int, default=200)
     parser.add_argument("--curve-points", type=int, default=5)
@@ -126,16 +127,17 @@ def main() -> None:
     start = pathlib.Path(cfg.workdir)
     tiers = tiers_of(args.task, cfg, args.num_puzzles)
     budget = f"{args.budget:g}"
+    estimators = (args.estimators or load_config(rl_config).rl.estimator.value).split(",")
     print(f"start: {start}", flush=True)
-    record = {"task": args.task, "budget_seconds": args.budget, "estimator": args.estimators.split(",")[0],
+    record = {"task": args.task, "budget_seconds": args.budget, "estimator": estimators[0],
               "start": evaluate(args.task, start, tiers, DECODERS, args.num_puzzles)}
     _print("start", record["start"])
 
     arms, infos = {}, {}
-    for est in args.estimators.split(","):
+    for est in estimators:
         rl = load_config(rl_config, [f"workdir=runs/rl_{args.task}_{est}_{budget}s{args.tag}", f"train.init_from=../{start.name}",
                                      f"rl.estimator={est}", f"train.max_seconds={args.budget}", "train.progress=false",
-                                     *args.overrides])
+                                     "train.checkpoint_every=20", *args.overrides])  # RL steps are few: points for the curve
         infos[est] = (rl.workdir, run_arm(rl, f"RL ({est})"))
         arms[est] = evaluate(args.task, rl.workdir, tiers, DECODERS, args.num_puzzles)
         _print(f"rl ({est}, {infos[est][1]['steps'][-1]} steps)", arms[est])

@@ -226,8 +226,8 @@ def test_a_run_compiles_its_rollouts_and_step_once_logs_the_time_split_and_resto
     from dlm.eval.tasks import solve_sudoku
     from dlm.rl.trainer import RLTrainer
 
-    work = tmp_path / "rl"
-    trainer = RLTrainer(_config(root, start, work, "train.steps=4"))
+    work = tmp_path / "rl"  # configs/rl_sudoku.yaml's estimator: the traces of a stochastic threshold rule
+    trainer = RLTrainer(_config(root, start, work, "train.steps=4", "rl.estimator=trace", "sampling.decode.commit_temperature=0.05"))
     out = trainer.run()
     assert out["step"] == 4
     assert trainer.rollouts.compilations == 1 and trainer.step_fn._cache_size() == 1
