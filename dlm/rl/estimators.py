@@ -63,7 +63,7 @@ from dlm.config import ConfigError, DecodeConfig, Estimator, HyperscheduleKind, 
 from dlm.diffusion import batch as rows
 from dlm.diffusion.losses import token_nll
 from dlm.models.logits import per_token
-from dlm.sampling.parallel import scores
+from dlm.sampling.parallel import commit_logit, scores
 
 
 @jax.tree_util.register_dataclass
@@ -181,7 +181,7 @@ def decisions_log_prob(score, now, waiting, commit: CommitPolicy):
     """[B]: log-probability of one pass's commit decisions under the stochastic threshold rule:
     `now` [B, L] the positions it committed, `waiting` [B, L] those it could have committed and
     did not, `score` [B, L] their scores in that pass."""
-    z = (score - commit.tau) / commit.kappa
+    z = commit_logit(score, commit.tau, commit.kappa)
     eligible = now | waiting
     best = jnp.argmax(jnp.where(eligible, score, -jnp.inf), axis=-1)
     is_best = jnp.arange(score.shape[-1])[None] == best[:, None]

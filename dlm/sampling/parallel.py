@@ -118,9 +118,10 @@ def scores(logits, draw, kind: Score):
     return jnp.exp(jnp.sum(p * logp, axis=-1))  # exp(-H) in (0, 1]
 
 
-def commit_probability(score, tau, kappa: float):
-    """The stochastic threshold rule's probability of committing a position of this score."""
-    return jax.nn.sigmoid((score - tau) / kappa)
+def commit_logit(score, tau, kappa: float):
+    """The stochastic threshold rule's log-odds of committing a position of this score: it commits
+    with probability sigmoid(commit_logit) (what the trace estimator scores)."""
+    return (score - tau) / kappa
 
 
 def commit_mask(score, masked, dc: DecodeConfig, tau=None, u=None):
@@ -128,12 +129,12 @@ def commit_mask(score, masked, dc: DecodeConfig, tau=None, u=None):
     that has a masked position). Ties break towards the lower position. `tau` (traced, e.g. one
     per row of the serving engine) replaces dc.tau. With dc.commit_temperature > 0 the threshold
     rule is stochastic: each masked position commits when its uniform draw u [B, n] falls below
-    commit_probability(score), and the best one commits when none does."""
+    sigmoid(commit_logit(score)), and the best one commits when none does."""
     s = jnp.where(masked, score, -jnp.inf)
     order = jnp.argsort(-s, axis=-1, stable=True)
     rank = jnp.argsort(order, axis=-1, stable=True)
     if dc.rule == CommitRule.THRESHOLD and dc.commit_temperature > 0:
-        p = commit_probability(score, dc.tau if tau is None else tau, dc.commit_temperature)
+        p = jax.nn.sigmoid(commit_logit(score, dc.tau if tau is None else tau, dc.commit_temperature))
         take = masked & (u < p)
         return take | (masked & (rank == 0) & ~take.any(-1, keepdims=True))
     if dc.rule == CommitRule.TOPK:
